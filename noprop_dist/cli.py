@@ -1,0 +1,149 @@
+"""The ``noprop-dist`` command: parse, build, call. Work happens in the modules it calls.
+
+    noprop-dist train [--config demo] [--run-dir DIR] [--address ADDR] [--key.sub=value ...]
+    noprop-dist train --resume RUN_DIR [--cluster.key=value ...]
+    noprop-dist eval RUN_DIR [--data FILE] [--json]
+    noprop-dist export RUN_DIR OUT.pt2
+    noprop-dist keys
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from .errors import ConfigError, NoPropError
+
+# On --resume only these sections may change: how the run is executed, not what it computes.
+RESUME_OVERRIDABLE = ("cluster.", "train.device", "train.threads", "train.log_every")
+
+
+def parse_overrides(extra: list[str]) -> dict[str, Any]:
+    """``--a.b=v`` or ``--a.b v`` pairs into a dict; anything else is a ConfigError."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unrecognised argument {arg!r}; config overrides look like --train.lr=3e-4")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(extra):
+                raise ConfigError(f"{arg} needs a value, e.g. {arg}=VALUE")
+            key, value = arg[2:], extra[i + 1]
+            i += 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="noprop-dist", description="Distributed NoProp training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a NoProp-DT model (config overrides: --section.key=value)")
+    train.add_argument("--config", default="demo",
+                       help=f"preset ({', '.join(config_mod.preset_names())}) or a .toml file")
+    train.add_argument("--run-dir", help="run directory to create (default runs/<preset>-<time>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    train.add_argument("--address", help="Ray cluster address ('auto' or host:port); same as --cluster.address")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev = sub.add_parser("eval", help="evaluate a run's inference chain")
+    ev.add_argument("run_dir")
+    ev.add_argument("--data", help="a .npz/.parquet/.arrow file to evaluate on (default: the run's test split)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ex = sub.add_parser("export", help="export the chain as one torch.export file")
+    ex.add_argument("run_dir")
+    ex.add_argument("out")
+    sub.add_parser("keys", help="list every config key with its default")
+    return parser
+
+
+def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    overrides = parse_overrides(extra)
+    if args.address is not None:
+        overrides["cluster.address"] = args.address
+    if args.resume:
+        from .checkpoint import RunDir
+        from .results import load_run_config
+
+        bad = [k for k in overrides if not k.startswith(RESUME_OVERRIDABLE)]
+        if bad:
+            raise ConfigError(f"--resume keeps the run's config; {bad[0]} cannot change (only cluster.* and train.device/threads)")
+        saved = load_run_config(RunDir(args.resume))
+        cfg = config_mod.apply_overrides(saved, overrides, "the command line")
+        config_mod.validate(cfg)
+        run_dir = Path(args.resume)
+    else:
+        cfg = config_mod.resolve(args.config, overrides)
+        name = Path(args.config).stem
+        run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.cluster.backend == "ray":
+        from .coordinator import train_ray
+
+        summary = train_ray(cfg, run_dir, resume=bool(args.resume), show_progress=not args.no_progress)
+    else:
+        from .local import train_local
+
+        summary = train_local(cfg, run_dir, resume=bool(args.resume), show_progress=not args.no_progress)
+    print(f"run directory: {run_dir}")
+    print(f"train seconds: {summary['train_seconds']:.1f}")
+    print(f"chain test accuracy: {summary['chain_accuracy_noise']:.4f} with the Eq. 3 noise, "
+          f"{summary['chain_accuracy_no_noise']:.4f} without")
+    print(f"test accuracy: {summary['test_accuracy']:.4f}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .results import evaluate_run
+
+    split = None
+    if args.data:
+        from .data import load_file
+
+        split = load_file(args.data)
+    scores = evaluate_run(args.run_dir, split)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        print(f"examples: {scores['examples']}")
+        for key in ("chain_accuracy_noise", "chain_accuracy_no_noise", "nearest_accuracy_no_noise"):
+            print(f"{key}: {scores[key]:.4f}")
+        for block, acc in scores["block_alone_accuracy"].items():
+            print(f"{block} alone on fresh noise: {acc:.4f}")
+        print(f"test accuracy: {scores['test_accuracy']:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command != "train" and extra:
+            raise ConfigError(f"unrecognised arguments for {args.command}: {' '.join(extra)}")
+        if args.command == "train":
+            return _train(args, extra)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "export":
+            from .results import export_chain
+
+            print(f"exported: {export_chain(args.run_dir, args.out)}")
+            return 0
+        print("\n".join(config_mod.describe_keys()))
+        return 0
+    except NoPropError as exc:
+        print(f"noprop-dist: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("noprop-dist: interrupted; continue with: noprop-dist train --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

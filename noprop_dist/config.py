@@ -1,0 +1,347 @@
+"""Typed, validated configuration.
+
+A run is described by one :class:`Config` made of small frozen sections; each component
+receives only its own section. Presets live in ``noprop_dist/configs/*.toml``; the command
+line overrides any field with a dotted key (``--train.lr=3e-4``). Unknown keys, wrong types
+and out-of-range values raise :class:`~noprop_dist.errors.ConfigError` before any work
+starts. The resolved config is written into every run directory as ``config.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist_subset"
+    """Dataset: mnist_subset (offline, 5,000 real digits), digits (offline, 8x8), mnist, cifar10, cifar100, file."""
+    root: str = ""
+    """Directory of torchvision datasets (mnist/cifar*); default: <cache_dir>/torchvision."""
+    download: bool = False
+    """Let torchvision download mnist/cifar* into ``root`` when it is missing."""
+    path: str = ""
+    """name=file: training data as .npz (arrays x, y) or .parquet/.arrow (columns x, y)."""
+    test_path: str = ""
+    """name=file: test data in the same format; empty = hold out ``test_fraction`` of ``path``."""
+    test_fraction: float = 0.2
+    """name=file without test_path: fraction of ``path`` held out (seeded split)."""
+    cache_dir: str = ""
+    """Where converted Arrow IPC files are kept; default: $NOPROP_DATA_DIR or ~/.cache/noprop_dist."""
+    limit_train: int = 0
+    """Use only the first N training examples (0 = all); for quick experiments."""
+    limit_test: int = 0
+    """Use only the first N test examples (0 = all)."""
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "cosine"
+    """Noise schedule of alpha_bar_t: cosine (improved-DDPM form, flipped so signal grows with t) or linear."""
+    T: int = 10
+    """Number of blocks / diffusion steps (the paper fixes 10)."""
+    alpha_bar_min: float = 1e-4
+    """Clip of alpha_bar_0 from below: z_0 is almost pure noise. Sets the first SNR gap."""
+    alpha_bar_max: float = 0.9999
+    """Clip of alpha_bar_T from above: sets the last SNR gap, which dominates the loss weights."""
+    cosine_offset: float = 0.008
+    """The small offset s of the cosine schedule (improved DDPM)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    block: str = "paper"
+    """Block size preset: paper (Figure 6: 32/64/128 channels, 256 wide), small, tiny."""
+    embedding: str = "one_hot"
+    """Label embedding: one_hot (fixed, d = classes), learned (orthogonal init), prototype (medoid images)."""
+    embed_dim: int = 20
+    """Embedding width d for embedding=learned (one_hot: d = classes; prototype: d = C*H*W)."""
+    dropout: float = 0.2
+    """Dropout of the image path (Figure 6)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    """Epochs per block (Table 3: 100 for MNIST, 150 for CIFAR)."""
+    batch_size: int = 128
+    """Mini-batch size per block (Table 3)."""
+    lr: float = 1e-3
+    """AdamW learning rate (Table 3)."""
+    weight_decay: float = 1e-3
+    """AdamW weight decay (Table 3)."""
+    eta: float = 0.1
+    """Weight eta of the denoising loss (0.1 for DT)."""
+    seed: int = 0
+    """Run seed; every unit derives its own generators from (seed, unit, epoch)."""
+    head_passes: int = 10
+    """Passes over the training labels per epoch for the output head (it is cheap and independent)."""
+    embed_sync_every: int = 1
+    """With a learned/prototype embedding: average the units' copies every N epochs."""
+    checkpoint_every: int = 1
+    """Write each unit's checkpoint every N epochs (and always at the end)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, or cuda:N."""
+    threads: int = 0
+    """torch CPU threads for the in-process trainer (0 = torch default)."""
+    bf16: bool = False
+    """Use bfloat16 autocast on CUDA."""
+    log_every: int = 10
+    """Report progress every N steps."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    noise: bool = True
+    """Include the sqrt(c_t) noise term of Eq. 3 in the reported chain accuracy (both are always recorded)."""
+    seed: int = 12345
+    """Seed of the inference noise z_0 and eps_t."""
+    batch_size: int = 500
+    """Evaluation batch size."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    backend: str = "ray"
+    """ray (coordinator + one worker per unit) or local (all units in this process, one after another)."""
+    address: str = ""
+    """Ray address: empty = start a private local Ray; 'auto' or host:port = join that cluster."""
+    workers: int = 0
+    """Block workers running at once (0 = one per block). Fewer workers than blocks: blocks queue."""
+    threads_per_worker: int = 1
+    """CPU threads (and Ray CPUs) per worker."""
+    gpus_per_worker: float = -1.0
+    """GPUs per worker: -1 = 1 when the cluster has GPUs else 0; 0.5 packs two blocks on one GPU."""
+    max_restarts: int = 2
+    """How many times one block's worker may be restarted after it dies before the run fails."""
+    ship_targets: str = "recipe"
+    """How the coordinator hands out the noisy targets: recipe (seeded noise spec) or tensors (object store)."""
+    local_cpus: int = 0
+    """CPUs of the private local Ray (0 = all of this machine's)."""
+    local_gpus: int = -1
+    """Logical GPUs of the private local Ray (-1 = detect)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    variant: str = "dt"
+    """NoProp variant (registry in noprop_dist.variants); dt = discrete time."""
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+_CHOICES = {
+    ("variant",): ("dt",),
+    ("data", "name"): ("mnist_subset", "digits", "mnist", "cifar10", "cifar100", "file"),
+    ("schedule", "kind"): ("cosine", "linear"),
+    ("model", "block"): ("paper", "small", "tiny"),
+    ("model", "embedding"): ("one_hot", "learned", "prototype"),
+    ("cluster", "backend"): ("ray", "local"),
+    ("cluster", "ship_targets"): ("recipe", "tensors"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks; raises ConfigError with the offending key."""
+    for path, choices in _CHOICES.items():
+        value = cfg
+        for part in path:
+            value = getattr(value, part)
+        if value not in choices:
+            raise ConfigError(f"{'.'.join(path)}={value!r} is not one of {', '.join(choices)}")
+    positive = {
+        "schedule.T": cfg.schedule.T, "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size, "train.head_passes": cfg.train.head_passes,
+        "train.embed_sync_every": cfg.train.embed_sync_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every, "train.log_every": cfg.train.log_every,
+        "eval.batch_size": cfg.eval.batch_size, "model.embed_dim": cfg.model.embed_dim,
+        "cluster.threads_per_worker": cfg.cluster.threads_per_worker,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    nonneg = {"train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay,
+              "train.eta": cfg.train.eta, "train.threads": cfg.train.threads,
+              "cluster.workers": cfg.cluster.workers, "cluster.max_restarts": cfg.cluster.max_restarts,
+              "data.limit_train": cfg.data.limit_train, "data.limit_test": cfg.data.limit_test,
+              "cluster.local_cpus": cfg.cluster.local_cpus}
+    for key, value in nonneg.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must not be negative")
+    if cfg.train.lr == 0 or cfg.train.eta == 0:
+        raise ConfigError("train.lr and train.eta must be positive")
+    s = cfg.schedule
+    if not 0.0 < s.alpha_bar_min < s.alpha_bar_max < 1.0:
+        raise ConfigError(
+            f"schedule.alpha_bar_min={s.alpha_bar_min} and alpha_bar_max={s.alpha_bar_max} "
+            "must satisfy 0 < min < max < 1")
+    if not 0.0 < cfg.model.dropout < 1.0 and cfg.model.dropout != 0.0:
+        raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    if not 0.0 < cfg.data.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction={cfg.data.test_fraction} must be in (0, 1)")
+    if cfg.data.name == "file" and not cfg.data.path:
+        raise ConfigError("data.name=file needs --data.path=FILE (.npz, .parquet or .arrow)")
+    g = cfg.cluster.gpus_per_worker
+    if g != -1.0 and g < 0:
+        raise ConfigError(f"cluster.gpus_per_worker={g} must be -1 (auto), 0, a fraction, or a count")
+    dev = cfg.train.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"train.device={dev!r} must be auto, cpu, cuda or cuda:N")
+
+
+def _coerce(key: str, raw: Any, typ: type) -> Any:
+    """Convert a TOML or command-line value to the field's type, or raise ConfigError."""
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return raw.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(raw, str):
+            return raw
+    raise ConfigError(f"{key}={raw!r} is not a valid {typ.__name__}")
+
+
+def apply_overrides(cfg: Config, updates: dict[str, Any], origin: str) -> Config:
+    """Return ``cfg`` with dotted-key ``updates`` applied (types checked, unknown keys rejected)."""
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    hints = get_type_hints(Config)
+    for key, raw in updates.items():
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] in hints and not dataclasses.is_dataclass(hints[parts[0]]):
+            top[parts[0]] = _coerce(key, raw, hints[parts[0]])
+            continue
+        if len(parts) != 2 or parts[0] not in hints or not dataclasses.is_dataclass(hints[parts[0]]):
+            raise ConfigError(f"unknown config key {key!r} in {origin}; see `noprop-dist keys` for the list")
+        section_type = hints[parts[0]]
+        section_hints = get_type_hints(section_type)
+        if parts[1] not in section_hints:
+            raise ConfigError(f"unknown config key {key!r} in {origin}; see `noprop-dist keys` for the list")
+        sections.setdefault(parts[0], {})[parts[1]] = _coerce(key, raw, section_hints[parts[1]])
+    changes = dict(top)
+    for name, values in sections.items():
+        changes[name] = dataclasses.replace(getattr(cfg, name), **values)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def resolve(name_or_path: str, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a validated Config from a preset name (or a TOML path) plus dotted overrides."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = PRESET_DIR / f"{name_or_path}.toml"
+        if not path.exists():
+            raise ConfigError(
+                f"unknown preset {name_or_path!r}; choose one of {', '.join(preset_names())} or pass a .toml file")
+    cfg = apply_overrides(Config(), _flatten(load_toml(path)), str(path))
+    cfg = apply_overrides(cfg, overrides or {}, "the command line")
+    validate(cfg)
+    return cfg
+
+
+def from_dict(table: dict[str, Any]) -> Config:
+    """Rebuild a Config from its nested-dict form (as saved in a run directory)."""
+    cfg = apply_overrides(Config(), _flatten(table), "the saved config")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise a Config as TOML (flat sections of str/int/float/bool only)."""
+    lines: list[str] = []
+    table = to_dict(cfg)
+    for key, value in table.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in table.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def describe_keys() -> list[str]:
+    """One line per settable key with its default and its doc (for `noprop-dist keys`)."""
+    import ast
+    import inspect
+
+    lines = []
+    for section in dataclasses.fields(Config):
+        section_type = get_type_hints(Config)[section.name]
+        if not dataclasses.is_dataclass(section_type):
+            lines.append(f"{section.name} = {section.default!r}")
+            continue
+        docs: dict[str, str] = {}
+        tree = ast.parse(inspect.getsource(section_type))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+                docs[node.target.id] = str(nxt.value.value)
+        for f in dataclasses.fields(section_type):
+            lines.append(f"{section.name}.{f.name} = {f.default!r}  # {docs.get(f.name, '')}")
+    return lines

@@ -1,0 +1,152 @@
+"""Networks: the NoProp-DT block (paper Figure 6), the output head, and label embeddings.
+
+Modules here only compute; training lives in :mod:`noprop_dist.units`, the inference chain
+in :mod:`noprop_dist.inference`. The block returns class logits; the denoised embedding is
+``softmax(logits) @ W_embed`` (:func:`denoised_embedding`), computed by the caller because
+the embedding is shared state that the block does not own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BlockSize:
+    """Widths of one block: three conv layers, then fully connected layers of ``width``."""
+
+    channels: tuple[int, int, int]
+    width: int
+
+
+# `paper` is Figure 6 exactly; the others keep its structure with fewer channels for CPU demos.
+BLOCK_SIZES = {
+    "paper": BlockSize(channels=(32, 64, 128), width=256),
+    "small": BlockSize(channels=(16, 32, 64), width=128),
+    "tiny": BlockSize(channels=(8, 16, 16), width=32),
+}
+
+
+class DTBlock(nn.Module):
+    """One NoProp-DT block u_hat_t(z_{t-1}, x) -> class logits (Figure 6).
+
+    image path: conv-ReLU-maxpool-dropout, conv-ReLU-dropout, conv-ReLU-maxpool-dropout,
+    flatten, FC, BN.  label path: FC-BN-ReLU plus a residual FC-BN-ReLU-FC-BN.
+    fused: concat, FC-BN-ReLU, FC(width/2)-BN-ReLU, FC(num_classes).
+    Padding 1 (not stated in the paper); flatten after the second max-pool, no global pooling.
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int], embed_dim: int, num_classes: int,
+                 size: BlockSize, dropout: float = 0.2):
+        super().__init__()
+        c_in, h, w = input_shape
+        c1, c2, c3 = size.channels
+        width = size.width
+        if h < 4 or w < 4:
+            raise ValueError(f"input {input_shape} is too small for two 2x2 max-pools (need H, W >= 4)")
+        self.image_path = nn.Sequential(
+            nn.Conv2d(c_in, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.Dropout(dropout),
+            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+            nn.Flatten(),
+            nn.Linear(c3 * (h // 4) * (w // 4), width), nn.BatchNorm1d(width),
+        )
+        self.label_in = nn.Sequential(nn.Linear(embed_dim, width), nn.BatchNorm1d(width), nn.ReLU())
+        self.label_residual = nn.Sequential(
+            nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(),
+            nn.Linear(width, width), nn.BatchNorm1d(width),
+        )
+        self.fused = nn.Sequential(
+            nn.Linear(2 * width, width), nn.BatchNorm1d(width), nn.ReLU(),
+            nn.Linear(width, width // 2), nn.BatchNorm1d(width // 2), nn.ReLU(),
+            nn.Linear(width // 2, num_classes),
+        )
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        image = self.image_path(x)                          # (B, width)
+        label = self.label_in(z)                            # (B, width)
+        label = label + self.label_residual(label)          # (B, width)
+        return self.fused(torch.cat([image, label], dim=1))  # (B, m) logits
+
+
+def denoised_embedding(logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """u_hat = softmax(logits) @ W_embed: a convex mix of class embeddings."""
+    return torch.softmax(logits, dim=-1) @ embedding        # (B, d)
+
+
+class OutputHead(nn.Module):
+    """p_out(y | z_T): a linear layer on z_T (softmax is applied by the loss)."""
+
+    def __init__(self, embed_dim: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(z)                               # (B, m) logits
+
+
+def embedding_dim(kind: str, num_classes: int, input_shape: tuple[int, int, int], learned_dim: int) -> int:
+    """d for each embedding kind (Sec. 2.2.1): one_hot d = m, learned d = config, prototype d = C*H*W."""
+    if kind == "one_hot":
+        return num_classes
+    if kind == "learned":
+        return learned_dim
+    if kind == "prototype":
+        return int(np.prod(input_shape))
+    raise ValueError(f"unknown embedding kind {kind!r}")
+
+
+def initial_embedding(kind: str, num_classes: int, dim: int, seed: int,
+                      prototype_images: torch.Tensor | None = None) -> torch.Tensor:
+    """Initial W_embed (m, d), float32.
+
+    one_hot: the identity. learned: orthogonal (orthonormal rows when m <= d). prototype: the
+    per-class medoid images from :func:`class_medoids`, flattened.
+    """
+    if kind == "one_hot":
+        return torch.eye(num_classes)
+    if kind == "learned":
+        gen = torch.Generator().manual_seed(seed)
+        weight = torch.empty(num_classes, dim)
+        # nn.init.orthogonal_ has no generator argument: build the QR ourselves from seeded noise.
+        q, r = torch.linalg.qr(torch.randn(max(num_classes, dim), min(num_classes, dim), generator=gen))
+        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+        weight.copy_(q if num_classes >= dim else q.T)
+        return weight
+    if kind == "prototype":
+        if prototype_images is None:
+            raise ValueError("prototype embedding needs the class medoid images")
+        return prototype_images.reshape(num_classes, -1).float().clone()
+    raise ValueError(f"unknown embedding kind {kind!r}")
+
+
+def class_medoids(x: torch.Tensor, y: torch.Tensor, num_classes: int, max_per_class: int,
+                  seed: int) -> torch.Tensor:
+    """Per class, the image whose median distance to the other images of its class is smallest.
+
+    ``x`` (N, ...) normalised images. Classes with more than ``max_per_class`` images use a
+    seeded subsample (pairwise distances are quadratic). Returns (m, ...) images.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    flat = x.reshape(len(x), -1).double()
+    out = []
+    for k in range(num_classes):
+        idx = torch.nonzero(y == k).flatten()
+        if len(idx) == 0:
+            raise ValueError(f"class {k} has no training images: cannot build its prototype")
+        if len(idx) > max_per_class:
+            idx = idx[torch.randperm(len(idx), generator=gen)[:max_per_class]]
+        members = flat[idx]                                   # (n_k, D)
+        dist = torch.cdist(members, members)                  # (n_k, n_k)
+        if len(idx) > 1:
+            # Exclude each image's zero distance to itself.
+            dist = dist + torch.diag(torch.full((len(idx),), float("nan"), dtype=dist.dtype))
+            score = torch.nanmedian(dist, dim=1).values
+        else:
+            score = torch.zeros(1, dtype=dist.dtype)
+        out.append(x[idx[int(torch.argmin(score))]])
+    return torch.stack(out)

@@ -1,0 +1,51 @@
+"""The run plot: per-block training loss by epoch and the final test accuracies."""
+
+from __future__ import annotations
+
+from .checkpoint import RunDir, atomic_write
+
+
+def plot_run(run: RunDir) -> None:
+    """Write training.png into the run directory from metrics.jsonl and summary.json."""
+    import io
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses: dict[str, dict[int, float]] = {}
+    for rec in run.read_metrics():
+        if rec.get("event") == "unit_epoch":
+            losses.setdefault(rec["unit"], {})[rec["epoch"]] = rec["loss"]
+    summary = json.loads((run.path / "summary.json").read_text())
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for unit in sorted(losses):
+        if unit == "head":
+            continue
+        epochs = sorted(losses[unit])
+        ax_loss.plot(epochs, [losses[unit][e] for e in epochs], marker="o", label=unit)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("weighted denoising loss")
+    ax_loss.set_title("per-block training loss")
+    ax_loss.legend(fontsize=7, ncol=2)
+
+    names = ["chain\n(Eq.3 noise)", "chain\n(no noise)", "nearest emb.\n(no noise)"]
+    values = [summary["chain_accuracy_noise"], summary["chain_accuracy_no_noise"],
+              summary["nearest_accuracy_no_noise"]]
+    for block, acc in sorted(summary.get("block_alone_accuracy", {}).items()):
+        names.append(block.replace("block_", "b"))
+        values.append(acc)
+    ax_acc.bar(range(len(values)), values, color=["C0"] * 3 + ["C7"] * (len(values) - 3))
+    ax_acc.set_xticks(range(len(values)), names, fontsize=7)
+    ax_acc.set_ylim(0, 1)
+    ax_acc.set_ylabel("test accuracy")
+    ax_acc.set_title(f"test accuracy ({summary['dataset']}); grey: each block alone on fresh noise")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(run.path / "training.png", buf.getvalue())
