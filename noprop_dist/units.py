@@ -152,6 +152,7 @@ class UnitRunner:
                                            weight_decay=setup.train.weight_decay)
         self.epochs_done = 0
         self.peak_memory_bytes = 0
+        self.first_step_at: float | None = None
         ab = setup.alpha_bar
         if unit != HEAD:
             # Block t is fed z_{t-1} ~ q(z_{t-1} | y) and weighted by (T/2) eta (SNR(t) - SNR(t-1)).
@@ -199,10 +200,12 @@ class UnitRunner:
         if epoch != self.epochs_done + 1:
             raise RuntimeError(f"{self.name}: asked for epoch {epoch} after {self.epochs_done} epochs")
         n = len(self.train)
+        start = time.perf_counter()
         if noise is None:
             noise = epoch_noise(self.setup, self.unit, epoch, n)
         noise = noise.to(self.device)
-        start = time.perf_counter()
+        target_seconds = time.perf_counter() - start
+        self.first_step_at = None
         self.module.train()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(derive_seed(self.setup.train.seed, self.unit, epoch, DROPOUT))
@@ -215,6 +218,7 @@ class UnitRunner:
         samples = n * (self.setup.train.head_passes if self.unit == HEAD else 1)
         return {"unit": self.name, "epoch": epoch, "loss": float(np.mean(losses)),
                 "seconds": seconds, "samples_per_s": samples / seconds,
+                "target_seconds": target_seconds, "first_step_at": self.first_step_at,
                 "peak_memory_bytes": self.peak_memory_bytes}
 
     def _batches(self, order: torch.Tensor):
@@ -232,6 +236,8 @@ class UnitRunner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.first_step_at is None:
+            self.first_step_at = time.time()  # wall clock: compared with the launch time
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,

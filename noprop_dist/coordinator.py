@@ -1,0 +1,515 @@
+"""The Ray trainer: a coordinator that owns the run and one worker actor per block.
+
+This is the only module that imports Ray. The coordinator (the driver process):
+
+* connects to a cluster (``cluster.address``) or starts a private local Ray;
+* puts the training split into the object store once (each node fetches it once; workers
+  on a node read the same shared-memory pages, zero-copy);
+* reserves a placement group with one bundle per block worker and starts the workers
+  (named after their blocks, so the Ray dashboard shows them), plus one for the head;
+* owns the noisy targets: for every (unit, epoch) it hands out the closed-form sampling of
+  ``z_{t-1} ~ q(z_{t-1} | y)`` either as a *recipe* (the seed of the unit's noise, from which
+  :func:`noprop_dist.units.epoch_noise` rebuilds the exact tensor on the worker) or as the
+  *tensor* itself through the object store (``cluster.ship_targets``). Both give the same
+  bits because both call the same function with the same seed; recipe is the default as it
+  moves 8 bytes instead of N*d*4;
+* gathers each unit's checkpoint as it arrives and writes the run directory (the same
+  format as the in-process trainer), then builds and evaluates the Eq. 3 chain.
+
+Workers never talk to each other. With a one-hot embedding nothing but per-epoch metrics
+and checkpoints crosses between coordinator and workers; with a learned/prototype embedding
+the coordinator also averages the units' embedding copies every ``train.embed_sync_every``
+epochs (a barrier at those epochs). Bytes in both directions are counted per epoch.
+
+Fault tolerance: a worker that dies (killed process, lost node) is replaced; only the units
+it hosted restart, each from its own last checkpoint, while the others go on. Seeds depend
+only on (run seed, unit, epoch), so a restarted unit ends with the same weights it would
+have had. After ``cluster.max_restarts`` replacements of one worker the run fails with a
+clear message and every checkpoint written so far stays on disk; ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from . import config as config_mod
+from .checkpoint import RunDir
+from .config import ClusterConfig, Config
+from .data import ArraySplit, load_dataset
+from .errors import ClusterError
+from .results import EMBEDDING_FILE, all_units, epoch_is, finish_run, manifest_fields
+from .units import HEAD, UnitRunner, UnitSetup, average_embeddings, epoch_noise, make_setup, unit_name
+
+NAMESPACE = "noprop_dist"
+PLACEMENT_TIMEOUT_S = 60.0
+POLL_S = 0.2
+
+
+# ---------------------------------------------------------------------------------------
+# The worker: a thin Ray shell around UnitRunner.
+# ---------------------------------------------------------------------------------------
+@ray.remote
+class UnitWorker:
+    """Hosts one or more units; trains them epoch by epoch on the device Ray assigned."""
+
+    def __init__(self, setup: UnitSetup, train_x: np.ndarray, train_y: np.ndarray, threads: int,
+                 progress: Queue | None):
+        torch.set_num_threads(threads)
+        gpu_ids = ray.get_gpu_ids()
+        # Ray sets CUDA_VISIBLE_DEVICES for this actor: its GPU is cuda:0. Logical GPUs
+        # without hardware (tests) fall back to the CPU.
+        self.device = torch.device("cuda:0" if gpu_ids and torch.cuda.is_available() else "cpu")
+        self.setup = setup
+        self.train = ArraySplit(train_x, train_y)   # zero-copy views of the object store
+        self.progress = progress
+        self.runners: dict[int, UnitRunner] = {}
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "device": str(self.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def start_unit(self, unit: int, state: dict[str, torch.Tensor] | None) -> int:
+        """Create a unit from its seed, or from its last checkpoint; returns its epochs done."""
+        runner = UnitRunner(unit, self.setup, self.train, self.device)
+        if state is not None:
+            runner.load_state_tensors(state)
+        self.runners[unit] = runner
+        return runner.epochs_done
+
+    def run_epoch(self, unit: int, epoch: int, noise: np.ndarray | None,
+                  embedding: torch.Tensor | None, want_state: bool, want_embedding: bool) -> dict:
+        runner = self.runners[unit]
+        if embedding is not None:
+            runner.set_embedding(embedding)
+        metrics = runner.run_epoch(epoch, None if noise is None else torch.from_numpy(noise),
+                                   progress=self._report)
+        out: dict[str, Any] = {"metrics": metrics}
+        if want_state:
+            out["state"] = runner.state_tensors()
+        if want_embedding:
+            out["embedding"] = runner.embedding.detach().cpu().clone()
+        return out
+
+    def _report(self, event: dict) -> None:
+        if self.progress is not None:
+            try:
+                self.progress.put_nowait(event)
+            except Exception:  # noqa: BLE001  progress is best-effort; training must not stop
+                pass
+
+
+# ---------------------------------------------------------------------------------------
+# Connection and placement.
+# ---------------------------------------------------------------------------------------
+def connect(cluster: ClusterConfig) -> None:
+    """Join ``cluster.address`` or start a private local Ray (never an unrelated one)."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = cluster.address
+    if not address:
+        gpus = cluster.local_gpus if cluster.local_gpus >= 0 else torch.cuda.device_count()
+        ray.init(address="local", namespace=NAMESPACE, num_cpus=cluster.local_cpus or os.cpu_count(),
+                 num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        return
+    if address != "auto" and not address.startswith("ray://"):
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except (OSError, ValueError) as exc:
+            raise ClusterError(
+                f"cannot reach a Ray cluster at {address} ({exc}); check the address, start one with "
+                "`ray start --head`, or omit --address to use a private local Ray") from None
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(
+            f"cannot connect to the Ray cluster at {address!r} ({first}); start one with "
+            "`ray start --head` or omit --address to use a private local Ray") from None
+
+
+@dataclass
+class Layout:
+    """Which worker hosts which blocks, and what each worker reserves."""
+
+    groups: list[list[int]]          # blocks per worker, e.g. [[1, 3, 5], [2, 4]]
+    cpus: int
+    gpus: float
+    note: str = ""
+
+
+def plan_layout(T: int, cluster: ClusterConfig, resources: dict[str, float]) -> Layout:
+    """One worker per block when the cluster has room; fewer (blocks queue) when asked or
+    when it has not; a clear error when even the request cannot be met."""
+    have_cpu = resources.get("CPU", 0.0)
+    have_gpu = resources.get("GPU", 0.0)
+    gpus = cluster.gpus_per_worker
+    if gpus < 0:
+        gpus = 1.0 if have_gpu >= 1 else 0.0
+    cpus = cluster.threads_per_worker
+    fits = int(have_cpu // cpus)
+    if gpus > 0:
+        fits = min(fits, int(round(have_gpu / gpus, 6) // 1))
+    note = ""
+    if cluster.workers:
+        workers = min(cluster.workers, T)
+        if workers > fits:
+            raise ClusterError(
+                f"placement needs {workers} workers of {cpus} CPU and {gpus:g} GPU "
+                f"({workers * cpus} CPU, {workers * gpus:g} GPU) but the cluster has {have_cpu:g} CPU and "
+                f"{have_gpu:g} GPU; lower --cluster.workers or --cluster.threads_per_worker, pack blocks with "
+                "--cluster.gpus_per_worker=0.5, or add nodes")
+    else:
+        if fits < 1:
+            raise ClusterError(
+                f"one worker needs {cpus} CPU and {gpus:g} GPU but the cluster has {have_cpu:g} CPU and "
+                f"{have_gpu:g} GPU; lower --cluster.threads_per_worker or --cluster.gpus_per_worker")
+        workers = min(T, fits)
+        if workers < T:
+            note = (f"the cluster fits {workers} workers of {cpus} CPU/{gpus:g} GPU: "
+                    f"{T} blocks queue on them")
+    groups = [list(range(1 + k, T + 1, workers)) for k in range(workers)]
+    return Layout(groups=groups, cpus=cpus, gpus=gpus, note=note)
+
+
+def _worker_name(run_tag: str, units: list[int], attempt: int) -> str:
+    names = "+".join(unit_name(u) for u in units)
+    return f"{run_tag}/{names}" + (f"/restart{attempt}" if attempt else "")
+
+
+# ---------------------------------------------------------------------------------------
+# The coordinator.
+# ---------------------------------------------------------------------------------------
+@dataclass
+class UnitTrack:
+    unit: int
+    worker: int                     # index into Coordinator.workers
+    epochs_done: int = 0
+    inflight: Any = None            # ObjectRef of the running epoch
+    pending_result: dict | None = None   # an epoch result held until its embedding sync
+
+
+@dataclass
+class WorkerSlot:
+    units: list[int]
+    bundle: int | None              # placement-group bundle index (None: the head, no bundle)
+    handle: Any = None
+    restarts: int = 0
+    info: dict = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(self, cfg: Config, run: RunDir, setup: UnitSetup, train: ArraySplit,
+                 show_progress: bool):
+        self.cfg = cfg
+        self.run = run
+        self.setup = setup
+        self.epochs = cfg.train.epochs
+        self.show_progress = show_progress
+        self.bytes_to = 0
+        self.bytes_from = 0
+        self.epoch_bytes: dict[int, list[int]] = {}
+        self.dispatch_seconds = 0.0
+        self.sync_history: dict[int, torch.Tensor] = {}
+        self.restart_events: list[dict] = []
+        put_start = time.perf_counter()
+        self.train_refs = (ray.put(np.ascontiguousarray(train.x)), ray.put(np.ascontiguousarray(train.y)))
+        self.data_bytes = int(train.x.nbytes + train.y.nbytes)
+        self.data_put_seconds = time.perf_counter() - put_start
+        self.n = len(train)
+        self.progress = Queue(actor_options={"num_cpus": 0}) if show_progress else None
+        self.bars: dict[str, Any] = {}
+
+    # ---- workers -----------------------------------------------------------------------
+    def start(self, layout: Layout) -> None:
+        self.layout = layout
+        bundles = [{"CPU": layout.cpus, **({"GPU": layout.gpus} if layout.gpus else {})}
+                   for _ in layout.groups]
+        self.pg = placement_group(bundles, strategy="PACK", name=f"{self.run_tag}/blocks")
+        ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise ClusterError(
+                f"the cluster could not place {len(bundles)} workers of {bundles[0]} within "
+                f"{PLACEMENT_TIMEOUT_S:.0f} s (resources: {ray.available_resources()}); lower "
+                "--cluster.workers/threads_per_worker/gpus_per_worker or add nodes")
+        self.workers = [WorkerSlot(units=g, bundle=i) for i, g in enumerate(layout.groups)]
+        self.workers.append(WorkerSlot(units=[HEAD], bundle=None))
+        self.tracks = {u: UnitTrack(unit=u, worker=w) for w, slot in enumerate(self.workers)
+                       for u in slot.units}
+        # Start every worker first, then wait: their process start-ups overlap.
+        waits = [self._spawn(w) for w in range(len(self.workers))]
+        for w, wait in zip(range(len(self.workers)), waits):
+            self._await_spawn(w, wait)
+
+    @property
+    def run_tag(self) -> str:
+        return f"{self.run.path.resolve().name}-{os.getpid()}"
+
+    def _spawn(self, w: int) -> tuple[list, Any]:
+        """(Re)start worker ``w`` and load each of its units from its last checkpoint.
+
+        Returns the pending calls; :meth:`_await_spawn` collects them."""
+        slot = self.workers[w]
+        options: dict[str, Any] = {"name": _worker_name(self.run_tag, slot.units, slot.restarts),
+                                   "max_restarts": 0, "max_concurrency": 1}
+        if slot.bundle is None:
+            options.update(num_cpus=0, num_gpus=0)   # the head: a linear layer on d-dim vectors
+            threads = 1
+        else:
+            options.update(num_cpus=self.layout.cpus, num_gpus=self.layout.gpus,
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(
+                               placement_group=self.pg, placement_group_bundle_index=slot.bundle))
+            threads = self.layout.cpus
+        slot.handle = UnitWorker.options(**options).remote(self.setup, *self.train_refs, threads, self.progress)
+        manifest_units = self.run.manifest()["units"]
+        starts = []
+        for unit in slot.units:
+            state = None
+            if unit_name(unit) in manifest_units:
+                state = self.run.load_unit(unit_name(unit))
+                self.bytes_to += _tensor_bytes(state)
+            starts.append(slot.handle.start_unit.remote(unit, state))
+            self.tracks[unit].inflight = None
+        return starts, slot.handle.info.remote()
+
+    def _await_spawn(self, w: int, pending: tuple[list, Any]) -> None:
+        slot = self.workers[w]
+        starts, info = pending
+        for unit, done in zip(slot.units, ray.get(starts)):
+            self.tracks[unit].epochs_done = done
+        slot.info = ray.get(info)
+
+    # ---- the loop ----------------------------------------------------------------------
+    def _can_start(self, track: UnitTrack) -> bool:
+        """Epoch e+1 may start unless epoch e is a sync point not yet synchronised."""
+        e = track.epochs_done
+        if track.inflight is not None or track.pending_result is not None or e >= self.epochs:
+            return False
+        return not (self.setup.learnable_embedding and e > 0 and self._sync_due(e)
+                    and e not in self.sync_history)
+
+    def _sync_due(self, epoch: int) -> bool:
+        return epoch_is(self.cfg.train.embed_sync_every, epoch, self.epochs)
+
+    def _checkpoint_due(self, epoch: int) -> bool:
+        if self.setup.learnable_embedding:
+            # All units are checkpointed together at sync points, so a resume sees one epoch.
+            return self._sync_due(epoch)
+        return epoch_is(self.cfg.train.checkpoint_every, epoch, self.epochs)
+
+    def _dispatch(self, track: UnitTrack) -> None:
+        start = time.perf_counter()
+        epoch = track.epochs_done + 1
+        noise = None
+        if self.cfg.cluster.ship_targets == "tensors":
+            noise = epoch_noise(self.setup, track.unit, epoch, self.n).numpy()
+        embedding = self.sync_history.get(epoch - 1)
+        sent = 64 + (0 if noise is None else noise.nbytes) + (0 if embedding is None else _tensor_bytes(embedding))
+        self.bytes_to += sent
+        self.epoch_bytes.setdefault(epoch, [0, 0])[0] += sent
+        slot = self.workers[track.worker]
+        track.inflight = slot.handle.run_epoch.remote(
+            track.unit, epoch, noise, embedding, self._checkpoint_due(epoch),
+            self.setup.learnable_embedding and self._sync_due(epoch))
+        self.dispatch_seconds += time.perf_counter() - start
+
+    def _on_result(self, track: UnitTrack, result: dict) -> None:
+        metrics = result["metrics"]
+        epoch = metrics["epoch"]
+        received = 256 + _tensor_bytes(result.get("state", {})) + _tensor_bytes(result.get("embedding"))
+        self.bytes_from += received
+        self.epoch_bytes.setdefault(epoch, [0, 0])[1] += received
+        track.epochs_done = epoch
+        self.first_steps.append(metrics["first_step_at"])
+        self.run.append_metrics({"event": "unit_epoch", "worker": self.workers[track.worker].info.get("pid"),
+                                 **metrics})
+        self._bar(metrics["unit"], f"epoch {epoch}/{self.epochs} loss {metrics['loss']:.4g} "
+                  f"{metrics['samples_per_s']:.0f} samples/s", done=True)
+        if self.setup.learnable_embedding and self._sync_due(epoch):
+            track.pending_result = result
+            self._maybe_sync(epoch)
+        elif "state" in result:
+            self._save(track, result["state"])
+        self.peak_memory[metrics["unit"]] = max(self.peak_memory.get(metrics["unit"], 0),
+                                                metrics["peak_memory_bytes"])
+        if all(t.epochs_done >= epoch for t in self.tracks.values()):
+            to, frm = self.epoch_bytes.get(epoch, [0, 0])
+            self.run.append_metrics({"event": "communication", "epoch": epoch,
+                                     "bytes_to_workers": to, "bytes_from_workers": frm})
+
+    def _maybe_sync(self, epoch: int) -> None:
+        """When every unit has finished a sync epoch: average the embedding copies, then
+        checkpoint all units with the synchronised embedding."""
+        held = [t for t in self.tracks.values() if t.pending_result is not None]
+        if len(held) < len(self.tracks):
+            return
+        order = sorted(held, key=lambda t: all_units(self.setup.T).index(t.unit))
+        shared = average_embeddings([t.pending_result["embedding"] for t in order])
+        self.sync_history[epoch] = shared
+        self.run.append_metrics({"event": "embedding_sync", "epoch": epoch})
+        for track in order:
+            state = track.pending_result.get("state")
+            if state is not None:
+                state["embedding"] = shared.clone()
+                self._save(track, state)
+            track.pending_result = None
+
+    def _save(self, track: UnitTrack, state: dict[str, torch.Tensor]) -> None:
+        self.run.save_unit(unit_name(track.unit), state, int(state["epochs_done"]),
+                           finished=int(state["epochs_done"]) == self.epochs)
+
+    def _on_failure(self, track: UnitTrack, exc: Exception) -> None:
+        w = track.worker
+        slot = self.workers[w]
+        slot.restarts += 1
+        names = ", ".join(unit_name(u) for u in slot.units)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self.restart_events.append({"worker": names, "restart": slot.restarts, "reason": reason[:300]})
+        self.run.append_metrics({"event": "worker_died", "units": names, "restart": slot.restarts,
+                                 "reason": reason[:300]})
+        if slot.restarts > self.cfg.cluster.max_restarts:
+            finished = [n for n, e in self.run.manifest()["units"].items() if e["finished"]]
+            raise ClusterError(
+                f"the worker of {names} died {slot.restarts} times (last: {reason[:120]}); gave up after "
+                f"--cluster.max_restarts={self.cfg.cluster.max_restarts}. Checkpoints of "
+                f"{len(finished)} finished units are kept in {self.run.path}; fix the cause and run "
+                f"`noprop-dist train --resume {self.run.path}`")
+        for unit in slot.units:
+            t = self.tracks[unit]
+            t.inflight = None
+            t.pending_result = None
+        self._bar(names, f"worker died; restart {slot.restarts}/{self.cfg.cluster.max_restarts} "
+                  "from the last checkpoint")
+        self._await_spawn(w, self._spawn(w))
+
+    def train(self) -> float:
+        """Run every unit to the last epoch; returns the training phase's wall time."""
+        self.first_steps: list[float | None] = []
+        self.peak_memory: dict[str, int] = {}
+        start = time.perf_counter()
+        while True:
+            for track in self.tracks.values():
+                if self._can_start(track):
+                    self._dispatch(track)
+            inflight = {t.inflight: t for t in self.tracks.values() if t.inflight is not None}
+            if not inflight:
+                if all(t.epochs_done >= self.epochs for t in self.tracks.values()):
+                    break
+                raise RuntimeError("coordinator stalled: no unit can start")  # a bug, not a user error
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
+            self._drain_progress()
+            for ref in ready:
+                track = inflight[ref]
+                track.inflight = None
+                try:
+                    result = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                        ray.exceptions.NodeDiedError) as exc:
+                    self._on_failure(track, exc)
+                    continue
+                self._on_result(track, result)
+        return time.perf_counter() - start
+
+    def final_embedding(self) -> torch.Tensor:
+        if self.setup.learnable_embedding:
+            return self.sync_history[self.epochs]
+        return self.setup.embedding
+
+    # ---- progress ----------------------------------------------------------------------
+    def _bar(self, name: str, text: str, done: bool = False) -> None:
+        if not self.show_progress:
+            return
+        if name not in self.bars:
+            from tqdm import tqdm
+
+            self.bars[name] = tqdm(total=self.epochs, desc=f"{name:>9}", position=len(self.bars),
+                                   bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} {postfix}")
+        bar = self.bars[name]
+        if done:
+            bar.n = min(bar.n + 1, self.epochs)
+        bar.set_postfix_str(text, refresh=True)
+
+    def _drain_progress(self) -> None:
+        if self.progress is None:
+            return
+        try:
+            events = self.progress.get_nowait_batch(self.progress.qsize())
+        except Empty:
+            return
+        latest = {e["unit"]: e for e in events}
+        for name, e in latest.items():
+            rate = f" {e['samples_per_s']:.0f} samples/s" if e["samples_per_s"] else ""
+            self._bar(name, f"epoch {e['epoch']} step {e['step']}/{e['steps']} loss {e['loss']:.4g}{rate}")
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        for slot in getattr(self, "workers", []):
+            if slot.handle is not None:
+                ray.kill(slot.handle)
+        if getattr(self, "pg", None) is not None:
+            remove_placement_group(self.pg)
+        if self.progress is not None:
+            self.progress.shutdown()
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if obj is None:
+        return 0
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    return 0
+
+
+def train_ray(cfg: Config, run_dir: str | Path, resume: bool = False,
+              show_progress: bool = True) -> dict[str, Any]:
+    """Train a DT run across Ray workers; returns the summary (as the in-process trainer)."""
+    launched = time.time()
+    data = load_dataset(cfg.data)
+    setup = make_setup(cfg, data)
+    connect(cfg.cluster)
+    layout = plan_layout(setup.T, cfg.cluster, ray.cluster_resources())
+    run = RunDir(run_dir)
+    run.create(config_mod.to_toml(cfg), manifest_fields(cfg, data, setup), resume=resume)
+    if layout.note:
+        print(f"noprop-dist: {layout.note}")
+    coordinator = Coordinator(cfg, run, setup, data.train, show_progress)
+    try:
+        coordinator.start(layout)
+        train_seconds = coordinator.train()
+        run.save_tensors(EMBEDDING_FILE, {"embedding": coordinator.final_embedding()})
+    finally:
+        coordinator.close()
+    first = [t for t in coordinator.first_steps if t is not None]
+    extra = {
+        "backend": "ray", "workers": len(layout.groups), "head_workers": 1,
+        "threads_per_worker": layout.cpus, "gpus_per_worker": layout.gpus,
+        "worker_devices": {"+".join(unit_name(u) for u in s.units): s.info.get("device")
+                           for s in coordinator.workers},
+        "ship_targets": cfg.cluster.ship_targets,
+        "bytes_to_workers": coordinator.bytes_to, "bytes_from_workers": coordinator.bytes_from,
+        "bytes_data_object_store": coordinator.data_bytes,
+        "dispatch_seconds": coordinator.dispatch_seconds,
+        "dispatch_share": coordinator.dispatch_seconds / max(train_seconds, 1e-9),
+        "launch_to_first_step_s": (min(first) - launched) if first else None,
+        "restarts": coordinator.restart_events,
+        "peak_memory_bytes": coordinator.peak_memory,
+    }
+    return finish_run(run, cfg, data, train_seconds, extra)
