@@ -10,6 +10,7 @@ starts. The resolved config is written into every run directory as ``config.toml
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +177,8 @@ def validate(cfg: Config) -> None:
               "train.eta": cfg.train.eta, "train.threads": cfg.train.threads,
               "cluster.workers": cfg.cluster.workers, "cluster.max_restarts": cfg.cluster.max_restarts,
               "data.limit_train": cfg.data.limit_train, "data.limit_test": cfg.data.limit_test,
-              "cluster.local_cpus": cfg.cluster.local_cpus}
+              "cluster.local_cpus": cfg.cluster.local_cpus, "train.seed": cfg.train.seed,
+              "schedule.cosine_offset": cfg.schedule.cosine_offset}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must not be negative")
@@ -187,6 +189,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"schedule.alpha_bar_min={s.alpha_bar_min} and alpha_bar_max={s.alpha_bar_max} "
             "must satisfy 0 < min < max < 1")
+    from .schedule import alpha_bar_from_config  # lazy: keeps `import config` light
+
+    try:
+        alpha_bar_from_config(s)  # e.g. clips so tight that alpha_bar stops increasing
+    except ValueError as exc:
+        raise ConfigError(f"schedule: {exc}") from None
     if not 0.0 < cfg.model.dropout < 1.0 and cfg.model.dropout != 0.0:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
     if not 0.0 < cfg.data.test_fraction < 1.0:
@@ -217,13 +225,18 @@ def _coerce(key: str, raw: Any, typ: type) -> Any:
             except ValueError:
                 pass
     elif typ is float:
+        value = None
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        if isinstance(raw, str):
+            value = float(raw)
+        elif isinstance(raw, str):
             try:
-                return float(raw)
+                value = float(raw)
             except ValueError:
                 pass
+        if value is not None and math.isfinite(value):  # nan/inf would slip past range checks
+            return value
+        if value is not None:
+            raise ConfigError(f"{key}={raw!r} is not a finite number")
     elif typ is str:
         if isinstance(raw, str):
             return raw

@@ -293,6 +293,8 @@ class Coordinator:
         for unit, done in zip(slot.units, ray.get(starts)):
             self.tracks[unit].epochs_done = done
         slot.info = ray.get(info)
+        self.run.append_metrics({"event": "worker_started", "units": [unit_name(u) for u in slot.units],
+                                 "restart": slot.restarts, **slot.info})
 
     # ---- the loop ----------------------------------------------------------------------
     def _can_start(self, track: UnitTrack) -> bool:
@@ -459,13 +461,21 @@ class Coordinator:
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+        # Best effort: after a failure some of these may already be gone.
         for slot in getattr(self, "workers", []):
             if slot.handle is not None:
-                ray.kill(slot.handle)
+                _quietly(ray.kill, slot.handle)
         if getattr(self, "pg", None) is not None:
-            remove_placement_group(self.pg)
+            _quietly(remove_placement_group, self.pg)
         if self.progress is not None:
-            self.progress.shutdown()
+            _quietly(self.progress.shutdown)
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001  cleanup must not hide the error that got us here
+        pass
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -485,7 +495,7 @@ def train_ray(cfg: Config, run_dir: str | Path, resume: bool = False,
     data = load_dataset(cfg.data)
     setup = make_setup(cfg, data)
     connect(cfg.cluster)
-    layout = plan_layout(setup.T, cfg.cluster, ray.cluster_resources())
+    layout = plan_layout(setup.T, cfg.cluster, ray.available_resources())
     run = RunDir(run_dir)
     run.create(config_mod.to_toml(cfg), manifest_fields(cfg, data, setup), resume=resume)
     if layout.note:
@@ -502,6 +512,8 @@ def train_ray(cfg: Config, run_dir: str | Path, resume: bool = False,
         "backend": "ray", "workers": len(layout.groups), "head_workers": 1,
         "threads_per_worker": layout.cpus, "gpus_per_worker": layout.gpus,
         "worker_devices": {"+".join(unit_name(u) for u in s.units): s.info.get("device")
+                           for s in coordinator.workers},
+        "worker_gpu_ids": {"+".join(unit_name(u) for u in s.units): s.info.get("gpu_ids")
                            for s in coordinator.workers},
         "ship_targets": cfg.cluster.ship_targets,
         "bytes_to_workers": coordinator.bytes_to, "bytes_from_workers": coordinator.bytes_from,

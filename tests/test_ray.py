@@ -1,0 +1,283 @@
+"""The Ray trainer on a private local Ray with logical GPUs (no hardware needed).
+
+One Ray instance serves the whole module (ray.init costs seconds). Never `ray stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from noprop_dist import config  # noqa: E402
+from noprop_dist.checkpoint import RunDir  # noqa: E402
+from noprop_dist.config import ClusterConfig  # noqa: E402
+from noprop_dist.coordinator import plan_layout, train_ray  # noqa: E402
+from noprop_dist.errors import ClusterError  # noqa: E402
+from noprop_dist.local import train_local  # noqa: E402
+
+LOGICAL_CPUS = 8
+LOGICAL_GPUS = 4
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=LOGICAL_CPUS, num_gpus=LOGICAL_GPUS,
+             include_dashboard=False, log_to_driver=False, configure_logging=False,
+             namespace="noprop_dist")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("ray-data-cache"))
+
+
+def tiny(cache: str, **overrides) -> config.Config:
+    base = {"data.cache_dir": cache, "cluster.backend": "ray", "train.threads": 1}
+    base.update({k: str(v) for k, v in overrides.items()})
+    return config.resolve("tiny", base)
+
+
+def unit_tensors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    run = RunDir(run_dir)
+    return {name: run.load_unit(name) for name in run.manifest()["units"]}
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    ta, tb = unit_tensors(a), unit_tensors(b)
+    assert ta.keys() == tb.keys()
+    diff = 0.0
+    for name in ta:
+        for key in ta[name]:
+            if key.startswith("model/") and ta[name][key].is_floating_point():
+                diff = max(diff, float((ta[name][key] - tb[name][key]).abs().max()))
+    return diff
+
+
+def unit_epochs(run_dir: Path) -> list[tuple[str, int]]:
+    return [(r["unit"], r["epoch"]) for r in RunDir(run_dir).read_metrics() if r.get("event") == "unit_epoch"]
+
+
+# ---- placement --------------------------------------------------------------------------
+def test_plan_layout_one_worker_per_block_queues_and_errors():
+    """Layout arithmetic: one per block when room, queueing when not, errors when asked for too much."""
+    cl = ClusterConfig()
+    assert plan_layout(4, cl, {"CPU": 8, "GPU": 4}).groups == [[1], [2], [3], [4]]
+    lay = plan_layout(10, cl, {"CPU": 2})
+    assert lay.groups == [[1, 3, 5, 7, 9], [2, 4, 6, 8, 10]] and lay.gpus == 0 and "queue" in lay.note
+    lay = plan_layout(4, ClusterConfig(gpus_per_worker=0.5), {"CPU": 8, "GPU": 2})
+    assert len(lay.groups) == 4 and lay.gpus == 0.5
+    assert len(plan_layout(4, cl, {"CPU": 8, "GPU": 2}).groups) == 2   # GPUs limit: blocks queue
+    with pytest.raises(ClusterError, match="placement needs 6 workers"):
+        plan_layout(10, ClusterConfig(workers=6, gpus_per_worker=1), {"CPU": 8, "GPU": 4})
+    with pytest.raises(ClusterError, match="one worker needs 4 CPU"):
+        plan_layout(10, ClusterConfig(threads_per_worker=4), {"CPU": 2})
+
+
+def test_each_block_gets_its_own_gpu_bundle(ray_session, cache, tmp_path):
+    """num_gpus=1: T workers, each on a distinct logical GPU; the head takes none."""
+    summary = train_ray(tiny(cache, **{"train.epochs": 1, "cluster.gpus_per_worker": 1}),
+                        tmp_path / "run", show_progress=False)
+    assert summary["workers"] == 4 and summary["gpus_per_worker"] == 1
+    devices = summary["worker_devices"]
+    assert set(devices) == {"block_01", "block_02", "block_03", "block_04", "head"}
+    gpu_ids = summary["worker_gpu_ids"]
+    block_gpus = [tuple(gpu_ids[f"block_0{t}"]) for t in range(1, 5)]
+    assert all(len(g) == 1 for g in block_gpus) and len(set(block_gpus)) == 4
+    assert gpu_ids["head"] == []
+
+
+def test_half_gpus_pack_two_blocks_per_gpu(ray_session, cache, tmp_path):
+    """num_gpus=0.5 on a 2-GPU budget: four workers share two GPUs, two each."""
+    cfg = tiny(cache, **{"train.epochs": 1, "cluster.gpus_per_worker": 0.5})
+    pg = ray.util.placement_group([{"GPU": 2}])   # leave only 2 of the 4 logical GPUs free
+    ray.get(pg.ready())
+    try:
+        summary = train_ray(cfg, tmp_path / "run", show_progress=False)
+    finally:
+        ray.util.remove_placement_group(pg)
+    gpu_ids = [tuple(summary["worker_gpu_ids"][f"block_0{t}"]) for t in range(1, 5)]
+    assert summary["workers"] == 4
+    assert sorted(gpu_ids.count(g) for g in set(gpu_ids)) == [2, 2]
+
+
+def test_unsatisfiable_placement_fails_fast(ray_session, cache, tmp_path):
+    cfg = tiny(cache, **{"cluster.workers": 4, "cluster.gpus_per_worker": 2})
+    start = time.perf_counter()
+    with pytest.raises(ClusterError, match="placement needs 4 workers"):
+        train_ray(cfg, tmp_path / "run", show_progress=False)
+    assert time.perf_counter() - start < 30
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+# ---- equivalence --------------------------------------------------------------------------
+def test_ray_and_in_process_trainers_give_the_same_weights(ray_session, cache, tmp_path):
+    """Our best guard: same seed, fixed embedding -> same weights (<= 1e-5), both target modes."""
+    cfg_local = config.resolve("tiny", {"data.cache_dir": cache, "cluster.backend": "local",
+                                        "train.threads": "1"})
+    train_local(cfg_local, tmp_path / "local", show_progress=False)
+    summary = train_ray(tiny(cache, **{"cluster.workers": 2}), tmp_path / "ray", show_progress=False)
+    train_ray(tiny(cache, **{"cluster.ship_targets": "tensors"}), tmp_path / "ray-tensors",
+              show_progress=False)
+    assert max_weight_diff(tmp_path / "local", tmp_path / "ray") <= 1e-5
+    assert max_weight_diff(tmp_path / "ray", tmp_path / "ray-tensors") <= 1e-5
+    local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
+    assert summary["test_accuracy"] == pytest.approx(local_summary["test_accuracy"], abs=0.01)
+    # Nothing but recipes, metrics and checkpoints crossed: no activations, no gradients.
+    assert summary["bytes_to_workers"] < 10_000
+    assert summary["bytes_from_workers"] > 0
+
+
+def test_learned_embedding_is_synchronised_like_in_process(ray_session, cache, tmp_path):
+    """With shared state (learned embedding) both trainers average copies at the same epochs."""
+    over = {"model.embedding": "learned", "model.embed_dim": "8", "train.embed_sync_every": "1"}
+    train_local(config.resolve("tiny", {"data.cache_dir": cache, "cluster.backend": "local",
+                                        "train.threads": "1", **over}), tmp_path / "local",
+                show_progress=False)
+    summary = train_ray(tiny(cache, **over), tmp_path / "ray", show_progress=False)
+    assert max_weight_diff(tmp_path / "local", tmp_path / "ray") <= 1e-5
+    emb_local = RunDir(tmp_path / "local").load_tensors("embedding")["embedding"]
+    emb_ray = RunDir(tmp_path / "ray").load_tensors("embedding")["embedding"]
+    assert float((emb_local - emb_ray).abs().max()) <= 1e-5
+    assert not torch.allclose(emb_ray, RunDir(tmp_path / "ray").load_unit("head")["embedding"] * 0)
+    syncs = [r for r in RunDir(tmp_path / "ray").read_metrics() if r.get("event") == "embedding_sync"]
+    assert len(syncs) == 2
+    assert summary["bytes_from_workers"] > 0
+
+
+# ---- fault tolerance ----------------------------------------------------------------------
+def _pid_of(run_dir: Path, unit: str, timeout: float = 120.0) -> int:
+    """PID of the worker process hosting ``unit``, as the coordinator logged it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists():
+            for rec in RunDir(run_dir).read_metrics():
+                if rec.get("event") == "worker_started" and unit in rec["units"]:
+                    return rec["pid"]
+        time.sleep(0.05)
+    raise AssertionError(f"no worker_started event for {unit}")
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_killed_block_worker_restarts_only_that_block(ray_session, cache, tmp_path):
+    """SIGKILL a real worker process mid-training: only its block restarts, from its own
+    checkpoint, and the final weights equal an uninterrupted run's."""
+    cfg = tiny(cache, **{"train.epochs": 6})
+    run_dir = tmp_path / "killed"
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train_ray(cfg, run_dir, show_progress=False)))
+    thread.start()
+    pid = _pid_of(run_dir, "block_02")
+    _wait_for(lambda: ("block_02", 1) in (unit_epochs(run_dir) if (run_dir / "metrics.jsonl").exists() else []))
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert result, "the run did not complete after the kill"
+    assert [r["worker"] for r in result["restarts"]] == ["block_02"]
+    epochs = unit_epochs(run_dir)
+    for unit in ("block_01", "block_03", "block_04", "head"):
+        assert sorted(e for u, e in epochs if u == unit) == list(range(1, 7)), unit  # untouched
+    # The interrupted epoch was never recorded; the restart continued after the checkpoint.
+    assert sorted(e for u, e in epochs if u == "block_02") == list(range(1, 7))
+    train_ray(cfg, tmp_path / "clean", show_progress=False)
+    assert max_weight_diff(run_dir, tmp_path / "clean") <= 1e-5
+
+
+def test_exhausted_restarts_fail_clearly_and_keep_checkpoints(ray_session, cache, tmp_path):
+    cfg = tiny(cache, **{"train.epochs": 8, "cluster.max_restarts": 0})
+    run_dir = tmp_path / "doomed"
+    error: list[BaseException] = []
+
+    def target():
+        try:
+            train_ray(cfg, run_dir, show_progress=False)
+        except BaseException as exc:  # noqa: BLE001
+            error.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    pid = _pid_of(run_dir, "block_03")
+    _wait_for(lambda: ("block_03", 1) in (unit_epochs(run_dir) if (run_dir / "metrics.jsonl").exists() else []))
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert error and isinstance(error[0], ClusterError)
+    message = str(error[0])
+    assert "block_03" in message and "--resume" in message and "\n" not in message
+    units = RunDir(run_dir).manifest()["units"]
+    assert units["block_03"]["epochs_done"] >= 1
+    for name in units:
+        RunDir(run_dir).load_unit(name)   # every checkpoint written stays valid
+
+
+def test_resume_after_driver_crash_retrains_nothing_finished(ray_session, cache, tmp_path):
+    """Kill the driver (a real CLI process) mid-run, then --resume: finished units are not
+    retrained and the others continue from their checkpoints."""
+    run_dir = tmp_path / "crashed"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cmd = [str(VENV_BIN / "noprop-dist"), "train", "--config", "tiny", "--run-dir", str(run_dir),
+           "--no-progress", f"--address={ray_session}", f"--data.cache_dir={cache}",
+           "--cluster.backend=ray", "--cluster.workers=2", "--train.epochs=8"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def partly_done() -> bool:
+        try:
+            units = RunDir(run_dir).manifest()["units"]
+        except Exception:  # noqa: BLE001  not created yet
+            return False
+        return (units.get("head", {}).get("finished") and any(
+            1 <= units.get(f"block_0{t}", {}).get("epochs_done", 0) < 8 for t in range(1, 5)))
+
+    _wait_for(partly_done, timeout=180)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = RunDir(run_dir).manifest()["units"]
+    seen_before = unit_epochs(run_dir)
+    code = subprocess.run([str(VENV_BIN / "noprop-dist"), "train", "--resume", str(run_dir), "--no-progress",
+                           f"--address={ray_session}"], env=env, capture_output=True, text=True, timeout=300)
+    assert code.returncode == 0, code.stderr
+    after = RunDir(run_dir).manifest()["units"]
+    new = unit_epochs(run_dir)[len(seen_before):]
+    finished_before = [n for n, e in before.items() if e["finished"]]
+    assert "head" in finished_before
+    for name in finished_before:
+        assert not [e for u, e in new if u == name], f"{name} was retrained"
+        assert after[name]["sha256"] == before[name]["sha256"]
+    for name, entry in before.items():
+        if not entry["finished"]:
+            redone = sorted(e for u, e in new if u == name)
+            assert redone and redone[0] == entry["epochs_done"] + 1 and redone[-1] == 8
+    assert all(e["finished"] for e in after.values()) and len(after) == 5
+    assert json.loads((run_dir / "summary.json").read_text())["test_accuracy"] > 0.3
+
+
+# ---- connection errors ----------------------------------------------------------------------
+def test_unreachable_cluster_address_is_a_clear_error(tmp_path, cache):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([str(VENV_BIN / "noprop-dist"), "train", "--config", "tiny", "--run-dir",
+                          str(tmp_path / "x"), "--address=127.0.0.1:9", "--cluster.backend=ray",
+                          f"--data.cache_dir={cache}"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach a Ray cluster at 127.0.0.1:9" in lines[0]
+    assert not (tmp_path / "x").exists()
