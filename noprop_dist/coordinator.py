@@ -338,6 +338,7 @@ class Coordinator:
         self.epoch_bytes.setdefault(epoch, [0, 0])[1] += received
         track.epochs_done = epoch
         self.first_steps.append(metrics["first_step_at"])
+        self.worker_target_seconds += metrics["target_seconds"]
         self.run.append_metrics({"event": "unit_epoch", "worker": self.workers[track.worker].info.get("pid"),
                                  **metrics})
         self._bar(metrics["unit"], f"epoch {epoch}/{self.epochs} loss {metrics['loss']:.4g} "
@@ -402,6 +403,7 @@ class Coordinator:
     def train(self) -> float:
         """Run every unit to the last epoch; returns the training phase's wall time."""
         self.first_steps: list[float | None] = []
+        self.worker_target_seconds = 0.0
         self.peak_memory: dict[str, int] = {}
         start = time.perf_counter()
         while True:
@@ -520,6 +522,10 @@ def train_ray(cfg: Config, run_dir: str | Path, resume: bool = False,
         "bytes_data_object_store": coordinator.data_bytes,
         "dispatch_seconds": coordinator.dispatch_seconds,
         "dispatch_share": coordinator.dispatch_seconds / max(train_seconds, 1e-9),
+        # Sampling + dispatching targets as a share of the training phase: the coordinator's
+        # own time plus the workers' noise generation, spread over the workers that ran it.
+        "target_share": (coordinator.dispatch_seconds + coordinator.worker_target_seconds
+                         / len(coordinator.workers)) / max(train_seconds, 1e-9),
         "launch_to_first_step_s": (min(first) - launched) if first else None,
         "restarts": coordinator.restart_events,
         "peak_memory_bytes": coordinator.peak_memory,

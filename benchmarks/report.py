@@ -1,0 +1,75 @@
+"""Print the figures of a finished run directory: accuracies, seconds per epoch per block,
+memory and traffic. Used for the README's results and the closing notes of issues.
+
+    python benchmarks/report.py RUN_DIR [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from noprop_dist.checkpoint import RunDir  # noqa: E402
+
+
+def report(run_dir: str) -> dict:
+    run = RunDir(run_dir)
+    summary = json.loads((run.path / "summary.json").read_text())
+    per_unit: dict[str, list[float]] = {}
+    for rec in run.read_metrics():
+        if rec.get("event") == "unit_epoch":
+            per_unit.setdefault(rec["unit"], []).append(rec["seconds"])
+    blocks = {u: statistics.mean(s) for u, s in per_unit.items() if u != "head"}
+    return {
+        "dataset": summary["dataset"], "block": summary["block"], "T": summary["T"],
+        "epochs": summary["epochs"], "backend": summary["backend"], "workers": summary["workers"],
+        "test_accuracy": summary["test_accuracy"],
+        "chain_accuracy_noise": summary["chain_accuracy_noise"],
+        "chain_accuracy_no_noise": summary["chain_accuracy_no_noise"],
+        "block_alone_accuracy": summary["block_alone_accuracy"],
+        "train_seconds": summary["train_seconds"],
+        "seconds_per_epoch_per_block": statistics.mean(blocks.values()) if blocks else None,
+        "seconds_per_epoch_by_block": blocks,
+        "peak_memory_mb": {u: b / 2**20 for u, b in summary.get("peak_memory_bytes", {}).items()},
+        "bytes_to_workers": summary.get("bytes_to_workers"),
+        "bytes_from_workers": summary.get("bytes_from_workers"),
+        "launch_to_first_step_s": summary.get("launch_to_first_step_s"),
+        "target_share": summary.get("target_share"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    r = report(args.run_dir)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['dataset']}, block {r['block']}, T={r['T']}, {r['epochs']} epochs, "
+          f"{r['backend']} backend, {r['workers']} worker(s)")
+    print(f"test accuracy (chain, Eq. 3 noise): {r['chain_accuracy_noise']:.4f}")
+    print(f"test accuracy (chain, no noise):    {r['chain_accuracy_no_noise']:.4f}")
+    print("each block alone on fresh noise:    " + " ".join(
+        f"{v:.2f}" for _, v in sorted(r["block_alone_accuracy"].items())))
+    print(f"training phase: {r['train_seconds']:.1f} s; seconds per epoch per block: "
+          f"{r['seconds_per_epoch_per_block']:.2f}")
+    mem = [v for u, v in r["peak_memory_mb"].items() if u != "head"]
+    if mem:
+        print(f"peak training memory per block worker: {max(mem):.1f} MB")
+    if r["bytes_to_workers"] is not None:
+        print(f"bytes to workers {r['bytes_to_workers']:,}, from workers {r['bytes_from_workers']:,}; "
+              f"launch to first step {r['launch_to_first_step_s']:.1f} s")
+    if r["target_share"] is not None:
+        print(f"target sampling + dispatch: {100 * r['target_share']:.3f}% of the training phase")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
