@@ -20,6 +20,7 @@ manifest and never execute code (safetensors holds tensors only).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -63,9 +64,13 @@ def sha256(data: bytes) -> str:
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """Serialise a flat name -> tensor dict as safetensors bytes (contiguous CPU copies)."""
+    """Serialise a flat name -> tensor dict as safetensors bytes (contiguous CPU copies).
+
+    ``metadata`` is stored as one sorted-JSON entry: safetensors writes a metadata map of several
+    keys in hash order, which would make identical checkpoints differ byte for byte."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return st_save(clean, metadata=metadata)
+    packed = {"noprop_dist": json.dumps(metadata, sort_keys=True)} if metadata else None
+    return st_save(clean, metadata=packed)
 
 
 def tensors_from_bytes(data: bytes, where: str) -> dict[str, torch.Tensor]:
@@ -88,10 +93,9 @@ def package_versions() -> dict[str, str]:
                 "pyarrow": pyarrow.__version__, "safetensors": safetensors.__version__,
                 "python": platform.python_version()}
     try:
-        import ray  # noqa: F401  (only its version string; Ray stays out of the core)
-
-        versions["ray"] = ray.__version__
-    except ImportError:
+        # The installed version without importing Ray: only the coordinator imports it.
+        versions["ray"] = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
         pass
     return versions
 

@@ -194,7 +194,7 @@ def validate(cfg: Config) -> None:
     try:
         alpha_bar_from_config(s)  # e.g. clips so tight that alpha_bar stops increasing
     except ValueError as exc:
-        raise ConfigError(f"schedule: {exc}") from None
+        raise ConfigError(f"schedule.alpha_bar_min/alpha_bar_max: {exc}") from None
     if not 0.0 < cfg.model.dropout < 1.0 and cfg.model.dropout != 0.0:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
     if not 0.0 < cfg.data.test_fraction < 1.0:

@@ -14,7 +14,7 @@ import torch
 from . import config as config_mod
 from .checkpoint import RunDir
 from .config import Config
-from .data import ArraySplit, Dataset
+from .data import ArraySplit, Dataset, validate_split
 from .errors import CheckpointError, ConfigError
 from .inference import NoPropChain, RawImageChain, draw_noise, evaluate
 from .units import HEAD, UnitRunner, UnitSetup, build_module, unit_name
@@ -32,6 +32,7 @@ def manifest_fields(cfg: Config, data: Dataset, setup: UnitSetup) -> dict[str, A
         "variant": cfg.variant, "T": setup.T,
         "schedule": {**config_mod.to_dict(cfg)["schedule"], "alpha_bar": list(setup.alpha_bar)},
         "dataset": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+        "input_dtype": str(data.train.x.dtype),
         "embedding": cfg.model.embedding, "embedding_dim": int(setup.embedding.shape[1]),
         "block": cfg.model.block, "normalization": {"mean": list(data.mean), "std": list(data.std)},
     }
@@ -84,7 +85,13 @@ def load_chain(run_dir: str | Path) -> tuple[NoPropChain, Config, dict[str, Any]
 
 def finish_run(run: RunDir, cfg: Config, data: Dataset, train_seconds: float,
                extra: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate the finished run's chain on the test split; write summary.json and the plot."""
+    """Evaluate the finished run's chain on the test split; write summary.json and the plot.
+
+    ``train_seconds`` is this session's training phase; the summary adds the phases of
+    earlier sessions of the same run that reached this point (a crashed session's is lost).
+    """
+    train_seconds += run.manifest().get("train_seconds_done", 0.0)
+    run.update_manifest(train_seconds_done=train_seconds)
     chain, _, manifest = load_chain(run.path)
     device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
     start = time.perf_counter()
@@ -120,6 +127,9 @@ def evaluate_run(run_dir: str | Path, split: ArraySplit | None = None) -> dict[s
         raise CheckpointError(
             f"data of shape {tuple(split.x.shape[1:])} does not match the run's input shape "
             f"{tuple(manifest['input_shape'])}; pass data of the kind the run was trained on")
+    # Labels the run cannot predict (e.g. CIFAR-100 data for a CIFAR-10 run) would only
+    # lower the accuracy silently.
+    validate_split(split, "the evaluation data", manifest["num_classes"])
     scores = evaluate(chain, split, cfg.eval.batch_size, cfg.eval.seed)
     key = "chain_accuracy_noise" if cfg.eval.noise else "chain_accuracy_no_noise"
     return {"test_accuracy": scores[key], "examples": len(split), **scores}
@@ -128,20 +138,23 @@ def evaluate_run(run_dir: str | Path, split: ArraySplit | None = None) -> dict[s
 def export_chain(run_dir: str | Path, out_path: str | Path) -> Path:
     """Write the chain as one torch.export program: ``(images, noise) -> logits``.
 
-    ``images`` raw (N, C, H, W), uint8 0..255 or float in the scale of the training data, is normalised inside; ``noise``
+    ``images`` raw (N, C, H, W) of the training data's dtype (uint8 0..255 for the builtin
+    datasets, float32 for float user files; torch.export fixes the dtype), normalised inside; ``noise``
     (T+1, N, d) as made by :func:`~noprop_dist.inference.draw_noise`. Load it with
     ``torch.export.load(path).module()``; no noprop_dist code is needed.
     """
     chain, _, manifest = load_chain(run_dir)
     model = RawImageChain(chain).eval()
     shape = manifest["input_shape"]
-    images = torch.zeros(4, *shape)
+    # Trace with the raw dtype: the uint8 -> /255 branch is decided at export time.
+    dtype = torch.float32 if manifest.get("input_dtype") == "float32" else torch.uint8
+    images = torch.zeros(4, *shape, dtype=dtype)
     noise = draw_noise(chain.T, 4, chain.embedding.shape[1], torch.Generator().manual_seed(0), True)
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(model, (images, noise), dynamic_shapes=({0: batch}, {1: batch}))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # torch.export.save wants a .pt2 suffix
     torch.export.save(program, tmp)
     tmp.replace(out)
     return out

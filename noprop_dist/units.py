@@ -7,7 +7,9 @@ other unit: block t's input ``z_{t-1}`` is sampled in closed form from ``q(z_{t-
 
 Determinism: every random draw of a unit comes from a generator seeded by
 ``derive_seed(run seed, unit, epoch, stream)``: never the global RNG (dropout runs under a
-forked, reseeded RNG) and never the identity of the worker. So the same seed gives the same
+forked, reseeded RNG) and never the identity of the worker. Bit-level equality also needs
+the same number of torch threads (reductions are split differently): the equivalence
+tests run both trainers with one thread per unit. So the same seed gives the same
 weights whether the units run in one process, on Ray workers, or after a restart.
 
 Shared state: with a learned or prototype embedding each unit trains its own copy of W_embed
@@ -89,7 +91,7 @@ def make_setup(cfg: Config, data: Dataset) -> UnitSetup:
     prototypes = None
     if cfg.model.embedding == "prototype":
         x = normalize(np.asarray(data.train.x), data.mean, data.std)
-        y = torch.from_numpy(np.asarray(data.train.y))
+        y = torch.from_numpy(np.array(data.train.y))
         prototypes = class_medoids(x, y, data.num_classes, PROTOTYPE_MAX_PER_CLASS,
                                    derive_seed(cfg.train.seed, EMBED_SEED_UNIT, 0, INIT))
     embedding = initial_embedding(cfg.model.embedding, data.num_classes, d,

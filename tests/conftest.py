@@ -11,10 +11,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 
 from noprop_dist.config import Config, resolve
 from noprop_dist.data import Dataset, load_dataset
 from noprop_dist.local import train_local
+
+
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _default_torch_threads():
+    """Put torch's thread count back to the default after each test. Trained weights depend on it
+    (float reductions are split per thread) and ``train.threads`` sets it process-wide, so a test
+    that sets it must not change what later comparisons with the shared run see."""
+    yield
+    if torch.get_num_threads() != DEFAULT_THREADS:
+        torch.set_num_threads(DEFAULT_THREADS)
 
 
 @pytest.fixture(scope="session")

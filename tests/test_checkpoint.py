@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import subprocess
+import sys
 import tomllib
 
 import numpy as np
@@ -194,6 +195,19 @@ def test_create_refuses_to_overwrite_a_run(run_copy, tiny_cfg):
     assert after == before
 
 
+def test_checkpoint_bytes_are_reproducible():
+    """The same tensors and metadata always serialise to the same bytes (so identical runs have
+    identical files), and load back exactly."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"model/layer{i}.weight": torch.randn(3, 4, generator=gen) for i in range(12)}
+    tensors["epochs_done"] = torch.tensor(5)
+    meta = {"unit": "block_01", "epochs_done": "5", "extra": "x"}
+    blobs = {checkpoint.tensors_to_bytes(tensors, meta) for _ in range(30)}
+    assert len(blobs) == 1
+    back = checkpoint.tensors_from_bytes(blobs.pop(), "test")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
 # ------------------------------------------------------------------ atomic writes
 
 def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
@@ -228,7 +242,7 @@ def test_export_matches_the_chain(trained_run, digits, tmp_path):
     """The torch.export file, run on raw uint8 images, gives the chain's logits (any batch size)."""
     run_dir, _ = trained_run
     out = export_chain(run_dir, tmp_path / "model.pt2")
-    assert out.exists() and not list(tmp_path.glob(".*tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]  # no temp file left
     exported = torch.export.load(str(out)).module()
     chain, cfg, _ = load_chain(run_dir)
     d = chain.embedding.shape[1]
@@ -244,3 +258,35 @@ def test_export_matches_the_chain(trained_run, digits, tmp_path):
         assert got.shape == (n, digits.num_classes)
         torch.testing.assert_close(got, via_raw, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_a_float_run_takes_float_images(run_copy, digits, tmp_path):
+    """A run on float32 data (recorded in the manifest) exports a program for float images."""
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    assert manifest["input_dtype"] == "uint8"
+    manifest["input_dtype"] = "float32"
+    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    exported = torch.export.load(str(export_chain(run_copy, tmp_path / "float.pt2"))).module()
+    chain, _, _ = load_chain(run_copy)
+    raw = torch.from_numpy(np.array(digits.test.x[:6]))
+    noise = draw_noise(chain.T, 6, chain.embedding.shape[1], torch.Generator().manual_seed(1), True)
+    with torch.no_grad():
+        expected = RawImageChain(chain).eval()(raw, noise)
+        torch.testing.assert_close(exported(raw.float() / 255.0, noise), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_local_run_does_not_import_ray(tmp_path, data_cache):
+    """Only the coordinator imports Ray: an in-process run (manifest versions included) must
+    not, yet the manifest still records Ray's version."""
+    code = (
+        "import sys\n"
+        "from noprop_dist.config import resolve\n"
+        "from noprop_dist.local import train_local\n"
+        f"cfg = resolve('tiny', {{'data.cache_dir': {data_cache!r}, 'train.epochs': '1',"
+        " 'train.head_passes': '1'})\n"
+        f"train_local(cfg, {str(tmp_path / 'run')!r}, show_progress=False)\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["versions"]["ray"]

@@ -25,6 +25,8 @@ from noprop_dist.config import ClusterConfig  # noqa: E402
 from noprop_dist.coordinator import plan_layout, train_ray  # noqa: E402
 from noprop_dist.errors import ClusterError  # noqa: E402
 from noprop_dist.local import train_local  # noqa: E402
+from noprop_dist.models import initial_embedding  # noqa: E402
+from noprop_dist.units import EMBED_SEED_UNIT, INIT, derive_seed  # noqa: E402
 
 LOGICAL_CPUS = 8
 LOGICAL_GPUS = 4
@@ -153,9 +155,13 @@ def test_learned_embedding_is_synchronised_like_in_process(ray_session, cache, t
     emb_local = RunDir(tmp_path / "local").load_tensors("embedding")["embedding"]
     emb_ray = RunDir(tmp_path / "ray").load_tensors("embedding")["embedding"]
     assert float((emb_local - emb_ray).abs().max()) <= 1e-5
-    assert not torch.allclose(emb_ray, RunDir(tmp_path / "ray").load_unit("head")["embedding"] * 0)
+    # Every unit's checkpoint carries the synchronised embedding, and it has learned.
+    for name, tensors in unit_tensors(tmp_path / "ray").items():
+        assert torch.equal(tensors["embedding"], emb_ray), name
+    initial = initial_embedding("learned", 10, 8, derive_seed(0, EMBED_SEED_UNIT, 0, INIT))
+    assert float((emb_ray - initial).abs().max()) > 1e-3
     syncs = [r for r in RunDir(tmp_path / "ray").read_metrics() if r.get("event") == "embedding_sync"]
-    assert len(syncs) == 2
+    assert [r["epoch"] for r in syncs] == list(range(1, config.resolve("tiny").train.epochs + 1))
     assert summary["bytes_from_workers"] > 0
 
 

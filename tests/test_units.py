@@ -15,7 +15,8 @@ from torch import nn
 
 from noprop_dist import schedule
 from noprop_dist.checkpoint import tensors_from_bytes, tensors_to_bytes
-from noprop_dist.data import ArraySplit, load_dataset, normalize
+from noprop_dist.config import apply_overrides, validate
+from noprop_dist.data import load_dataset, normalize
 from noprop_dist.models import BLOCK_SIZES, DTBlock, denoised_embedding
 from noprop_dist.units import (DROPOUT, HEAD, UnitRunner, average_embeddings, derive_seed,
                                epoch_noise, epoch_order, make_setup, train_unit)
@@ -34,8 +35,6 @@ def small(tiny_config):
 def setup_for(small, **overrides):
     """A UnitSetup of the small data with config overrides (e.g. another seed or embedding)."""
     cfg, data, _ = small
-    from noprop_dist.config import apply_overrides, validate
-
     new = apply_overrides(cfg, overrides, "test")
     validate(new)
     return make_setup(new, data)
