@@ -283,6 +283,10 @@ class Coordinator:
             if unit_name(unit) in manifest_units:
                 state = self.run.load_unit(unit_name(unit))
                 self.bytes_to += _tensor_bytes(state)
+                if self.setup.learnable_embedding:
+                    # Checkpoints of a shared embedding are written at sync points, with the
+                    # synchronised copy: after a resume that copy is the sync of its epoch.
+                    self.sync_history.setdefault(int(state["epochs_done"]), state["embedding"].clone())
             starts.append(slot.handle.start_unit.remote(unit, state))
             self.tracks[unit].inflight = None
         return starts, slot.handle.info.remote()
@@ -343,7 +347,13 @@ class Coordinator:
                                  **metrics})
         self._bar(metrics["unit"], f"epoch {epoch}/{self.epochs} loss {metrics['loss']:.4g} "
                   f"{metrics['samples_per_s']:.0f} samples/s", done=True)
-        if self.setup.learnable_embedding and self._sync_due(epoch):
+        if self.setup.learnable_embedding and self._sync_due(epoch) and epoch in self.sync_history:
+            # A replayed epoch whose sync already happened (a resume after a crash that left
+            # units at different epochs): it takes the recorded sync, as it did the first time.
+            if "state" in result:
+                result["state"]["embedding"] = self.sync_history[epoch].clone()
+                self._save(track, result["state"])
+        elif self.setup.learnable_embedding and self._sync_due(epoch):
             track.pending_result = result
             self._maybe_sync(epoch)
         elif "state" in result:

@@ -33,17 +33,18 @@ def plot_run(run: RunDir) -> None:
     ax_loss.set_title("per-block training loss")
     ax_loss.legend(fontsize=7, ncol=2)
 
-    names = ["chain\n(Eq.3 noise)", "chain\n(no noise)", "nearest emb.\n(no noise)"]
+    names = ["chain, Eq.3 noise", "chain, no noise", "nearest emb."]
     values = [summary["chain_accuracy_noise"], summary["chain_accuracy_no_noise"],
               summary["nearest_accuracy_no_noise"]]
     for block, acc in sorted(summary.get("block_alone_accuracy", {}).items()):
         names.append(block.replace("block_", "b"))
         values.append(acc)
     ax_acc.bar(range(len(values)), values, color=["C0"] * 3 + ["C7"] * (len(values) - 3))
-    ax_acc.set_xticks(range(len(values)), names, fontsize=7)
+    ax_acc.set_xticks(range(len(values)), names, fontsize=7, rotation=45, ha="right")
     ax_acc.set_ylim(0, 1)
     ax_acc.set_ylabel("test accuracy")
-    ax_acc.set_title(f"test accuracy ({summary['dataset']}); grey: each block alone on fresh noise")
+    ax_acc.set_title(f"test accuracy ({summary['dataset']})\ngrey: each block alone, fed fresh noise",
+                     fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray")
 from noprop_dist import config  # noqa: E402
 from noprop_dist.checkpoint import RunDir  # noqa: E402
 from noprop_dist.config import ClusterConfig  # noqa: E402
-from noprop_dist.coordinator import plan_layout, train_ray  # noqa: E402
+from noprop_dist.coordinator import Coordinator, plan_layout, train_ray  # noqa: E402
 from noprop_dist.errors import ClusterError  # noqa: E402
 from noprop_dist.local import train_local  # noqa: E402
 from noprop_dist.models import initial_embedding  # noqa: E402
@@ -162,6 +162,24 @@ def test_learned_embedding_is_synchronised_like_in_process(ray_session, cache, t
     assert float((emb_ray - initial).abs().max()) > 1e-3
     syncs = [r for r in RunDir(tmp_path / "ray").read_metrics() if r.get("event") == "embedding_sync"]
     assert [r["epoch"] for r in syncs] == list(range(1, config.resolve("tiny").train.epochs + 1))
+
+    # A driver crash after a few unit-epochs, then --resume: the same weights as without it.
+    original = Coordinator._on_result
+    calls = {"n": 0}
+
+    def crashing(self, track, result):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt("simulated driver crash")
+        return original(self, track, result)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Coordinator, "_on_result", crashing)
+        with pytest.raises(KeyboardInterrupt):
+            train_ray(tiny(cache, **over), tmp_path / "crash", show_progress=False)
+    assert 0 < min(e["epochs_done"] for e in RunDir(tmp_path / "crash").manifest()["units"].values()) < 5
+    train_ray(tiny(cache, **over), tmp_path / "crash", resume=True, show_progress=False)
+    assert max_weight_diff(tmp_path / "crash", tmp_path / "ray") <= 1e-5
     assert summary["bytes_from_workers"] > 0
 
 
