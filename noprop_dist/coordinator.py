@@ -530,6 +530,7 @@ def train_ray(cfg: Config, run_dir: str | Path, resume: bool = False,
         "ship_targets": cfg.cluster.ship_targets,
         "bytes_to_workers": coordinator.bytes_to, "bytes_from_workers": coordinator.bytes_from,
         "bytes_data_object_store": coordinator.data_bytes,
+        "data_put_seconds": coordinator.data_put_seconds,
         "dispatch_seconds": coordinator.dispatch_seconds,
         "dispatch_share": coordinator.dispatch_seconds / max(train_seconds, 1e-9),
         # Sampling + dispatching targets as a share of the training phase: the coordinator's

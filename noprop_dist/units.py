@@ -252,8 +252,7 @@ class UnitRunner:
         steps = math.ceil(len(order) / self.setup.train.batch_size)
         tick = time.perf_counter()
         for step, idx in enumerate(self._batches(order), start=1):
-            sorted_idx = idx.numpy()
-            x = normalize(np.asarray(x_all[sorted_idx]), self.setup.mean, self.setup.std).to(self.device)
+            x = normalize(np.asarray(x_all[idx.numpy()]), self.setup.mean, self.setup.std).to(self.device)
             y = self._labels(idx)
             u_y = self.embedding[y]                                               # (B, d)
             z_prev = schedule.sample_marginal(u_y, self.input_alpha_bar, noise[idx.to(noise.device)])  # (B, d)
