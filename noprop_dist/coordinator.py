@@ -452,7 +452,7 @@ class Coordinator:
             from tqdm import tqdm
 
             self.bars[name] = tqdm(total=self.epochs, desc=f"{name:>9}", position=len(self.bars),
-                                   bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} {postfix}")
+                                   bar_format="{desc} {bar:20} {n_fmt}/{total_fmt}{postfix}")
         bar = self.bars[name]
         if done:
             bar.n = min(bar.n + 1, self.epochs)
