@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
-from .errors import ConfigError, NoPropError
+from .errors import CheckpointError, ConfigError, NoPropError
 
 # On --resume only these sections may change: how the run is executed, not what it computes.
 RESUME_OVERRIDABLE = ("cluster.", "train.device", "train.threads", "train.log_every")
@@ -72,6 +72,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         from .checkpoint import RunDir
         from .results import load_run_config
 
+        if not (Path(args.resume) / "manifest.json").exists():
+            raise CheckpointError(f"{args.resume} is not a noprop_dist run directory (no manifest.json); "
+                                  "pass the --run-dir of the run to continue")
         bad = [k for k in overrides if not k.startswith(RESUME_OVERRIDABLE)]
         if bad:
             raise ConfigError(f"--resume keeps the run's config; {bad[0]} cannot change (only cluster.* and train.device/threads)")
@@ -83,6 +86,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = config_mod.resolve(args.config, overrides)
         name = Path(args.config).stem
         run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if (run_dir / "manifest.json").exists():  # checked again on creation; this is before any work
+            raise CheckpointError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it "
+                                  "or choose another --run-dir")
     if cfg.cluster.backend == "ray":
         from .coordinator import train_ray
 

@@ -317,3 +317,18 @@ def test_console_script(tmp_path, data_cache, trained_run):
     assert bad.returncode == 2
     one_error_line(bad.stderr)
     assert not (tmp_path / "runs").exists()
+
+
+def test_cli_resume_of_a_missing_run_and_reuse_of_a_run_dir_fail_before_work(tmp_path, capsys, trained_run):
+    """`--resume` of a directory that holds no run, and `train --run-dir` on an existing run,
+    stop with one line (exit 1) and leave the directories as they were."""
+    assert main(["train", "--resume", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a noprop_dist run directory" in err[0]
+    assert not (tmp_path / "nope").exists()
+    run_dir, _ = trained_run
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    assert main(["train", "--config", "tiny", "--run-dir", str(run_dir)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0] and "--resume" in err[0]
+    assert sorted(p.name for p in run_dir.rglob("*")) == before
