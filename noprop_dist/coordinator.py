@@ -121,9 +121,14 @@ def connect(cluster: ClusterConfig) -> None:
     address = cluster.address
     if not address:
         gpus = cluster.local_gpus if cluster.local_gpus >= 0 else torch.cuda.device_count()
-        ray.init(address="local", namespace=NAMESPACE, num_cpus=cluster.local_cpus or os.cpu_count(),
-                 num_gpus=gpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        try:
+            ray.init(address="local", namespace=NAMESPACE, num_cpus=cluster.local_cpus or os.cpu_count(),
+                     num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
+            raise ClusterError(
+                f"could not start a local Ray ({_first_line(exc)}); free memory in /dev/shm and /tmp, "
+                "or run in this process with --cluster.backend=local") from None
         return
     if address != "auto" and not address.startswith("ray://"):
         host, _, port = address.rpartition(":")
@@ -136,9 +141,8 @@ def connect(cluster: ClusterConfig) -> None:
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClusterError(
-            f"cannot connect to the Ray cluster at {address!r} ({first}); start one with "
+            f"cannot connect to the Ray cluster at {address!r} ({_first_line(exc)}); start one with "
             "`ray start --head` or omit --address to use a private local Ray") from None
 
 
@@ -391,7 +395,7 @@ class Coordinator:
         slot = self.workers[w]
         slot.restarts += 1
         names = ", ".join(unit_name(u) for u in slot.units)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _first_line(exc)
         self.restart_events.append({"worker": names, "restart": slot.restarts, "reason": reason[:300]})
         self.run.append_metrics({"event": "worker_died", "units": names, "restart": slot.restarts,
                                  "reason": reason[:300]})
@@ -481,6 +485,11 @@ class Coordinator:
             _quietly(remove_placement_group, self.pg)
         if self.progress is not None:
             _quietly(self.progress.shutdown)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _quietly(fn, *args) -> None:
