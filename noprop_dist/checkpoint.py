@@ -107,11 +107,16 @@ class RunDir:
         self.path = Path(path)
 
     # ---- creation and manifest -------------------------------------------------------
+    def refuse_existing(self) -> None:
+        """Raise if this directory already holds a run (a new run must never overwrite one)."""
+        if (self.path / MANIFEST).exists():
+            raise CheckpointError(f"{self.path} already holds a run; pass --resume {self.path} to continue it "
+                                  "or choose another --run-dir")
+
     def create(self, config_toml: str, manifest_fields: dict[str, Any], resume: bool = False) -> None:
         """Start a new run (refuses to overwrite an existing one unless resuming)."""
-        if (self.path / MANIFEST).exists() and not resume:
-            raise CheckpointError(
-                f"{self.path} already holds a run; pass --resume to continue it or choose another --run-dir")
+        if not resume:
+            self.refuse_existing()
         self.path.mkdir(parents=True, exist_ok=True)
         if resume and (self.path / MANIFEST).exists():
             return

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
+from .checkpoint import RunDir
 from .errors import CheckpointError, ConfigError, NoPropError
 
 # On --resume only these sections may change: how the run is executed, not what it computes.
@@ -69,7 +70,6 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.address is not None:
         overrides["cluster.address"] = args.address
     if args.resume:
-        from .checkpoint import RunDir
         from .results import load_run_config
 
         if not (Path(args.resume) / "manifest.json").exists():
@@ -86,9 +86,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = config_mod.resolve(args.config, overrides)
         name = Path(args.config).stem
         run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (run_dir / "manifest.json").exists():  # checked again on creation; this is before any work
-            raise CheckpointError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it "
-                                  "or choose another --run-dir")
+        RunDir(run_dir).refuse_existing()  # checked again on creation; this is before any work
     if cfg.cluster.backend == "ray":
         from .coordinator import train_ray
 
