@@ -1,6 +1,6 @@
 """The ``noprop-dist`` command: parse, build, call. Work happens in the modules it calls.
 
-    noprop-dist train [--config demo] [--run-dir DIR] [--address ADDR] [--key.sub=value ...]
+    noprop-dist train [--config demo] [--run-dir DIR] [--address ADDR] [--variant=dt] [--key.sub=value ...]
     noprop-dist train --resume RUN_DIR [--cluster.key=value ...]
     noprop-dist eval RUN_DIR [--data FILE] [--json]
     noprop-dist export RUN_DIR OUT.pt2
@@ -19,18 +19,24 @@ from typing import Any
 from . import config as config_mod
 from .checkpoint import RunDir
 from .errors import CheckpointError, ConfigError, NoPropError
+from .trainers import find_trainer
 
 # On --resume only these sections may change: how the run is executed, not what it computes.
 RESUME_OVERRIDABLE = ("cluster.", "train.device", "train.threads", "train.log_every")
 
 
+TOP_LEVEL_KEYS = ("variant",)
+
+
 def parse_overrides(extra: list[str]) -> dict[str, Any]:
-    """``--a.b=v`` or ``--a.b v`` pairs into a dict; anything else is a ConfigError."""
+    """``--a.b=v`` or ``--a.b v`` pairs (and the top-level ``--variant``) into a dict;
+    anything else is a ConfigError."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(extra):
         arg = extra[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+        name = arg.split("=", 1)[0][2:]
+        if not arg.startswith("--") or ("." not in name and name not in TOP_LEVEL_KEYS):
             raise ConfigError(f"unrecognised argument {arg!r}; config overrides look like --train.lr=3e-4")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
@@ -47,7 +53,7 @@ def parse_overrides(extra: list[str]) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="noprop-dist", description="Distributed NoProp training.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a NoProp-DT model (config overrides: --section.key=value)")
+    train = sub.add_parser("train", help="train a model (--variant=dt|backprop|backprop_cnn; overrides: --section.key=value)")
     train.add_argument("--config", default="demo",
                        help=f"preset ({', '.join(config_mod.preset_names())}) or a .toml file")
     train.add_argument("--run-dir", help="run directory to create (default runs/<preset>-<time>)")
@@ -58,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--data", help="a .npz/.parquet/.arrow file to evaluate on (default: the run's test split)")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ex = sub.add_parser("export", help="export the chain as one torch.export file")
+    ex = sub.add_parser("export", help="export the trained predictor as one torch.export file")
     ex.add_argument("run_dir")
     ex.add_argument("out")
     sub.add_parser("keys", help="list every config key with its default")
@@ -87,18 +93,13 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         name = Path(args.config).stem
         run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         RunDir(run_dir).refuse_existing()  # checked again on creation; this is before any work
-    if cfg.cluster.backend == "ray":
-        from .coordinator import train_ray
-
-        summary = train_ray(cfg, run_dir, resume=bool(args.resume), show_progress=not args.no_progress)
-    else:
-        from .local import train_local
-
-        summary = train_local(cfg, run_dir, resume=bool(args.resume), show_progress=not args.no_progress)
+    train = find_trainer(cfg.cluster.backend, cfg.variant).function()
+    summary = train(cfg, run_dir, resume=bool(args.resume), show_progress=not args.no_progress)
     print(f"run directory: {run_dir}")
     print(f"train seconds: {summary['train_seconds']:.1f}")
-    print(f"chain test accuracy: {summary['chain_accuracy_noise']:.4f} with the Eq. 3 noise, "
-          f"{summary['chain_accuracy_no_noise']:.4f} without")
+    if "chain_accuracy_noise" in summary:
+        print(f"chain test accuracy: {summary['chain_accuracy_noise']:.4f} with the Eq. 3 noise, "
+              f"{summary['chain_accuracy_no_noise']:.4f} without")
     print(f"test accuracy: {summary['test_accuracy']:.4f}")
     return 0
 
@@ -117,8 +118,9 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         print(f"examples: {scores['examples']}")
         for key in ("chain_accuracy_noise", "chain_accuracy_no_noise", "nearest_accuracy_no_noise"):
-            print(f"{key}: {scores[key]:.4f}")
-        for block, acc in scores["block_alone_accuracy"].items():
+            if key in scores:
+                print(f"{key}: {scores[key]:.4f}")
+        for block, acc in scores.get("block_alone_accuracy", {}).items():
             print(f"{block} alone on fresh noise: {acc:.4f}")
         print(f"test accuracy: {scores['test_accuracy']:.4f}")
     return 0
@@ -135,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "export":
-            from .results import export_chain
+            from .results import export_run
 
-            print(f"exported: {export_chain(args.run_dir, args.out)}")
+            print(f"exported: {export_run(args.run_dir, args.out)}")
             return 0
         print("\n".join(config_mod.describe_keys()))
         return 0

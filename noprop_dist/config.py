@@ -112,11 +112,11 @@ class EvalConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     backend: str = "ray"
-    """ray (coordinator + one worker per unit) or local (all units in this process, one after another)."""
+    """ray (NoProp: coordinator + one worker per block), ddp (backprop variants: DDP on Ray Train), or local (this process)."""
     address: str = ""
     """Ray address: empty = start a private local Ray; 'auto' or host:port = join that cluster."""
     workers: int = 0
-    """Block workers running at once (0 = one per block). Fewer workers than blocks: blocks queue."""
+    """ray: block workers running at once (0 = one per block; fewer: blocks queue). ddp: DDP workers (0 = as many as fit)."""
     threads_per_worker: int = 1
     """CPU threads (and Ray CPUs) per worker."""
     gpus_per_worker: float = -1.0
@@ -129,12 +129,14 @@ class ClusterConfig:
     """CPUs of the private local Ray (0 = all of this machine's)."""
     local_gpus: int = -1
     """Logical GPUs of the private local Ray (-1 = detect)."""
+    sync_batchnorm: bool = True
+    """ddp: BatchNorm statistics over the global batch (all-reduced per layer) rather than each worker's share."""
 
 
 @dataclass(frozen=True)
 class Config:
     variant: str = "dt"
-    """NoProp variant (registry in noprop_dist.variants); dt = discrete time."""
+    """What to train (registry in noprop_dist.variants): dt (NoProp-DT), backprop (structure-matched baseline), backprop_cnn."""
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -144,12 +146,11 @@ class Config:
 
 
 _CHOICES = {
-    ("variant",): ("dt",),
     ("data", "name"): ("mnist_subset", "digits", "mnist", "cifar10", "cifar100", "file"),
     ("schedule", "kind"): ("cosine", "linear"),
     ("model", "block"): ("paper", "small", "tiny"),
     ("model", "embedding"): ("one_hot", "learned", "prototype"),
-    ("cluster", "backend"): ("ray", "local"),
+    ("cluster", "backend"): ("ray", "local", "ddp"),
     ("cluster", "ship_targets"): ("recipe", "tensors"),
 }
 
@@ -162,6 +163,9 @@ def validate(cfg: Config) -> None:
             value = getattr(value, part)
         if value not in choices:
             raise ConfigError(f"{'.'.join(path)}={value!r} is not one of {', '.join(choices)}")
+    from .trainers import find_trainer  # lazy; the registries import neither torch nor Ray
+
+    find_trainer(cfg.cluster.backend, cfg.variant)  # the variant exists and this backend trains it
     positive = {
         "schedule.T": cfg.schedule.T, "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size, "train.head_passes": cfg.train.head_passes,

@@ -31,7 +31,7 @@ clear message and every checkpoint written so far stays on disk; ``--resume`` co
 from __future__ import annotations
 
 import os
-import socket
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,15 +44,15 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from . import config as config_mod
 from .checkpoint import RunDir
 from .config import ClusterConfig, Config
-from .data import ArraySplit, load_dataset
+from .data import ArraySplit
+from .dt import EMBEDDING_FILE, all_units, manifest_fields
 from .errors import ClusterError
-from .results import EMBEDDING_FILE, all_units, epoch_is, finish_run, manifest_fields
+from .lifecycle import checkpoint_due, finish_run, load_data, open_run, sync_due
+from .ray_cluster import NAMESPACE, connect, first_line
 from .units import HEAD, UnitRunner, UnitSetup, average_embeddings, epoch_noise, make_setup, unit_name
 
-NAMESPACE = "noprop_dist"
 PLACEMENT_TIMEOUT_S = 60.0
 POLL_S = 0.2
 
@@ -86,15 +86,23 @@ class UnitWorker:
         if state is not None:
             runner.load_state_tensors(state)
         self.runners[unit] = runner
+        if self.device.type == "cuda" and len(self.runners) > 1:
+            for hosted in self.runners.values():
+                hosted.to("cpu")     # moved to the GPU for its own epochs only
         return runner.epochs_done
 
     def run_epoch(self, unit: int, epoch: int, noise: np.ndarray | None,
                   embedding: torch.Tensor | None, want_state: bool, want_embedding: bool) -> dict:
         runner = self.runners[unit]
+        offload = self.device.type == "cuda" and len(self.runners) > 1
+        if offload:
+            runner.to(self.device)   # only the block being trained lives on the GPU
         if embedding is not None:
             runner.set_embedding(embedding)
         metrics = runner.run_epoch(epoch, None if noise is None else torch.from_numpy(noise),
                                    progress=self._report)
+        if offload:
+            runner.to("cpu")
         out: dict[str, Any] = {"metrics": metrics}
         if want_state:
             out["state"] = runner.state_tensors()
@@ -113,39 +121,6 @@ class UnitWorker:
 # ---------------------------------------------------------------------------------------
 # Connection and placement.
 # ---------------------------------------------------------------------------------------
-def connect(cluster: ClusterConfig) -> None:
-    """Join ``cluster.address`` or start a private local Ray (never an unrelated one)."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = cluster.address
-    if not address:
-        gpus = cluster.local_gpus if cluster.local_gpus >= 0 else torch.cuda.device_count()
-        try:
-            ray.init(address="local", namespace=NAMESPACE, num_cpus=cluster.local_cpus or os.cpu_count(),
-                     num_gpus=gpus, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
-            raise ClusterError(
-                f"could not start a local Ray ({_first_line(exc)}); free memory in /dev/shm and /tmp, "
-                "or run in this process with --cluster.backend=local") from None
-        return
-    if address != "auto" and not address.startswith("ray://"):
-        host, _, port = address.rpartition(":")
-        try:
-            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-        except (OSError, ValueError) as exc:
-            raise ClusterError(
-                f"cannot reach a Ray cluster at {address} ({exc}); check the address, start one with "
-                "`ray start --head`, or omit --address to use a private local Ray") from None
-    try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ClusterError(
-            f"cannot connect to the Ray cluster at {address!r} ({_first_line(exc)}); start one with "
-            "`ray start --head` or omit --address to use a private local Ray") from None
-
-
 @dataclass
 class Layout:
     """Which worker hosts which blocks, and what each worker reserves."""
@@ -224,9 +199,7 @@ class Coordinator:
         self.setup = setup
         self.epochs = cfg.train.epochs
         self.show_progress = show_progress
-        self.bytes_to = 0
-        self.bytes_from = 0
-        self.epoch_bytes: dict[int, list[int]] = {}
+        self.traffic = Traffic()
         self.dispatch_seconds = 0.0
         self.sync_history: dict[int, torch.Tensor] = {}
         self.restart_events: list[dict] = []
@@ -286,7 +259,7 @@ class Coordinator:
             state = None
             if unit_name(unit) in manifest_units:
                 state = self.run.load_unit(unit_name(unit))
-                self.bytes_to += _tensor_bytes(state)
+                self.traffic.add(0, "checkpoint_to_workers", serialized_bytes(state))
                 if self.setup.learnable_embedding:
                     # Checkpoints of a shared embedding are written at sync points, with the
                     # synchronised copy: after a resume that copy is the sync of its epoch.
@@ -314,13 +287,10 @@ class Coordinator:
                     and e not in self.sync_history)
 
     def _sync_due(self, epoch: int) -> bool:
-        return epoch_is(self.cfg.train.embed_sync_every, epoch, self.epochs)
+        return sync_due(self.cfg.train, epoch)
 
     def _checkpoint_due(self, epoch: int) -> bool:
-        if self.setup.learnable_embedding:
-            # All units are checkpointed together at sync points, so a resume sees one epoch.
-            return self._sync_due(epoch)
-        return epoch_is(self.cfg.train.checkpoint_every, epoch, self.epochs)
+        return checkpoint_due(self.cfg.train, epoch, self.setup.learnable_embedding)
 
     def _dispatch(self, track: UnitTrack) -> None:
         start = time.perf_counter()
@@ -329,21 +299,19 @@ class Coordinator:
         if self.cfg.cluster.ship_targets == "tensors":
             noise = epoch_noise(self.setup, track.unit, epoch, self.n).numpy()
         embedding = self.sync_history.get(epoch - 1)
-        sent = 64 + (0 if noise is None else noise.nbytes) + (0 if embedding is None else _tensor_bytes(embedding))
-        self.bytes_to += sent
-        self.epoch_bytes.setdefault(epoch, [0, 0])[0] += sent
+        args = (track.unit, epoch, noise, embedding, self._checkpoint_due(epoch),
+                self.setup.learnable_embedding and self._sync_due(epoch))
+        self.traffic.add(epoch, "control_to_workers", serialized_bytes(args))
         slot = self.workers[track.worker]
-        track.inflight = slot.handle.run_epoch.remote(
-            track.unit, epoch, noise, embedding, self._checkpoint_due(epoch),
-            self.setup.learnable_embedding and self._sync_due(epoch))
+        track.inflight = slot.handle.run_epoch.remote(*args)
         self.dispatch_seconds += time.perf_counter() - start
 
     def _on_result(self, track: UnitTrack, result: dict) -> None:
         metrics = result["metrics"]
         epoch = metrics["epoch"]
-        received = 256 + _tensor_bytes(result.get("state", {})) + _tensor_bytes(result.get("embedding"))
-        self.bytes_from += received
-        self.epoch_bytes.setdefault(epoch, [0, 0])[1] += received
+        self.traffic.add(epoch, "checkpoint_from_workers", serialized_bytes(result.get("state")))
+        self.traffic.add(epoch, "control_from_workers",
+                         serialized_bytes({k: v for k, v in result.items() if k != "state"}))
         track.epochs_done = epoch
         self.first_steps.append(metrics["first_step_at"])
         self.worker_target_seconds += metrics["target_seconds"]
@@ -365,9 +333,7 @@ class Coordinator:
         self.peak_memory[metrics["unit"]] = max(self.peak_memory.get(metrics["unit"], 0),
                                                 metrics["peak_memory_bytes"])
         if all(t.epochs_done >= epoch for t in self.tracks.values()):
-            to, frm = self.epoch_bytes.get(epoch, [0, 0])
-            self.run.append_metrics({"event": "communication", "epoch": epoch,
-                                     "bytes_to_workers": to, "bytes_from_workers": frm})
+            self.run.append_metrics({"event": "communication", "epoch": epoch, **self.traffic.epoch(epoch)})
 
     def _maybe_sync(self, epoch: int) -> None:
         """When every unit has finished a sync epoch: average the embedding copies, then
@@ -395,7 +361,7 @@ class Coordinator:
         slot = self.workers[w]
         slot.restarts += 1
         names = ", ".join(unit_name(u) for u in slot.units)
-        reason = _first_line(exc)
+        reason = first_line(exc)
         self.restart_events.append({"worker": names, "restart": slot.restarts, "reason": reason[:300]})
         self.run.append_metrics({"event": "worker_died", "units": names, "restart": slot.restarts,
                                  "reason": reason[:300]})
@@ -487,11 +453,6 @@ class Coordinator:
             _quietly(self.progress.shutdown)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _quietly(fn, *args) -> None:
     try:
         fn(*args)
@@ -499,26 +460,40 @@ def _quietly(fn, *args) -> None:
         pass
 
 
-def _tensor_bytes(obj: Any) -> int:
+def serialized_bytes(obj: Any) -> int:
+    """Bytes of ``obj`` as pickled for the wire (0 for None): counted, not estimated."""
     if obj is None:
         return 0
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    return 0
+    return len(pickle.dumps(obj, protocol=5))
+
+
+@dataclass
+class Traffic:
+    """Bytes between coordinator and workers, by kind and by epoch (0 = start-up)."""
+
+    KINDS = ("control_to_workers", "control_from_workers", "checkpoint_to_workers", "checkpoint_from_workers")
+    by_epoch: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, epoch: int, kind: str, nbytes: int) -> None:
+        counts = self.by_epoch.setdefault(epoch, dict.fromkeys(self.KINDS, 0))
+        counts[kind] += nbytes
+
+    def epoch(self, epoch: int) -> dict[str, int]:
+        return dict(self.by_epoch.get(epoch, dict.fromkeys(self.KINDS, 0)))
+
+    def total(self, kind: str) -> int:
+        return sum(c[kind] for c in self.by_epoch.values())
 
 
 def train_ray(cfg: Config, run_dir: str | Path, resume: bool = False,
               show_progress: bool = True) -> dict[str, Any]:
     """Train a DT run across Ray workers; returns the summary (as the in-process trainer)."""
     launched = time.time()
-    data = load_dataset(cfg.data)
+    data = load_data(cfg)
     setup = make_setup(cfg, data)
     connect(cfg.cluster)
     layout = plan_layout(setup.T, cfg.cluster, ray.available_resources())
-    run = RunDir(run_dir)
-    run.create(config_mod.to_toml(cfg), manifest_fields(cfg, data, setup), resume=resume)
+    run = open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup))
     if layout.note:
         print(f"noprop-dist: {layout.note}")
     coordinator = Coordinator(cfg, run, setup, data.train, show_progress)
@@ -537,7 +512,11 @@ def train_ray(cfg: Config, run_dir: str | Path, resume: bool = False,
         "worker_gpu_ids": {"+".join(unit_name(u) for u in s.units): s.info.get("gpu_ids")
                            for s in coordinator.workers},
         "ship_targets": cfg.cluster.ship_targets,
-        "bytes_to_workers": coordinator.bytes_to, "bytes_from_workers": coordinator.bytes_from,
+        **{f"bytes_{kind}": coordinator.traffic.total(kind) for kind in Traffic.KINDS},
+        "bytes_to_workers": coordinator.traffic.total("control_to_workers")
+        + coordinator.traffic.total("checkpoint_to_workers"),
+        "bytes_from_workers": coordinator.traffic.total("control_from_workers")
+        + coordinator.traffic.total("checkpoint_from_workers"),
         "bytes_data_object_store": coordinator.data_bytes,
         "data_put_seconds": coordinator.data_put_seconds,
         "dispatch_seconds": coordinator.dispatch_seconds,

@@ -13,21 +13,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import config as config_mod
-from .checkpoint import RunDir
 from .config import Config
-from .data import load_dataset
-from .results import EMBEDDING_FILE, all_units, epoch_is, finish_run, manifest_fields, save_unit
+from .dt import EMBEDDING_FILE, all_units, manifest_fields, save_unit
+from .lifecycle import checkpoint_due, finish_run, load_data, open_run, sync_due
 from .units import UnitRunner, average_embeddings, make_setup, resolve_device
 
 
 def train_local(cfg: Config, run_dir: str | Path, resume: bool = False,
                 show_progress: bool = True) -> dict[str, Any]:
     """Train all units of a DT run in this process; returns the summary."""
-    data = load_dataset(cfg.data)
+    data = load_data(cfg)
     setup = make_setup(cfg, data)
-    run = RunDir(run_dir)
-    run.create(config_mod.to_toml(cfg), manifest_fields(cfg, data, setup), resume=resume)
+    run = open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
@@ -49,12 +46,12 @@ def train_local(cfg: Config, run_dir: str | Path, resume: bool = False,
             run.append_metrics({"event": "unit_epoch", **metrics})
             bar.set_postfix_str(f"{runner.name} loss {metrics['loss']:.4g}")
             bar.update(1)
-        if setup.learnable_embedding and epoch_is(cfg.train.embed_sync_every, epoch, epochs):
+        if setup.learnable_embedding and sync_due(cfg.train, epoch):
             shared = average_embeddings([r.embedding for r in runners])
             for runner in runners:
                 runner.set_embedding(shared)
             run.append_metrics({"event": "embedding_sync", "epoch": epoch})
-        if epoch_is(cfg.train.checkpoint_every, epoch, epochs):
+        if checkpoint_due(cfg.train, epoch, setup.learnable_embedding):
             for runner in runners:
                 save_unit(run, runner, finished=runner.epochs_done == epochs)
     bar.close()

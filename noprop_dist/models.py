@@ -43,18 +43,8 @@ class DTBlock(nn.Module):
     def __init__(self, input_shape: tuple[int, int, int], embed_dim: int, num_classes: int,
                  size: BlockSize, dropout: float = 0.2):
         super().__init__()
-        c_in, h, w = input_shape
-        c1, c2, c3 = size.channels
         width = size.width
-        if h < 4 or w < 4:
-            raise ValueError(f"input {input_shape} is too small for two 2x2 max-pools (need H, W >= 4)")
-        self.image_path = nn.Sequential(
-            nn.Conv2d(c_in, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.Dropout(dropout),
-            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
-            nn.Flatten(),
-            nn.Linear(c3 * (h // 4) * (w // 4), width), nn.BatchNorm1d(width),
-        )
+        self.image_path = image_path(input_shape, size, dropout)
         self.label_in = nn.Sequential(nn.Linear(embed_dim, width), nn.BatchNorm1d(width), nn.ReLU())
         self.label_residual = nn.Sequential(
             nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(),
@@ -73,6 +63,21 @@ class DTBlock(nn.Module):
         return self.fused(torch.cat([image, label], dim=1))  # (B, m) logits
 
 
+def image_path(input_shape: tuple[int, int, int], size: BlockSize, dropout: float) -> nn.Sequential:
+    """The image path of Figure 6: (B, C, H, W) -> (B, width)."""
+    c_in, h, w = input_shape
+    c1, c2, c3 = size.channels
+    if h < 4 or w < 4:
+        raise ValueError(f"input {input_shape} is too small for two 2x2 max-pools (need H, W >= 4)")
+    return nn.Sequential(
+        nn.Conv2d(c_in, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.Dropout(dropout),
+        nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+        nn.Flatten(),
+        nn.Linear(c3 * (h // 4) * (w // 4), size.width), nn.BatchNorm1d(size.width),
+    )
+
+
 def denoised_embedding(logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
     """u_hat = softmax(logits) @ W_embed: a convex mix of class embeddings."""
     return torch.softmax(logits, dim=-1) @ embedding        # (B, d)
@@ -87,6 +92,60 @@ class OutputHead(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.linear(z)                               # (B, m) logits
+
+
+BACKPROP_ALPHA_INIT = 0.5
+"""Initial mixing weight alpha_t = tanh(w_t) of the structure-matched baseline (not stated
+in the paper): each block starts by moving z halfway to its prediction."""
+
+
+class BackpropChain(nn.Module):
+    """The paper's structure-matched back-propagation baseline (Eqs. 17-19).
+
+    The same T blocks as NoProp-DT chained end to end and trained with cross-entropy
+    through all of them::
+
+        z_0 ~ N(0, I);  z_t = (1 - alpha_t) z_{t-1} + alpha_t u_hat_t(z_{t-1}, x),  alpha_t = tanh(w_t)
+        logits = head(z_T)
+
+    z_0 is not stated in the paper; we start from noise as NoProp's chain does (Eq. 3). A
+    constant z_0 would feed block 1's label path a constant, which its BatchNorm turns into
+    amplified rounding noise. The caller passes z_0 (seeded), so the forward is a pure
+    function. The embedding is a buffer when fixed (one-hot) and a parameter when learned.
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int], embedding: torch.Tensor, num_classes: int,
+                 size: BlockSize, T: int, dropout: float, learn_embedding: bool):
+        super().__init__()
+        d = embedding.shape[1]
+        self.blocks = nn.ModuleList(DTBlock(input_shape, d, num_classes, size, dropout) for _ in range(T))
+        self.w = nn.Parameter(torch.full((T,), float(np.arctanh(BACKPROP_ALPHA_INIT))))
+        self.head = OutputHead(d, num_classes)
+        if learn_embedding:
+            self.embedding = nn.Parameter(embedding.detach().float().clone())
+        else:
+            self.register_buffer("embedding", embedding.detach().float().clone())
+
+    def forward(self, x: torch.Tensor, z_0: torch.Tensor) -> torch.Tensor:
+        z = z_0                                                              # (B, d)
+        alpha = torch.tanh(self.w)                                           # (T,)
+        for t, block in enumerate(self.blocks):
+            u_hat = denoised_embedding(block(z, x), self.embedding)          # (B, d)
+            z = (1 - alpha[t]) * z + alpha[t] * u_hat                        # Eq. 17
+        return self.head(z)                                                  # (B, m)
+
+
+class SingleTowerCNN(nn.Module):
+    """A plain CNN: the Figure-6 image path, ReLU, and a linear classifier."""
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, size: BlockSize, dropout: float):
+        super().__init__()
+        self.image_path = image_path(input_shape, size, dropout)
+        self.classifier = nn.Sequential(nn.ReLU(), nn.Linear(size.width, num_classes))
+
+    def forward(self, x: torch.Tensor, z_0: torch.Tensor | None = None) -> torch.Tensor:
+        """``z_0`` is ignored: the same call signature as :class:`BackpropChain`."""
+        return self.classifier(self.image_path(x))                          # (B, m)
 
 
 def embedding_dim(kind: str, num_classes: int, input_shape: tuple[int, int, int], learned_dim: int) -> int:

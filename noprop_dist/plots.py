@@ -1,4 +1,4 @@
-"""The run plot: per-block training loss by epoch and the final test accuracies."""
+"""The run plot: per-unit training loss by epoch and the final test accuracies (any variant)."""
 
 from __future__ import annotations
 
@@ -29,22 +29,27 @@ def plot_run(run: RunDir) -> None:
         ax_loss.plot(epochs, [losses[unit][e] for e in epochs], marker="o", label=unit)
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("weighted denoising loss")
-    ax_loss.set_title("per-block training loss")
+    chain_run = "chain_accuracy_noise" in summary
+    ax_loss.set_ylabel("weighted denoising loss" if chain_run else "cross-entropy")
+    ax_loss.set_title("per-block training loss" if chain_run else f"{summary.get('variant', '')} training loss")
     ax_loss.legend(fontsize=7, ncol=2)
 
-    names = ["chain, Eq.3 noise", "chain, no noise", "nearest emb."]
-    values = [summary["chain_accuracy_noise"], summary["chain_accuracy_no_noise"],
-              summary["nearest_accuracy_no_noise"]]
+    if chain_run:
+        names = ["chain, Eq.3 noise", "chain, no noise", "nearest emb."]
+        values = [summary["chain_accuracy_noise"], summary["chain_accuracy_no_noise"],
+                  summary["nearest_accuracy_no_noise"]]
+    else:
+        names, values = ["network"], [summary["test_accuracy"]]
+    highlighted = len(values)
     for block, acc in sorted(summary.get("block_alone_accuracy", {}).items()):
         names.append(block.replace("block_", "b"))
         values.append(acc)
-    ax_acc.bar(range(len(values)), values, color=["C0"] * 3 + ["C7"] * (len(values) - 3))
+    ax_acc.bar(range(len(values)), values, color=["C0"] * highlighted + ["C7"] * (len(values) - highlighted))
     ax_acc.set_xticks(range(len(values)), names, fontsize=7, rotation=45, ha="right")
     ax_acc.set_ylim(0, 1)
     ax_acc.set_ylabel("test accuracy")
-    ax_acc.set_title(f"test accuracy ({summary['dataset']})\ngrey: each block alone, fed fresh noise",
-                     fontsize=10)
+    subtitle = "\ngrey: each block alone, fed fresh noise" if chain_run else ""
+    ax_acc.set_title(f"test accuracy ({summary['dataset']}){subtitle}", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

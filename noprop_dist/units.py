@@ -21,6 +21,7 @@ With a one-hot embedding the units are fully independent.
 from __future__ import annotations
 
 import math
+import resource
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -85,8 +86,16 @@ class UnitSetup:
 
 
 def make_setup(cfg: Config, data: Dataset) -> UnitSetup:
-    """Schedule and initial embedding for a run (prototype: per-class medoids of the train set)."""
+    """Schedule and initial embedding for a run."""
     ab = schedule.alpha_bar_from_config(cfg.schedule)
+    embedding = make_embedding(cfg, data)
+    return UnitSetup(model=cfg.model, train=cfg.train, alpha_bar=tuple(float(v) for v in ab),
+                     num_classes=data.num_classes, input_shape=data.input_shape,
+                     mean=data.mean, std=data.std, embedding=embedding)
+
+
+def make_embedding(cfg: Config, data: Dataset) -> torch.Tensor:
+    """The run's initial W_embed (m, d), seeded (prototype: per-class medoids of the train set)."""
     d = embedding_dim(cfg.model.embedding, data.num_classes, data.input_shape, cfg.model.embed_dim)
     prototypes = None
     if cfg.model.embedding == "prototype":
@@ -94,11 +103,8 @@ def make_setup(cfg: Config, data: Dataset) -> UnitSetup:
         y = torch.from_numpy(np.array(data.train.y))
         prototypes = class_medoids(x, y, data.num_classes, PROTOTYPE_MAX_PER_CLASS,
                                    derive_seed(cfg.train.seed, EMBED_SEED_UNIT, 0, INIT))
-    embedding = initial_embedding(cfg.model.embedding, data.num_classes, d,
-                                  derive_seed(cfg.train.seed, EMBED_SEED_UNIT, 0, INIT), prototypes)
-    return UnitSetup(model=cfg.model, train=cfg.train, alpha_bar=tuple(float(v) for v in ab),
-                     num_classes=data.num_classes, input_shape=data.input_shape,
-                     mean=data.mean, std=data.std, embedding=embedding)
+    return initial_embedding(cfg.model.embedding, data.num_classes, d,
+                             derive_seed(cfg.train.seed, EMBED_SEED_UNIT, 0, INIT), prototypes)
 
 
 def build_module(unit: int, setup: UnitSetup) -> nn.Module:
@@ -187,6 +193,21 @@ class UnitRunner:
             self.embedding.copy_(tensors["embedding"].to(self.device))
         self.epochs_done = int(tensors["epochs_done"])
 
+    def to(self, device: torch.device | str) -> "UnitRunner":
+        """Move the unit (module, embedding copy, optimizer moments) to ``device``.
+
+        A worker that hosts several blocks keeps only the one it trains on its GPU.
+        """
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        with torch.no_grad():
+            self.embedding.data = self.embedding.data.to(self.device)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    state[key] = value.to(self.device)
+        return self
+
     def set_embedding(self, weight: torch.Tensor) -> None:
         with torch.no_grad():
             self.embedding.copy_(weight.to(self.device))
@@ -221,7 +242,7 @@ class UnitRunner:
         return {"unit": self.name, "epoch": epoch, "loss": float(np.mean(losses)),
                 "seconds": seconds, "samples_per_s": samples / seconds,
                 "target_seconds": target_seconds, "first_step_at": self.first_step_at,
-                "peak_memory_bytes": self.peak_memory_bytes}
+                "peak_memory_bytes": self.peak_memory_bytes, "rss_bytes": rss_bytes()}
 
     def _batches(self, order: torch.Tensor):
         bs = self.setup.train.batch_size
@@ -257,7 +278,7 @@ class UnitRunner:
             u_y = self.embedding[y]                                               # (B, d)
             z_prev = schedule.sample_marginal(u_y, self.input_alpha_bar, noise[idx.to(noise.device)])  # (B, d)
             measure = step == 1
-            with self._autocast(), _SavedTensorMeter(measure, self.module) as meter:
+            with self._autocast(), SavedTensorMeter(measure, self.module) as meter:
                 logits = self.module(z_prev, x)                                   # (B, m)
                 u_hat = denoised_embedding(logits.float(), self.embedding)        # (B, d)
                 loss = self.loss_weight * ((u_hat - u_y) ** 2).sum(-1).mean()
@@ -313,7 +334,7 @@ class UnitRunner:
         self.peak_memory_bytes = max(self.peak_memory_bytes, total)
 
 
-class _SavedTensorMeter:
+class SavedTensorMeter:
     """Counts the bytes autograd saves for backward (activations), excluding parameters."""
 
     def __init__(self, enabled: bool, module: nn.Module):
@@ -330,7 +351,7 @@ class _SavedTensorMeter:
             self.bytes += tensor.untyped_storage().nbytes()
         return tensor
 
-    def __enter__(self) -> "_SavedTensorMeter":
+    def __enter__(self) -> "SavedTensorMeter":
         if self.enabled:
             self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
             self._ctx.__enter__()
@@ -339,6 +360,11 @@ class _SavedTensorMeter:
     def __exit__(self, *exc) -> None:
         if self._ctx is not None:
             self._ctx.__exit__(*exc)
+
+
+def rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def average_embeddings(copies: list[torch.Tensor]) -> torch.Tensor:

@@ -23,7 +23,8 @@ from noprop_dist.data import normalize
 from noprop_dist.errors import CheckpointError
 from noprop_dist.inference import RawImageChain, draw_noise, predict
 from noprop_dist.local import train_local
-from noprop_dist.results import evaluate_run, export_chain, load_chain
+from noprop_dist.dt import load_chain
+from noprop_dist.results import evaluate_run, export_run
 
 UNIT_NAMES = ["block_01", "block_02", "block_03", "block_04", "head"]
 
@@ -241,7 +242,7 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path, monkeypatch, failin
 def test_export_matches_the_chain(trained_run, digits, tmp_path):
     """The torch.export file, run on raw uint8 images, gives the chain's logits (any batch size)."""
     run_dir, _ = trained_run
-    out = export_chain(run_dir, tmp_path / "model.pt2")
+    out = export_run(run_dir, tmp_path / "model.pt2")
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]  # no temp file left
     exported = torch.export.load(str(out)).module()
     chain, cfg, _ = load_chain(run_dir)
@@ -266,7 +267,7 @@ def test_export_of_a_float_run_takes_float_images(run_copy, digits, tmp_path):
     assert manifest["input_dtype"] == "uint8"
     manifest["input_dtype"] = "float32"
     (run_copy / "manifest.json").write_text(json.dumps(manifest))
-    exported = torch.export.load(str(export_chain(run_copy, tmp_path / "float.pt2"))).module()
+    exported = torch.export.load(str(export_run(run_copy, tmp_path / "float.pt2"))).module()
     chain, _, _ = load_chain(run_copy)
     raw = torch.from_numpy(np.array(digits.test.x[:6]))
     noise = draw_noise(chain.T, 6, chain.embedding.shape[1], torch.Generator().manual_seed(1), True)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
 
 from noprop_dist import config  # noqa: E402
 from noprop_dist.checkpoint import RunDir  # noqa: E402
@@ -305,3 +306,46 @@ def test_unreachable_cluster_address_is_a_clear_error(tmp_path, cache):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach a Ray cluster at 127.0.0.1:9" in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+# ---- the DDP baseline on Ray Train ---------------------------------------------------------
+def test_ddp_on_ray_matches_one_worker_on_the_full_batch(ray_session, cache, tmp_path):
+    """2 DDP workers (TorchTrainer, gloo, global BatchNorm, dropout off) train the network
+    one worker trains on the whole batch: the same function, up to float rounding. Weights
+    are compared through train-mode outputs: Adam turns the rounding noise of directions
+    BatchNorm cannot see (a bias in front of it, exact gradient 0) into steps of size lr,
+    and those directions do not change the output."""
+    from noprop_dist.backprop import NetworkPredictor, train_backprop_local
+    from noprop_dist.data import load_dataset, normalize
+    from noprop_dist.ddp import train_ddp
+
+    over = {"data.cache_dir": cache, "variant": "backprop_cnn", "model.dropout": "0", "train.epochs": "2",
+            "train.threads": "1"}
+    one = tmp_path / "one"
+    train_backprop_local(config.resolve("tiny", {**over, "cluster.backend": "local"}), one, show_progress=False)
+    two = tmp_path / "two"
+    summary = train_ddp(config.resolve("tiny", {**over, "cluster.backend": "ddp", "cluster.workers": "2"}), two,
+                        show_progress=False)
+    assert summary["backend"] == "ddp" and summary["workers"] == 2
+    nets = [NetworkPredictor(RunDir(d)) for d in (one, two)]
+    data = load_dataset(nets[0].cfg.data)
+    x = normalize(data.test.x[:200], nets[0].mean, nets[0].std)
+    with torch.no_grad():
+        outs = [p.net.train()(x) for p in nets]
+    assert float((outs[0] - outs[1]).abs().max()) < 1e-4 * float(outs[0].abs().max())
+    # The all-reduce payload is counted, not estimated: every step all-reduces every gradient.
+    steps = -(-len(data.train) // nets[0].cfg.train.batch_size)
+    param_bytes = sum(p.numel() * 4 for p in nets[0].net.parameters())
+    epochs = [r for r in RunDir(two).read_metrics() if r.get("event") == "unit_epoch"]
+    assert [e["allreduce_grad_bytes_per_worker"] for e in epochs] == [steps * param_bytes] * 2
+    assert all(e["allreduce_batchnorm_bytes_per_worker"] > 0 for e in epochs)
+
+
+def test_ddp_asking_for_more_workers_than_the_cluster_has_fails_before_any_work(ray_session, cache, tmp_path):
+    from noprop_dist.ddp import train_ddp
+
+    cfg = config.resolve("tiny", {"data.cache_dir": cache, "variant": "backprop", "cluster.backend": "ddp",
+                                  "cluster.workers": str(LOGICAL_CPUS + 1)})
+    with pytest.raises(ClusterError, match="DDP needs"):
+        train_ddp(cfg, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()

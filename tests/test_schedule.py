@@ -168,7 +168,7 @@ def test_config_defaults_match_reference():
 def test_chain_coefficients_satisfy_identities(trained_run):
     """The inference chain's a, b, sqrt_c buffers are block t's own a_t, b_t, sqrt(c_t) for the
     run's schedule, not shifted by one step (mistake 9 of NOPROP.md)."""
-    from noprop_dist.results import load_chain
+    from noprop_dist.dt import load_chain
 
     chain, cfg, manifest = load_chain(trained_run[0])
     ab = np.array(manifest["schedule"]["alpha_bar"], dtype=np.float64)

@@ -1,0 +1,396 @@
+"""NoProp-DT on Ray beside back-propagation under DDP: same data, blocks, T, epochs, batch.
+
+For N = 1, 2, ... workers (one thread each on CPU) it trains
+
+* ``noprop``: NoProp-DT through the Ray coordinator, ``cluster.workers = N`` (blocks queue
+  when N < T);
+* ``backprop``: the structure-matched baseline (Eqs. 17-19) with DDP on Ray Train (N = 1:
+  the same loop in this process, no process group: DDP with one worker adds nothing);
+* ``backprop_cnn``: the single-tower CNN, the same way;
+
+and records per run: wall time per epoch, samples/s, speed-up and efficiency against its
+own N = 1, peak training memory per worker (parameters + gradients + optimizer state +
+saved activations; GPU: ``max_memory_allocated``) and process RSS, bytes communicated per
+epoch (DDP: the all-reduce payload per worker, counted in a DDP communication hook and in
+the BatchNorm all-reduces; NoProp: pickled messages between coordinator and workers,
+checkpoints apart from control), and test accuracy. It also profiles the bare step loop of
+each network (for the lean-loop target and the cost model) and the local link (a gloo
+all-reduce between two processes).
+
+    python benchmarks/noprop_vs_ddp.py --out benchmarks/results/vs_ddp      # demo preset, 2 epochs
+    python benchmarks/noprop_vs_ddp.py --smoke --out /tmp/smoke             # < 2 minutes
+    python benchmarks/noprop_vs_ddp.py --config mnist --epochs 1 --workers 1 2 4 8   # on a GPU box
+
+Writes ``--out``: results.json, results.md, and PNG plots; then runs the cost model's check
+(``benchmarks/cost_model.py``) against the measured points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from noprop_dist import config  # noqa: E402
+
+METHODS = ("noprop", "backprop", "backprop_cnn")
+
+
+# ---------------------------------------------------------------------------------------
+# Profile: bare step loops and the local link.
+# ---------------------------------------------------------------------------------------
+def _timed_steps(step, batches: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(batches):
+        step()
+    return (time.perf_counter() - start) / batches
+
+
+def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) -> dict[str, Any]:
+    """Seconds per optimizer step of each network at each per-worker batch (this process,
+    ``train.threads`` threads), the bare loop: no data loading, logging or accounting."""
+    from noprop_dist import backprop, schedule
+    from noprop_dist.models import denoised_embedding
+    from noprop_dist.units import build_module, make_setup
+
+    setup = make_setup(cfg, data)
+    x_all = torch.randn(max(batch_sizes), *data.input_shape)
+    y_all = torch.randint(0, data.num_classes, (max(batch_sizes),))
+    out: dict[str, dict[str, float]] = {}
+    params: dict[str, int] = {}
+
+    block = build_module(1, setup).train()
+    opt = torch.optim.AdamW(block.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    emb = setup.embedding
+    params["noprop_block"] = sum(p.numel() * 4 for p in block.parameters())
+    params["noprop_head"] = sum(p.numel() * 4 for p in build_module(0, setup).parameters())
+    out["noprop_block"] = {}
+    for b in batch_sizes:
+        x, y = x_all[:b], y_all[:b]
+        u = emb[y]
+        z = schedule.sample_marginal(u, setup.alpha_bar[0], torch.randn_like(u))
+
+        def dt_step():
+            loss = ((denoised_embedding(block(z, x), emb) - u) ** 2).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        out["noprop_block"][str(b)] = _timed_steps(dt_step, steps)
+    for variant in ("backprop", "backprop_cnn"):
+        vcfg = config.apply_overrides(cfg, {"variant": variant, "cluster.backend": "local"}, "benchmark")
+        net_setup = backprop.make_network_setup(vcfg, data)
+        net = backprop.build_network(net_setup).train()
+        params[variant] = sum(p.numel() * 4 for p in net.parameters())
+        opt_n = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        out[variant] = {}
+        for b in batch_sizes:
+            x, y = x_all[:b], y_all[:b]
+            z_0 = torch.randn(b, emb.shape[1])
+            out[variant][str(b)] = _timed_steps(
+                lambda: backprop.train_step(net, opt_n, x, z_0, y, 1.0), max(2, steps // 4) if variant == "backprop" else steps)
+    return {"step_seconds": out, "param_bytes": params}
+
+
+def bare_block_epoch_seconds(cfg: config.Config, data) -> float:
+    """One epoch of the bare step loop of one block over the real training split (data
+    pre-normalised in memory, targets drawn inline): the floor a NoProp block-epoch is held to."""
+    from noprop_dist import schedule
+    from noprop_dist.data import normalize
+    from noprop_dist.models import denoised_embedding
+    from noprop_dist.units import build_module, make_setup
+
+    setup = make_setup(cfg, data)
+    block = build_module(2, setup).train()
+    opt = torch.optim.AdamW(block.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    x_all = normalize(np.asarray(data.train.x), setup.mean, setup.std)
+    y_all = torch.from_numpy(np.array(data.train.y))
+    order = torch.randperm(len(y_all))
+    start = time.perf_counter()
+    for s in range(0, len(order), cfg.train.batch_size):
+        idx = order[s:s + cfg.train.batch_size]
+        u = setup.embedding[y_all[idx]]
+        z = schedule.sample_marginal(u, setup.alpha_bar[1], torch.randn_like(u))
+        loss = ((denoised_embedding(block(z, x_all[idx]), setup.embedding) - u) ** 2).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def _link_worker(rank: int, port: int, sizes: list[int], out_path: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    times = {}
+    for size in sizes:
+        t = torch.ones(size // 4)
+        for _ in range(2):
+            dist.all_reduce(t)
+        reps = 10
+        start = time.perf_counter()
+        for _ in range(reps):
+            dist.all_reduce(t)
+        times[size] = (time.perf_counter() - start) / reps
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def measure_local_link() -> dict[str, float]:
+    """Bandwidth and latency of a gloo all-reduce between two local processes, fitted to
+    the ring model ``t = 2 (k-1)/k * P / BW + 2 (k-1) L`` with k = 2."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sizes = [4 * 1024, 1 << 20, 8 << 20]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "link.json")
+        mp.spawn(_link_worker, args=(port, sizes, out), nprocs=2)
+        times = {int(k): v for k, v in json.loads(Path(out).read_text()).items()}
+    # k = 2: t = P / BW + 2 L  -> a straight line in P.
+    p = np.array(sorted(times), dtype=float)
+    t = np.array([times[int(v)] for v in p])
+    slope, intercept = np.polyfit(p, t, 1)
+    return {"bandwidth_Bps": float(1.0 / max(slope, 1e-15)), "latency_s": float(max(intercept, 0.0) / 2),
+            "allreduce_seconds_by_bytes": {str(int(k)): v for k, v in times.items()}}
+
+
+# ---------------------------------------------------------------------------------------
+# The runs.
+# ---------------------------------------------------------------------------------------
+def run_method(method: str, workers: int, cfg: config.Config, run_dir: Path) -> dict[str, Any]:
+    """Train one (method, N) and return its record."""
+    launched = time.perf_counter()
+    if method == "noprop":
+        from noprop_dist.coordinator import train_ray
+
+        mcfg = config.apply_overrides(cfg, {"cluster.backend": "ray", "cluster.workers": workers}, "benchmark")
+        summary = train_ray(mcfg, run_dir, show_progress=False)
+    else:
+        backend = "local" if workers == 1 else "ddp"
+        mcfg = config.apply_overrides(cfg, {"variant": method, "cluster.backend": backend,
+                                            "cluster.workers": workers}, "benchmark")
+        if backend == "local":
+            from noprop_dist.backprop import train_backprop_local
+
+            summary = train_backprop_local(mcfg, run_dir, show_progress=False)
+        else:
+            from noprop_dist.ddp import train_ddp
+
+            summary = train_ddp(mcfg, run_dir, show_progress=False)
+    wall = time.perf_counter() - launched
+    return make_record(method, workers, mcfg, summary, run_dir, wall)
+
+
+def make_record(method: str, workers: int, cfg: config.Config, summary: dict, run_dir: Path,
+                wall: float) -> dict[str, Any]:
+    from noprop_dist.checkpoint import RunDir
+
+    epochs = cfg.train.epochs
+    n = summary["train_examples"]
+    metrics = RunDir(run_dir).read_metrics()
+    record: dict[str, Any] = {"method": method, "workers": workers, "epochs": epochs,
+                              "test_accuracy": summary["test_accuracy"], "wall_seconds": wall}
+    if method == "noprop":
+        epoch_seconds = summary["train_seconds"] / epochs
+        comm = [r for r in metrics if r.get("event") == "communication"]
+        control = np.mean([r["control_to_workers"] + r["control_from_workers"] for r in comm])
+        ckpt = np.mean([r["checkpoint_from_workers"] + r["checkpoint_to_workers"] for r in comm])
+        unit_epochs = [r for r in metrics if r.get("event") == "unit_epoch"]
+        block_seconds = [r["seconds"] for r in unit_epochs if r["unit"] != "head"]
+        record.update({
+            "comm_bytes_per_epoch": float(control + ckpt), "comm_control_bytes_per_epoch": float(control),
+            "comm_checkpoint_bytes_per_epoch": float(ckpt),
+            "block_epoch_seconds": float(np.median(block_seconds)),
+            "head_epoch_seconds": float(np.median([r["seconds"] for r in unit_epochs if r["unit"] == "head"])),
+            "peak_train_bytes_per_worker": noprop_worker_peak(summary, RunDir(run_dir)),
+            "rss_bytes_per_worker": max(r.get("rss_bytes", 0) for r in unit_epochs if r["unit"] != "head"),
+            "launch_seconds": summary.get("launch_to_first_step_s"),
+        })
+    else:
+        per_epoch = summary["epoch_seconds"]
+        epoch_seconds = float(np.mean(per_epoch))
+        record.update({
+            "comm_bytes_per_epoch": float(summary["allreduce_bytes_per_worker_per_epoch"]),
+            "peak_train_bytes_per_worker": int(summary["peak_memory_bytes"]["network"]),
+            "rss_bytes_per_worker": int(summary["rss_bytes"]),
+            "launch_seconds": wall - summary["train_seconds"] - summary["eval_seconds"],
+        })
+    record.update({"epoch_seconds": epoch_seconds, "samples_per_second": n / epoch_seconds})
+    return record
+
+
+def noprop_worker_peak(summary: dict, run) -> int:
+    """Peak training bytes of the busiest NoProp worker: the block it trains at its peak,
+    plus, on the CPU, the resident state (checkpointed tensors) of the other blocks it hosts
+    (on a GPU those are moved off the device between their epochs)."""
+    peaks = summary["peak_memory_bytes"]
+    units = run.manifest()["units"]
+    on_gpu = any(str(d).startswith("cuda") for d in summary.get("worker_devices", {}).values())
+    worst = 0
+    for hosted in summary.get("worker_devices", {}):
+        names = [n for n in hosted.split("+") if n != "head"]
+        if not names:
+            continue
+        resident = 0 if on_gpu else sum(units[n]["bytes"] for n in names)
+        for name in names:
+            worst = max(worst, peaks[name] + resident - (0 if on_gpu else units[name]["bytes"]))
+    return int(worst)
+
+
+def add_ratios(records: list[dict]) -> None:
+    """Speed-up and efficiency of each run against its own method's N = 1."""
+    base = {r["method"]: r["epoch_seconds"] for r in records if r["workers"] == 1}
+    for r in records:
+        if r["method"] in base:
+            r["speedup"] = base[r["method"]] / r["epoch_seconds"]
+            r["efficiency"] = r["speedup"] / r["workers"]
+
+
+# ---------------------------------------------------------------------------------------
+# Output.
+# ---------------------------------------------------------------------------------------
+def markdown_table(records: list[dict]) -> str:
+    head = ("| method | N | s / epoch | samples/s | speed-up | efficiency | peak train MB / worker | "
+            "RSS MB / worker | comm MB / epoch | test acc. |")
+    rows = [head, "|" + "---|" * 10]
+    for r in records:
+        rows.append(
+            f"| {r['method']} | {r['workers']} | {r['epoch_seconds']:.2f} | {r['samples_per_second']:.0f} | "
+            f"{r.get('speedup', float('nan')):.2f}x | {r.get('efficiency', float('nan')):.2f} | "
+            f"{r['peak_train_bytes_per_worker'] / 1e6:.1f} | {r['rss_bytes_per_worker'] / 1e6:.0f} | "
+            f"{r['comm_bytes_per_epoch'] / 1e6:.3f} | {r['test_accuracy']:.4f} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(records: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r["method"] for r in records}, key=METHODS.index)
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for m in methods:
+        rs = sorted((r for r in records if r["method"] == m), key=lambda r: r["workers"])
+        n = [r["workers"] for r in rs]
+        axes[0].plot(n, [r.get("speedup", np.nan) for r in rs], marker="o", label=m)
+        axes[1].plot(n, [r["peak_train_bytes_per_worker"] / 1e6 for r in rs], marker="o", label=m)
+        axes[2].plot(n, [max(r["comm_bytes_per_epoch"], 1) / 1e6 for r in rs], marker="o", label=m)
+        axes[3].plot([r["epoch_seconds"] * r["epochs"] for r in rs], [r["test_accuracy"] for r in rs],
+                     marker="o", linestyle="none", label=m)
+    ns = sorted({r["workers"] for r in records})
+    axes[0].plot(ns, ns, color="grey", linestyle=":", label="ideal")
+    axes[0].set(xlabel="workers N", ylabel="speed-up vs own N = 1", title="speed-up")
+    axes[1].set(xlabel="workers N", ylabel="MB", title="peak training memory per worker")
+    axes[2].set(xlabel="workers N", ylabel="MB per epoch", title="bytes communicated per epoch", yscale="log")
+    axes[3].set(xlabel="training wall time (s)", ylabel="test accuracy", title="accuracy vs wall time")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="demo")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--profile-steps", type=int, default=10)
+    parser.add_argument("--smoke", "--smoke-test", action="store_true", help="tiny preset, 1 epoch: < 2 minutes")
+    parser.add_argument("--out", default="benchmarks/results/vs_ddp")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    preset = "tiny" if args.smoke else args.config
+    epochs = 1 if args.smoke else args.epochs
+    cfg = config.resolve(preset, {"train.epochs": epochs, "train.threads": 1, "cluster.threads_per_worker": 1})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from noprop_dist.lifecycle import load_data
+    from noprop_dist.ray_cluster import connect
+
+    data = load_data(cfg)
+    torch.set_num_threads(1)
+    print(f"[vs_ddp] profiling bare step loops ({preset}, batch {cfg.train.batch_size})", flush=True)
+    profile = profile_steps(cfg, data, [cfg.train.batch_size, cfg.train.batch_size // 2], args.profile_steps)
+    bare_epoch = bare_block_epoch_seconds(cfg, data)
+    link = measure_local_link()
+    connect(cfg.cluster)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="noprop-vs-ddp-") as tmp:
+        for method in args.methods:
+            for workers in args.workers:
+                print(f"[vs_ddp] {method} N={workers} ...", flush=True)
+                rec = run_method(method, workers, cfg, Path(tmp) / f"{method}-{workers}")
+                records.append(rec)
+                print(f"[vs_ddp] {method} N={workers}: {rec['epoch_seconds']:.2f} s/epoch, "
+                      f"acc {rec['test_accuracy']:.4f}, {rec['peak_train_bytes_per_worker'] / 1e6:.1f} MB/worker",
+                      flush=True)
+    add_ratios(records)
+    noprop_1 = next((r for r in records if r["method"] == "noprop" and r["workers"] == 1), None)
+    results = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "processor": platform.processor(),
+                     "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "ray": __import__("ray").__version__},
+        "config": config.to_dict(cfg),
+        "profile": {
+            "T": cfg.schedule.T, "train_examples": len(data.train), "global_batch": cfg.train.batch_size,
+            **profile,
+            "head_epoch_seconds": noprop_1["head_epoch_seconds"] if noprop_1 else 0.0,
+            "noprop_control_bytes_per_unit_epoch": (noprop_1["comm_control_bytes_per_epoch"] / (cfg.schedule.T + 1)
+                                                    if noprop_1 else 0.0),
+            "noprop_checkpoint_bytes_per_unit_epoch": (noprop_1["comm_checkpoint_bytes_per_epoch"] / (cfg.schedule.T + 1)
+                                                       if noprop_1 else 0.0),
+            "checkpoint_every": cfg.train.checkpoint_every,
+            "local_link": link,
+            "bare_block_epoch_seconds": bare_epoch,
+        },
+        "runs": records,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown_table(records)
+    lean = ""
+    if noprop_1:
+        lean = (f"\nNoProp block-epoch (median, Ray worker, 1 thread): {noprop_1['block_epoch_seconds']:.3f} s; "
+                f"bare step loop of the same block: {bare_epoch:.3f} s; ratio "
+                f"{noprop_1['block_epoch_seconds'] / bare_epoch:.3f}\n")
+    (out / "results.md").write_text(f"# NoProp-DT vs DDP backprop ({results['date']}, {preset})\n\n{table}{lean}")
+    plot(records, out)
+    print(table + lean)
+    try:
+        import cost_model
+
+        print(cost_model.format_check(cost_model.check_against_measured(results["profile"], records)))
+    except (ImportError, AttributeError) as exc:
+        print(f"[vs_ddp] cost model check skipped ({exc})")
+    print(f"[vs_ddp] wrote {out / 'results.json'}, results.md, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,482 @@
+"""The back-propagation baselines, trained data-parallel: one plain worker loop, no Ray.
+
+The same :func:`train_worker` runs
+
+* in this process with no process group (``--cluster.backend=local``, the N = 1 point),
+* on Ray Train workers, which open the process group (:mod:`noprop_dist.ddp`),
+* under ``torchrun`` without Ray (:func:`torchrun_main`; the only place here that opens a
+  process group itself)::
+
+      torchrun --nproc-per-node 2 -m noprop_dist.backprop --config demo --variant backprop --run-dir runs/bp
+
+Data parallelism: every worker draws the same seeded permutation for an epoch and takes a
+contiguous share of each global batch of ``train.batch_size`` (128 by default), so the
+global batch stays fixed whatever the number of workers. Each worker's loss is scaled by
+``local_size * world / global_size`` so that DDP's gradient average equals the gradient of
+the global-batch mean, also when the shares are uneven.
+
+BatchNorm: with ``cluster.sync_batchnorm`` (default) each BatchNorm layer normalises with
+statistics of the global batch, all-reduced per layer (:class:`GlobalBatchNorm1d`; its
+backward all-reduces the statistics' gradients, as torch's SyncBatchNorm does). Then N
+workers compute what one worker computes on the whole batch, up to float rounding — which
+the equivalence test checks. Without it each worker normalises with its own share's
+statistics (the usual DDP default: cheaper, but a different function of the batch).
+
+Rank 0 writes the run directory (metrics, checkpoints); on several nodes the run
+directory must be on storage every node sees (for ``--resume``, every rank reads it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import schedule
+from .checkpoint import RunDir
+from .config import Config, EvalConfig, ModelConfig, TrainConfig
+from .data import ArraySplit, Dataset, normalize
+from .dt import example_images, load_module_state
+from .lifecycle import checkpoint_due, finish_run, load_data, open_run
+from .models import BLOCK_SIZES, BackpropChain, SingleTowerCNN
+from .units import (DROPOUT, INIT, NOISE, SHUFFLE, SavedTensorMeter, derive_seed, make_embedding,
+                    resolve_device, rss_bytes)
+
+# The differentiable all-reduce's deprecation names a private replacement; keep the public one.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
+
+NETWORK = "network"
+"""The one unit of a back-propagation run (its checkpoint is units/network.safetensors)."""
+NETWORK_SEED_UNIT = 1_000_000
+"""Unit id of the network in derive_seed (far from any block index)."""
+RANK_STREAM_STRIDE = 10
+"""Dropout of rank r uses stream DROPOUT + RANK_STREAM_STRIDE * r: ranks draw different masks."""
+
+
+@dataclass(frozen=True)
+class NetworkSetup:
+    """What every worker of a back-propagation run needs (picklable, the same on every rank)."""
+
+    variant: str
+    model: ModelConfig
+    train: TrainConfig
+    T: int
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    embedding: torch.Tensor     # initial W_embed (m, d); unused by backprop_cnn
+    sync_batchnorm: bool
+
+
+def make_network_setup(cfg: Config, data: Dataset) -> NetworkSetup:
+    return NetworkSetup(variant=cfg.variant, model=cfg.model, train=cfg.train, T=cfg.schedule.T,
+                        num_classes=data.num_classes, input_shape=data.input_shape,
+                        mean=data.mean, std=data.std, embedding=make_embedding(cfg, data),
+                        sync_batchnorm=cfg.cluster.sync_batchnorm)
+
+
+def build_network(setup: NetworkSetup) -> nn.Module:
+    """The baseline network, initialised from the run seed (identical on every rank)."""
+    size = BLOCK_SIZES[setup.model.block]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(setup.train.seed, NETWORK_SEED_UNIT, 0, INIT))
+        if setup.variant == "backprop_cnn":
+            return SingleTowerCNN(setup.input_shape, setup.num_classes, size, setup.model.dropout)
+        return BackpropChain(setup.input_shape, setup.embedding, setup.num_classes, size, setup.T,
+                             setup.model.dropout, learn_embedding=setup.model.embedding != "one_hot")
+
+
+def manifest_fields(cfg: Config, data: Dataset, setup: NetworkSetup, net: nn.Module) -> dict[str, Any]:
+    return {
+        "T": setup.T if setup.variant == "backprop" else 0,
+        "dataset": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+        "input_dtype": str(data.train.x.dtype), "embedding": cfg.model.embedding,
+        "embedding_dim": int(setup.embedding.shape[1]), "block": cfg.model.block,
+        "normalization": {"mean": list(data.mean), "std": list(data.std)},
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm over the global batch.
+# ---------------------------------------------------------------------------------------
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the global batch of all ranks.
+
+    One differentiable all-reduce of (sum, sum of squares, count) per layer and step; the
+    buffers and state-dict keys are those of BatchNorm1d, so checkpoints load into the
+    plain network. ``payload_bytes`` counts what this layer all-reduces (forward+backward).
+    """
+
+    payload_bytes = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        count = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
+        packed = torch.cat([x.sum(0), (x * x).sum(0), count])                   # (2C + 1,)
+        packed = all_reduce(packed)                                              # sum over ranks
+        GlobalBatchNorm1d.payload_bytes += 2 * packed.numel() * packed.element_size()
+        c = x.shape[1]
+        total, n = packed[:c], packed[2 * c]
+        mean = total / n                                                         # (C,)
+        var = packed[c:2 * c] / n - mean * mean                                  # (C,) biased
+        with torch.no_grad():
+            # As BatchNorm1d: running variance is the unbiased one, momentum-averaged.
+            self.num_batches_tracked += 1
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.detach())
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var.detach() * n / (n - 1))
+        x_hat = (x - mean) / torch.sqrt(var + self.eps)                          # (B, C)
+        return x_hat * self.weight + self.bias
+
+
+def use_global_batchnorm(net: nn.Module) -> nn.Module:
+    """Swap every BatchNorm1d of ``net`` for a :class:`GlobalBatchNorm1d` with the same state."""
+    for name, child in net.named_children():
+        if type(child) is nn.BatchNorm1d:
+            replacement = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum,
+                                            child.affine, child.track_running_stats)
+            replacement.load_state_dict(child.state_dict())
+            setattr(net, name, replacement.to(child.weight.device))
+        else:
+            use_global_batchnorm(child)
+    return net
+
+
+# ---------------------------------------------------------------------------------------
+# The worker loop.
+# ---------------------------------------------------------------------------------------
+class _ByteCounter:
+    """DDP communication hook state: counts the gradient buckets it all-reduces, plus the
+    buffers DDP broadcasts before each forward (``per_step``, when it does)."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.per_step = 0
+
+
+def _counting_allreduce(counter, bucket):  # no annotations: DDP checks them against real types
+    """All-reduce one gradient bucket (DDP's default) after counting its bytes."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    buffer = bucket.buffer()
+    counter.bytes += buffer.numel() * buffer.element_size()
+    return allreduce_hook(None, bucket)
+
+
+def shard(global_idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous share of one global batch (sizes differ by at most one)."""
+    n = len(global_idx)
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return global_idx[lo:lo + base + (1 if rank < extra else 0)]
+
+
+def state_bytes(net: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Parameters + gradients + optimizer state, in bytes."""
+    params = [p for p in net.parameters()]
+    total = sum(p.numel() * p.element_size() for p in params)
+    total += sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    total += sum(v.numel() * v.element_size() for s in optimizer.state.values()
+                 for v in s.values() if torch.is_tensor(v))
+    return total
+
+
+def network_state_tensors(net: nn.Module, optimizer: torch.optim.Optimizer, epochs_done: int) -> dict:
+    out = {f"model/{k}": v for k, v in net.state_dict().items()}
+    for idx, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"optim/{idx}/{key}"] = torch.as_tensor(value)
+    out["epochs_done"] = torch.tensor(epochs_done)
+    return {k: v.detach().cpu().clone() for k, v in out.items()}
+
+
+def _load_network_state(net: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, where: Path) -> int:
+    load_module_state(net, tensors, NETWORK, where)
+    optim_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            optim_state.setdefault(int(idx), {})[name] = value
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    return int(tensors["epochs_done"])
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, z_0: torch.Tensor,
+               y: torch.Tensor, weight: float) -> torch.Tensor:
+    """One optimizer step on this rank's share; returns the share's mean cross-entropy.
+
+    ``weight = local_size * world / global_size``: DDP averages the ranks' gradients, so
+    the step follows the gradient of the global batch's mean loss. The gradients stay in
+    ``.grad`` until the next step.
+    """
+    loss = F.cross_entropy(model(x, z_0), y)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * weight).backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def train_worker(setup: NetworkSetup, train: ArraySplit, run_dir: str | Path, rank: int = 0,
+                 world: int = 1, device: torch.device | str = "cpu", show_progress: bool = False) -> dict:
+    """Train the baseline on this rank's share of every global batch; rank 0 writes the run.
+
+    The process group (world > 1) must already be open. Returns this run's figures
+    (the same on every rank): per-epoch seconds, loss, bytes all-reduced, memory.
+    """
+    device = torch.device(device)
+    run = RunDir(run_dir)
+    net = build_network(setup).to(device)
+    if world > 1 and setup.sync_batchnorm:
+        use_global_batchnorm(net)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=setup.train.lr, weight_decay=setup.train.weight_decay)
+    epochs_done = 0
+    if NETWORK in run.manifest()["units"]:
+        epochs_done = _load_network_state(net, optimizer, run.load_unit(NETWORK), run.path)
+    model: nn.Module = net
+    counter = _ByteCounter()
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # With global BatchNorm every rank holds the same running statistics: nothing to
+        # broadcast. Without it DDP broadcasts rank 0's buffers at every forward (counted).
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=not setup.sync_batchnorm)
+        model.register_comm_hook(counter, _counting_allreduce)
+        if not setup.sync_batchnorm:
+            counter.per_step = sum(b.numel() * b.element_size() for b in net.buffers())
+    n, batch, d = len(train), setup.train.batch_size, setup.embedding.shape[1]
+    x_all, y_all = train.x, np.asarray(train.y)
+    figures: dict[str, Any] = {"epochs": [], "peak_train_bytes": 0, "rss_bytes": 0}
+    bar = _progress_bar(setup.train.epochs, epochs_done, show_progress and rank == 0)
+    for epoch in range(epochs_done + 1, setup.train.epochs + 1):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(
+            derive_seed(setup.train.seed, NETWORK_SEED_UNIT, epoch, SHUFFLE)))
+        # z_0 ~ N(0, I) per example, drawn for the whole epoch from the run seed: the same
+        # rows whatever the number of workers (used by the structure-matched chain only).
+        z_0_all = schedule.marginal_noise(n, d, derive_seed(setup.train.seed, NETWORK_SEED_UNIT, epoch, NOISE))
+        counter.bytes, GlobalBatchNorm1d.payload_bytes = 0, 0
+        loss_sum = torch.zeros(2, dtype=torch.float64)                 # (sum of loss * count, count)
+        net.train()
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(derive_seed(setup.train.seed, NETWORK_SEED_UNIT, epoch,
+                                          DROPOUT + RANK_STREAM_STRIDE * rank))
+            for step, start_i in enumerate(range(0, n, batch)):
+                global_idx = order[start_i:start_i + batch]
+                if len(global_idx) < max(2, world):
+                    continue  # BatchNorm needs two examples; every rank needs one
+                idx = shard(global_idx, rank, world).numpy()
+                x = normalize(np.asarray(x_all[idx]), setup.mean, setup.std).to(device)   # (b, C, H, W)
+                y = torch.from_numpy(y_all[idx]).to(device)                                 # (b,)
+                z_0 = z_0_all[idx].to(device)                                                # (b, d)
+                with SavedTensorMeter(step == 0, net) as meter:
+                    loss = train_step(model, optimizer, x, z_0, y, len(idx) * world / len(global_idx))
+                counter.bytes += counter.per_step
+                if step == 0:
+                    figures["peak_train_bytes"] = max(figures["peak_train_bytes"],
+                                                      state_bytes(net, optimizer) + meter.bytes)
+                loss_sum += torch.tensor([loss.item() * len(idx), len(idx)], dtype=torch.float64)
+        seconds = time.perf_counter() - start
+        if device.type == "cuda":
+            figures["peak_train_bytes"] = max(figures["peak_train_bytes"], torch.cuda.max_memory_allocated(device))
+        record = _epoch_record(epoch, seconds, loss_sum, counter.bytes, n, world, figures)
+        figures["epochs"].append(record)
+        if rank == 0:
+            run.append_metrics({"event": "unit_epoch", **record})
+            if checkpoint_due(setup.train, epoch, shared_embedding=False):
+                run.save_unit(NETWORK, network_state_tensors(net, optimizer, epoch), epoch,
+                              finished=epoch == setup.train.epochs)
+            bar.set_postfix_str(f"loss {record['loss']:.4g} {record['samples_per_s']:.0f} samples/s")
+            bar.update(1)
+        if world > 1:
+            dist.barrier()  # no rank starts the next epoch (or leaves) before the checkpoint is on disk
+    bar.close()
+    return figures
+
+
+def _epoch_record(epoch: int, seconds: float, loss_sum: torch.Tensor, grad_bytes: int, n: int,
+                  world: int, figures: dict) -> dict:
+    """One epoch's figures, gathered over ranks (outside the timed loop)."""
+    bn_bytes = GlobalBatchNorm1d.payload_bytes
+    local = torch.tensor([float(grad_bytes), float(bn_bytes), float(figures["peak_train_bytes"]),
+                          float(rss_bytes()), seconds], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(loss_sum)                              # global mean loss
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)           # the worst worker
+    loss = float(loss_sum[0] / max(loss_sum[1], 1.0))
+    figures["peak_train_bytes"] = int(local[2])
+    figures["rss_bytes"] = max(figures["rss_bytes"], int(local[3]))
+    return {"unit": NETWORK, "epoch": epoch, "loss": loss, "seconds": float(local[4]),
+            "samples_per_s": n / float(local[4]), "workers": world,
+            "allreduce_grad_bytes_per_worker": int(local[0]),
+            "allreduce_batchnorm_bytes_per_worker": int(local[1]),
+            "peak_memory_bytes": figures["peak_train_bytes"], "rss_bytes": int(local[3])}
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="epoch", disable=not enabled)
+
+
+def ddp_summary(figures: dict, workers: int, threads: int, device: str, launcher: str) -> dict:
+    """The trainer-specific part of summary.json for a back-propagation run."""
+    epochs = figures["epochs"]
+    return {"backend": launcher, "workers": workers, "threads_per_worker": threads, "device": device,
+            "epoch_seconds": [e["seconds"] for e in epochs],
+            "allreduce_bytes_per_worker_per_epoch": (
+                epochs[-1]["allreduce_grad_bytes_per_worker"] + epochs[-1]["allreduce_batchnorm_bytes_per_worker"]
+                if epochs else 0),
+            "peak_memory_bytes": {NETWORK: figures["peak_train_bytes"]}, "rss_bytes": figures["rss_bytes"]}
+
+
+def train_backprop_local(cfg: Config, run_dir: str | Path, resume: bool = False,
+                         show_progress: bool = True) -> dict[str, Any]:
+    """Train a back-propagation baseline in this process (no process group); returns the summary."""
+    data = load_data(cfg)
+    setup = make_network_setup(cfg, data)
+    run = open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup, build_network(setup)))
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    start = time.perf_counter()
+    figures = train_worker(setup, data.train, run.path, 0, 1, device, show_progress)
+    train_seconds = time.perf_counter() - start
+    extra = ddp_summary(figures, 1, torch.get_num_threads(), str(device), "local")
+    return finish_run(run, cfg, data, train_seconds, extra)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a finished run back.
+# ---------------------------------------------------------------------------------------
+class RawImageClassifier(nn.Module):
+    """The exported predictor: raw images (uint8 0..255 or float) in, class logits out."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor, z_0: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        return self.net((x - self.mean) / self.std, z_0)
+
+
+class NetworkPredictor:
+    """A finished back-propagation run as a predictor (see :mod:`noprop_dist.variants`)."""
+
+    def __init__(self, run: RunDir):
+        from .results import load_run_config
+
+        self.manifest = run.manifest()
+        self.cfg = load_run_config(run)
+        m = self.manifest
+        setup = NetworkSetup(variant=self.cfg.variant, model=self.cfg.model, train=self.cfg.train,
+                             T=self.cfg.schedule.T, num_classes=m["num_classes"],
+                             input_shape=tuple(m["input_shape"]), mean=tuple(m["normalization"]["mean"]),
+                             std=tuple(m["normalization"]["std"]),
+                             embedding=torch.zeros(m["num_classes"], m["embedding_dim"]),
+                             sync_batchnorm=False)
+        net = build_network(setup)
+        self.net = load_module_state(net, run.load_unit(NETWORK), NETWORK, run.path).eval()
+        self.mean, self.std = setup.mean, setup.std
+        self.embedding_dim = m["embedding_dim"]
+
+    @staticmethod
+    def default_device(name: str) -> torch.device:
+        return resolve_device(name)
+
+    @torch.no_grad()
+    def evaluate(self, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str = "cpu") -> dict:
+        net = self.net.to(device).eval()
+        gen = torch.Generator().manual_seed(eval_cfg.seed)
+        correct = 0
+        for start in range(0, len(split), eval_cfg.batch_size):
+            x = normalize(np.asarray(split.x[start:start + eval_cfg.batch_size]), self.mean, self.std).to(device)
+            y = torch.from_numpy(np.array(split.y[start:start + eval_cfg.batch_size])).to(device)
+            z_0 = torch.randn(len(y), self.embedding_dim, generator=gen).to(device)     # (B, d)
+            correct += int((net(x, z_0).argmax(-1) == y).sum())
+        return {"test_accuracy": correct / max(len(split), 1)}
+
+    def export_program(self):
+        """A torch.export program ``(images, z_0) -> logits``; images raw (N, C, H, W) of the
+        training data's dtype, normalised inside; ``z_0`` (N, d) standard normal noise
+        (the structure-matched chain starts from it; the CNN ignores it)."""
+        model = RawImageClassifier(self.net.cpu().eval(), self.mean, self.std).eval()
+        batch = torch.export.Dim("batch", min=1)
+        z_0 = torch.randn(4, self.embedding_dim, generator=torch.Generator().manual_seed(0))
+        return torch.export.export(model, (example_images(self.manifest), z_0),
+                                   dynamic_shapes=({0: batch}, {0: batch}))
+
+
+# ---------------------------------------------------------------------------------------
+# torchrun, without Ray.
+# ---------------------------------------------------------------------------------------
+def torchrun_main(argv: list[str] | None = None) -> int:
+    """``torchrun --nproc-per-node N -m noprop_dist.backprop [train options]``.
+
+    Rank 0 checks the config and creates the run directory; every rank then trains its
+    share; rank 0 evaluates and writes the summary.
+    """
+    import argparse
+    import sys
+
+    from . import config as config_mod
+    from .cli import parse_overrides
+    from .errors import NoPropError
+
+    parser = argparse.ArgumentParser(prog="torchrun ... -m noprop_dist.backprop")
+    parser.add_argument("--config", default="demo")
+    parser.add_argument("--run-dir", required=True)
+    args, extra = parser.parse_known_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    try:
+        overrides = {"cluster.backend": "local", **parse_overrides(extra)}
+        cfg = config_mod.resolve(args.config, overrides)
+        device = resolve_device(cfg.train.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.set_num_threads(cfg.cluster.threads_per_worker)
+        data = load_data(cfg)
+        setup = make_network_setup(cfg, data)
+        if rank == 0:
+            open_run(cfg, args.run_dir, False, manifest_fields(cfg, data, setup, build_network(setup)))
+        dist.barrier()
+        start = time.perf_counter()
+        figures = train_worker(setup, data.train, args.run_dir, rank, world, device, show_progress=rank == 0)
+        train_seconds = time.perf_counter() - start
+        if rank == 0:
+            summary = finish_run(RunDir(args.run_dir), cfg, data, train_seconds,
+                                 ddp_summary(figures, world, cfg.cluster.threads_per_worker, str(device), "torchrun"))
+            print(f"test accuracy: {summary['test_accuracy']:.4f}")
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
+    except NoPropError as exc:
+        print(f"noprop-dist: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(torchrun_main())

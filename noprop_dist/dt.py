@@ -1,0 +1,113 @@
+"""NoProp-DT's side of a run directory: its units, manifest fields, unit checkpoints, and
+its predictor (the Eq. 3 chain rebuilt from the run directory, evaluated and exported).
+
+The trainers (:mod:`~noprop_dist.local`, :mod:`~noprop_dist.coordinator`) write what this
+module reads back; ``eval``/``export`` reach it through :mod:`noprop_dist.variants`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import config as config_mod
+from .checkpoint import RunDir
+from .config import Config, EvalConfig
+from .data import ArraySplit, Dataset
+from .errors import CheckpointError
+from .inference import NoPropChain, RawImageChain, draw_noise, evaluate
+from .units import HEAD, UnitRunner, UnitSetup, build_module, resolve_device, unit_name
+
+EMBEDDING_FILE = "embedding"
+
+
+def all_units(T: int) -> list[int]:
+    """Unit ids of a DT run: blocks 1..T, then the head (0)."""
+    return list(range(1, T + 1)) + [HEAD]
+
+
+def manifest_fields(cfg: Config, data: Dataset, setup: UnitSetup) -> dict[str, Any]:
+    return {
+        "T": setup.T,
+        "schedule": {**config_mod.to_dict(cfg)["schedule"], "alpha_bar": list(setup.alpha_bar)},
+        "dataset": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+        "input_dtype": str(data.train.x.dtype),
+        "embedding": cfg.model.embedding, "embedding_dim": int(setup.embedding.shape[1]),
+        "block": cfg.model.block, "normalization": {"mean": list(data.mean), "std": list(data.std)},
+    }
+
+
+def save_unit(run: RunDir, runner: UnitRunner, finished: bool) -> int:
+    """Checkpoint one unit; returns the bytes written."""
+    return run.save_unit(runner.name, runner.state_tensors(), runner.epochs_done, finished)["bytes"]
+
+
+def load_chain(run_dir: str | Path) -> tuple[NoPropChain, Config, dict[str, Any]]:
+    """Rebuild the trained chain from a run directory (checksums verified, no code executed)."""
+    from .results import load_run_config
+
+    run = RunDir(run_dir)
+    manifest = run.manifest()
+    cfg = load_run_config(run)
+    embedding = run.load_tensors(EMBEDDING_FILE)["embedding"]
+    setup = UnitSetup(model=cfg.model, train=cfg.train, alpha_bar=tuple(manifest["schedule"]["alpha_bar"]),
+                      num_classes=manifest["num_classes"], input_shape=tuple(manifest["input_shape"]),
+                      mean=tuple(manifest["normalization"]["mean"]), std=tuple(manifest["normalization"]["std"]),
+                      embedding=embedding)
+    modules = {}
+    for unit in all_units(setup.T):
+        modules[unit] = load_module_state(build_module(unit, setup), run.load_unit(unit_name(unit)),
+                                          unit_name(unit), run.path)
+    chain = NoPropChain([modules[t] for t in range(1, setup.T + 1)], modules[HEAD], embedding,
+                        np.array(setup.alpha_bar), setup.mean, setup.std)
+    return chain.eval(), cfg, manifest
+
+
+def load_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], name: str,
+                      where: Path) -> torch.nn.Module:
+    """Load the ``model/...`` tensors of a unit checkpoint into ``module`` (one-line error on mismatch)."""
+    state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"{name} in {where} does not fit its config ({first})") from None
+    return module
+
+
+class ChainPredictor:
+    """A finished DT run as a predictor: evaluate the Eq. 3 chain, export it."""
+
+    def __init__(self, run: RunDir):
+        self.chain, self.cfg, self.manifest = load_chain(run.path)
+
+    @staticmethod
+    def default_device(name: str) -> torch.device:
+        return resolve_device("auto" if name == "auto" else name)
+
+    def evaluate(self, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str = "cpu") -> dict:
+        scores = evaluate(self.chain, split, eval_cfg.batch_size, eval_cfg.seed, device)
+        key = "chain_accuracy_noise" if eval_cfg.noise else "chain_accuracy_no_noise"
+        return {"test_accuracy": scores[key], **scores, "eval_noise": eval_cfg.noise}
+
+    def export_program(self):
+        """A torch.export program ``(images, noise) -> logits``.
+
+        ``images`` raw (N, C, H, W) of the training data's dtype (uint8 0..255 for the builtin
+        datasets, float32 for float user files; torch.export fixes the dtype), normalised
+        inside; ``noise`` (T+1, N, d) as made by :func:`~noprop_dist.inference.draw_noise`.
+        """
+        model = RawImageChain(self.chain).eval()
+        images = example_images(self.manifest)
+        noise = draw_noise(self.chain.T, 4, self.chain.embedding.shape[1], torch.Generator().manual_seed(0), True)
+        batch = torch.export.Dim("batch", min=1)
+        return torch.export.export(model, (images, noise), dynamic_shapes=({0: batch}, {1: batch}))
+
+
+def example_images(manifest: dict[str, Any]) -> torch.Tensor:
+    """Four zero images of the run's raw dtype: the uint8 -> /255 branch is decided at export time."""
+    dtype = torch.float32 if manifest.get("input_dtype") == "float32" else torch.uint8
+    return torch.zeros(4, *manifest["input_shape"], dtype=dtype)

@@ -1,0 +1,53 @@
+"""The registry of variants: what a run trains, and how its finished run is read back.
+
+``Config.variant`` names an entry. Each entry says which family it belongs to (the
+trainers of :mod:`noprop_dist.trainers` are registered per family) and how to rebuild a
+predictor from a finished run directory; a predictor has ``evaluate(split, eval_cfg,
+device)`` returning at least ``test_accuracy`` and ``export_program()``.
+
+Variants:
+
+* ``dt``: NoProp-DT, T blocks each trained alone on closed-form noisy targets (the paper's
+  Eq. 8), chained only at inference (Eq. 3).
+* ``backprop``: the paper's structure-matched baseline (Eqs. 17-19): the same T blocks
+  chained end to end, ``z_t = (1 - alpha_t) z_{t-1} + alpha_t u_hat_t(z_{t-1}, x)`` with
+  ``alpha_t = tanh(w_t)`` learnable, cross-entropy through all blocks.
+* ``backprop_cnn``: a plain single-tower CNN (the Figure-6 image path + a linear head),
+  what a user with one machine would otherwise train.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    family: str        # "noprop" or "backprop": selects the trainers that can run it
+    doc: str
+    predictor: str     # "module:Class", built from a RunDir
+
+    def load(self, run):
+        module, _, cls = self.predictor.partition(":")
+        return getattr(importlib.import_module(module), cls)(run)
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("dt", "noprop", "NoProp-DT: T blocks, each trained alone (Eq. 8), chained at inference (Eq. 3)",
+            "noprop_dist.dt:ChainPredictor"),
+    Variant("backprop", "backprop", "structure-matched back-propagation baseline (Eqs. 17-19)",
+            "noprop_dist.backprop:NetworkPredictor"),
+    Variant("backprop_cnn", "backprop", "single-tower CNN (Figure-6 image path + linear head), back-propagation",
+            "noprop_dist.backprop:NetworkPredictor"),
+)}
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ConfigError(f"variant={name!r} is not one of {', '.join(VARIANTS)}") from None
