@@ -46,6 +46,17 @@ def plan_workers(cluster: ClusterConfig, batch_size: int, resources: dict[str, f
     return workers, gpus
 
 
+def process_group_backend(cluster: ClusterConfig, gpus: float) -> str:
+    """nccl when the workers get GPUs that exist, else gloo.
+
+    A private local Ray may hold logical GPUs without hardware (tests): gloo then. On a
+    cluster (``--address``) the driver may have no GPU while its workers do: nccl.
+    """
+    if gpus > 0 and (torch.cuda.is_available() or cluster.address):
+        return "nccl"
+    return "gloo"
+
+
 def worker_error(exc: BaseException) -> str:
     """The worker's own exception line out of Ray Train's multi-line report."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -65,8 +76,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
     x, y = ray.get(config["train_refs"])
     from .data import ArraySplit
 
+    # Logical GPUs without hardware (tests) fall back to the CPU.
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     train_worker(config["setup"], ArraySplit(x, y), config["run_dir"], ctx.get_world_rank(),
-                 ctx.get_world_size(), ray.train.torch.get_device())
+                 ctx.get_world_size(), device)
 
 
 def train_ddp(cfg: Config, run_dir: str | Path, resume: bool = False,
@@ -87,7 +100,7 @@ def train_ddp(cfg: Config, run_dir: str | Path, resume: bool = False,
         _worker_loop,
         train_loop_config={"setup": setup, "train_refs": train_refs, "run_dir": str(Path(run.path).resolve()),
                            "threads": threads},
-        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg.cluster, gpus)),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": threads, **({"GPU": gpus} if gpus else {})}),
         run_config=RunConfig(name=f"{run.path.resolve().name}-ddp", storage_path=storage,

@@ -20,6 +20,7 @@ With a one-hot embedding the units are fully independent.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -239,7 +240,8 @@ class UnitRunner:
         self.epochs_done = epoch
         seconds = time.perf_counter() - start
         samples = n * (self.setup.train.head_passes if self.unit == HEAD else 1)
-        return {"unit": self.name, "epoch": epoch, "loss": float(np.mean(losses)),
+        # One host sync per epoch, not per step: the losses stay tensors until here.
+        return {"unit": self.name, "epoch": epoch, "loss": float(torch.stack(losses).double().mean()),
                 "seconds": seconds, "samples_per_s": samples / seconds,
                 "target_seconds": target_seconds, "first_step_at": self.first_step_at,
                 "peak_memory_bytes": self.peak_memory_bytes, "rss_bytes": rss_bytes()}
@@ -263,13 +265,14 @@ class UnitRunner:
             self.first_step_at = time.time()  # wall clock: compared with the launch time
 
     def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                              enabled=self.setup.train.bf16 and self.device.type == "cuda")
+        if not (self.setup.train.bf16 and self.device.type == "cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _block_epoch(self, epoch: int, noise: torch.Tensor, progress: ProgressFn | None) -> list[float]:
         order = epoch_order(self.setup, self.unit, epoch, len(self.train))
         x_all = self.train.x
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
         steps = math.ceil(len(order) / self.setup.train.batch_size)
         tick = time.perf_counter()
         for step, idx in enumerate(self._batches(order), start=1):
@@ -285,11 +288,11 @@ class UnitRunner:
             self._step(loss)
             if measure:
                 self._record_memory(meter.bytes)
-            losses.append(loss.item())
+            losses.append(loss.detach())
             if progress and (step % self.setup.train.log_every == 0 or step == steps):
                 now = time.perf_counter()
                 progress({"unit": self.name, "epoch": epoch, "step": step, "steps": steps,
-                          "loss": losses[-1], "samples_per_s": len(idx) * self.setup.train.log_every / max(now - tick, 1e-9)})
+                          "loss": losses[-1].item(), "samples_per_s": len(idx) * self.setup.train.log_every / max(now - tick, 1e-9)})
                 tick = now
         return losses
 
@@ -299,7 +302,7 @@ class UnitRunner:
         The head sees labels only (never a block output), so it trains in its own unit.
         """
         ab_T, ab_0 = self.setup.alpha_bar[-1], self.setup.alpha_bar[0]
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
         passes = self.setup.train.head_passes
         for p in range(passes):
             order = epoch_order(self.setup, self.unit, epoch, len(self.train), head_pass=p)
@@ -311,10 +314,10 @@ class UnitRunner:
                 if self.setup.learnable_embedding:
                     loss = loss + schedule.kl_prior(u_y, ab_0).mean()
                 self._step(loss)
-                losses.append(loss.item())
+                losses.append(loss.detach())
             if progress:
                 progress({"unit": self.name, "epoch": epoch, "step": p + 1, "steps": passes,
-                          "loss": losses[-1], "samples_per_s": 0.0})
+                          "loss": losses[-1].item(), "samples_per_s": 0.0})
         self._record_memory(0)
         return losses
 
@@ -341,7 +344,8 @@ class SavedTensorMeter:
         self.enabled = enabled
         self.bytes = 0
         self._seen: set[int] = set()
-        self._param_ptrs = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self._module = module
+        self._param_ptrs: set[int] = set()
         self._ctx = None
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -353,6 +357,7 @@ class SavedTensorMeter:
 
     def __enter__(self) -> "SavedTensorMeter":
         if self.enabled:
+            self._param_ptrs = {p.untyped_storage().data_ptr() for p in self._module.parameters()}
             self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
             self._ctx.__enter__()
         return self
