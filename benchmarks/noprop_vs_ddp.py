@@ -53,13 +53,31 @@ METHODS = ("noprop", "backprop", "backprop_cnn")
 # ---------------------------------------------------------------------------------------
 # Profile: bare step loops and the local link.
 # ---------------------------------------------------------------------------------------
-def _timed_steps(step, batches: int, warmup: int = 2) -> float:
+def _timed_steps(step, batches: int, warmup: int = 2, repeats: int = 3) -> float:
+    """Seconds per step: the best of ``repeats`` timed runs (the least disturbed)."""
     for _ in range(warmup):
         step()
-    start = time.perf_counter()
-    for _ in range(batches):
-        step()
-    return (time.perf_counter() - start) / batches
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(batches):
+            step()
+        best = min(best, (time.perf_counter() - start) / batches)
+    return best
+
+
+def _memory(net, opt, forward) -> dict[str, int]:
+    """Parameters + gradients + optimizer state, saved activations of one forward at batch B,
+    and the resident (checkpointed) size: weights, buffers and optimizer state."""
+    from noprop_dist.backprop import state_bytes
+    from noprop_dist.units import SavedTensorMeter
+
+    with SavedTensorMeter(True, net) as meter:
+        forward()
+    resident = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    resident += sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                    if torch.is_tensor(v))
+    return {"state_bytes": state_bytes(net, opt), "activation_bytes": meter.bytes, "resident_bytes": resident}
 
 
 def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) -> dict[str, Any]:
@@ -74,6 +92,9 @@ def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) 
     y_all = torch.randint(0, data.num_classes, (max(batch_sizes),))
     out: dict[str, dict[str, float]] = {}
     params: dict[str, int] = {}
+    memory: dict[str, dict[str, int]] = {}
+    small: dict[str, int] = {}
+    B = max(batch_sizes)
 
     block = build_module(1, setup).train()
     opt = torch.optim.AdamW(block.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -92,6 +113,8 @@ def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) 
             loss.backward()
             opt.step()
         out["noprop_block"][str(b)] = _timed_steps(dt_step, steps)
+        if b == B:
+            memory["noprop_block"] = _memory(block, opt, lambda: denoised_embedding(block(z, x), emb))
     for variant in ("backprop", "backprop_cnn"):
         vcfg = config.apply_overrides(cfg, {"variant": variant, "cluster.backend": "local"}, "benchmark")
         net_setup = backprop.make_network_setup(vcfg, data)
@@ -104,7 +127,13 @@ def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) 
             z_0 = torch.randn(b, emb.shape[1])
             out[variant][str(b)] = _timed_steps(
                 lambda: backprop.train_step(net, opt_n, x, z_0, y, 1.0), max(2, steps // 4) if variant == "backprop" else steps)
-    return {"step_seconds": out, "param_bytes": params}
+            if b == B:
+                memory[variant] = _memory(net, opt_n, lambda: net(x, z_0))
+        # Global BatchNorm all-reduces its statistics per layer, forward and backward.
+        if cfg.cluster.sync_batchnorm:
+            small[variant] = 2 * sum(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules())
+    return {"step_seconds": out, "param_bytes": params, "memory": memory, "small_allreduces_per_step": small,
+            "device": "cpu"}
 
 
 def bare_block_epoch_seconds(cfg: config.Config, data) -> float:
@@ -131,6 +160,39 @@ def bare_block_epoch_seconds(cfg: config.Config, data) -> float:
         loss.backward()
         opt.step()
     return time.perf_counter() - start
+
+
+def _bare_epoch_process(cfg_dict: dict, start_at: float, queue) -> None:
+    torch.set_num_threads(1)
+    cfg = config.from_dict(cfg_dict)
+    from noprop_dist.lifecycle import load_data
+
+    data = load_data(cfg)
+    bare_block_epoch_seconds(cfg, data)   # warm up (allocator, caches) before the common start
+    while time.time() < start_at:         # start together
+        time.sleep(0.01)
+    queue.put(bare_block_epoch_seconds(cfg, data))
+
+
+def hardware_parallel_efficiency(cfg: config.Config, processes: int) -> dict[str, Any]:
+    """The machine's own ceiling: the bare block loop in 1 process, then in ``processes``
+    processes at once (no Ray, no communication). Efficiency = alone / slowest concurrent."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = {}
+    for k in (1, processes):
+        queue = ctx.Queue()
+        start_at = time.time() + 5.0 + 3.0 * k   # time to import, load and warm up
+        procs = [ctx.Process(target=_bare_epoch_process, args=(config.to_dict(cfg), start_at, queue))
+                 for _ in range(k)]
+        for proc in procs:
+            proc.start()
+        out[k] = [queue.get(timeout=600) for _ in procs]
+        for proc in procs:
+            proc.join()
+    return {"processes": processes, "alone_seconds": out[1][0], "concurrent_seconds": out[processes],
+            "efficiency": out[1][0] / max(out[processes])}
 
 
 def _link_worker(rank: int, port: int, sizes: list[int], out_path: str) -> None:
@@ -232,6 +294,8 @@ def make_record(method: str, workers: int, cfg: config.Config, summary: dict, ru
         epoch_seconds = float(np.mean(per_epoch))
         record.update({
             "comm_bytes_per_epoch": float(summary["allreduce_bytes_per_worker_per_epoch"]),
+            "allreduce_calls_per_epoch": int(np.mean([r.get("allreduce_calls_per_worker", 0) for r in metrics
+                                                      if r.get("event") == "unit_epoch"])),
             "peak_train_bytes_per_worker": int(summary["peak_memory_bytes"]["network"]),
             "rss_bytes_per_worker": int(summary["rss_bytes"]),
             "launch_seconds": wall - summary["train_seconds"] - summary["eval_seconds"],
@@ -338,6 +402,7 @@ def main() -> int:
     profile = profile_steps(cfg, data, [cfg.train.batch_size, cfg.train.batch_size // 2], args.profile_steps)
     bare_epoch = bare_block_epoch_seconds(cfg, data)
     link = measure_local_link()
+    ceiling = hardware_parallel_efficiency(cfg, max(args.workers)) if max(args.workers) > 1 else None
     connect(cfg.cluster)
     records = []
     with tempfile.TemporaryDirectory(prefix="noprop-vs-ddp-") as tmp:
@@ -369,6 +434,7 @@ def main() -> int:
             "checkpoint_every": cfg.train.checkpoint_every,
             "local_link": link,
             "bare_block_epoch_seconds": bare_epoch,
+            "hardware_parallel": ceiling,
         },
         "runs": records,
     }
@@ -379,6 +445,10 @@ def main() -> int:
         lean = (f"\nNoProp block-epoch (median, Ray worker, 1 thread): {noprop_1['block_epoch_seconds']:.3f} s; "
                 f"bare step loop of the same block: {bare_epoch:.3f} s; ratio "
                 f"{noprop_1['block_epoch_seconds'] / bare_epoch:.3f}\n")
+    if ceiling:
+        lean += (f"\nMachine ceiling: the bare block loop alone {ceiling['alone_seconds']:.3f} s; "
+                 f"{ceiling['processes']} at once (no Ray) {max(ceiling['concurrent_seconds']):.3f} s: "
+                 f"parallel efficiency {ceiling['efficiency']:.2f}\n")
     (out / "results.md").write_text(f"# NoProp-DT vs DDP backprop ({results['date']}, {preset})\n\n{table}{lean}")
     plot(records, out)
     print(table + lean)

@@ -119,6 +119,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     payload_bytes = 0
+    calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized()
@@ -130,6 +131,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         packed = torch.cat([x.sum(0), (x * x).sum(0), count])                   # (2C + 1,)
         packed = all_reduce(packed)                                              # sum over ranks
         GlobalBatchNorm1d.payload_bytes += 2 * packed.numel() * packed.element_size()
+        GlobalBatchNorm1d.calls += 2                                             # forward and backward
         c = x.shape[1]
         total, n = packed[:c], packed[2 * c]
         mean = total / n                                                         # (C,)
@@ -165,6 +167,7 @@ class _ByteCounter:
 
     def __init__(self):
         self.bytes = 0
+        self.calls = 0
         self.per_step = 0
 
 
@@ -174,6 +177,7 @@ def _counting_allreduce(counter, bucket):  # no annotations: DDP checks them aga
 
     buffer = bucket.buffer()
     counter.bytes += buffer.numel() * buffer.element_size()
+    counter.calls += 1
     return allreduce_hook(None, bucket)
 
 
@@ -269,7 +273,7 @@ def train_worker(setup: NetworkSetup, train: ArraySplit, run_dir: str | Path, ra
         # z_0 ~ N(0, I) per example, drawn for the whole epoch from the run seed: the same
         # rows whatever the number of workers (used by the structure-matched chain only).
         z_0_all = schedule.marginal_noise(n, d, derive_seed(setup.train.seed, NETWORK_SEED_UNIT, epoch, NOISE))
-        counter.bytes, GlobalBatchNorm1d.payload_bytes = 0, 0
+        counter.bytes = counter.calls = GlobalBatchNorm1d.payload_bytes = GlobalBatchNorm1d.calls = 0
         loss_sum = torch.zeros(2, dtype=torch.float64)                 # (sum of loss * count, count)
         net.train()
         start = time.perf_counter()
@@ -294,7 +298,7 @@ def train_worker(setup: NetworkSetup, train: ArraySplit, run_dir: str | Path, ra
         seconds = time.perf_counter() - start
         if device.type == "cuda":
             figures["peak_train_bytes"] = max(figures["peak_train_bytes"], torch.cuda.max_memory_allocated(device))
-        record = _epoch_record(epoch, seconds, loss_sum, counter.bytes, n, world, figures)
+        record = _epoch_record(epoch, seconds, loss_sum, counter, n, world, figures)
         figures["epochs"].append(record)
         if rank == 0:
             run.append_metrics({"event": "unit_epoch", **record})
@@ -309,11 +313,12 @@ def train_worker(setup: NetworkSetup, train: ArraySplit, run_dir: str | Path, ra
     return figures
 
 
-def _epoch_record(epoch: int, seconds: float, loss_sum: torch.Tensor, grad_bytes: int, n: int,
+def _epoch_record(epoch: int, seconds: float, loss_sum: torch.Tensor, counter: _ByteCounter, n: int,
                   world: int, figures: dict) -> dict:
     """One epoch's figures, gathered over ranks (outside the timed loop)."""
     bn_bytes = GlobalBatchNorm1d.payload_bytes
-    local = torch.tensor([float(grad_bytes), float(bn_bytes), float(figures["peak_train_bytes"]),
+    calls = counter.calls + GlobalBatchNorm1d.calls
+    local = torch.tensor([float(counter.bytes), float(bn_bytes), float(figures["peak_train_bytes"]),
                           float(rss_bytes()), seconds], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(loss_sum)                              # global mean loss
@@ -325,6 +330,7 @@ def _epoch_record(epoch: int, seconds: float, loss_sum: torch.Tensor, grad_bytes
             "samples_per_s": n / float(local[4]), "workers": world,
             "allreduce_grad_bytes_per_worker": int(local[0]),
             "allreduce_batchnorm_bytes_per_worker": int(local[1]),
+            "allreduce_calls_per_worker": calls,
             "peak_memory_bytes": figures["peak_train_bytes"], "rss_bytes": int(local[3])}
 
 

@@ -234,3 +234,21 @@ def test_torchrun_two_processes_without_ray(data_cache, tmp_path):
     assert summary["backend"] == "torchrun" and summary["workers"] == 2
     assert summary["allreduce_bytes_per_worker_per_epoch"] > 0
     assert main(["eval", str(run_dir), "--json"]) == 0
+
+
+def test_core_and_a_local_backprop_run_import_neither_ray_nor_open_a_process_group(tmp_path, data_cache):
+    """Ray lives only in the trainer modules that need it; the registries, the lifecycle and
+    the baselines' loop import it not, and the N = 1 run opens no process group."""
+    code = (
+        "import sys\n"
+        "import torch.distributed as dist\n"
+        "import noprop_dist.cli, noprop_dist.trainers, noprop_dist.variants, noprop_dist.lifecycle\n"
+        "from noprop_dist.config import resolve\n"
+        "from noprop_dist.backprop import train_backprop_local\n"
+        f"cfg = resolve('tiny', {{'data.cache_dir': {data_cache!r}, 'train.epochs': '1', 'variant': 'backprop',"
+        " 'cluster.backend': 'local'})\n"
+        f"train_backprop_local(cfg, {str(tmp_path / 'run')!r}, show_progress=False)\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+        "assert not dist.is_initialized(), 'a process group was opened'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +19,7 @@ def run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_scaling_benchmark_smoke(tmp_path):
     out = tmp_path / "scaling.json"
     proc = run(["benchmarks/scaling.py", "--smoke-test", "--workers", "1", "2", "--out", str(out)], tmp_path)
@@ -47,3 +50,29 @@ def test_report_on_a_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["seconds_per_epoch_per_block"] > 0 and report["T"] == 4
+
+
+@pytest.mark.slow
+def test_noprop_vs_ddp_benchmark_smoke(tmp_path):
+    """The comparison benchmark as a user runs it: every method at N = 1 and 2, well-formed
+    records, the markdown table, the plot, and the cost model's check against the runs."""
+    out = tmp_path / "vs_ddp"
+    proc = run(["benchmarks/noprop_vs_ddp.py", "--smoke", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["method"], r["workers"]): r for r in results["runs"]}
+    assert set(runs) == {(m, n) for m in ("noprop", "backprop", "backprop_cnn") for n in (1, 2)}
+    for r in runs.values():
+        for key in ("epoch_seconds", "samples_per_second", "peak_train_bytes_per_worker", "comm_bytes_per_epoch",
+                    "test_accuracy", "speedup", "efficiency", "rss_bytes_per_worker"):
+            assert isinstance(r[key], (int, float)) and r[key] >= 0, (r["method"], r["workers"], key)
+        assert 0 <= r["test_accuracy"] <= 1
+    # With one worker nothing is all-reduced; with two every gradient is, each step.
+    assert runs[("backprop", 1)]["comm_bytes_per_epoch"] == 0
+    assert runs[("backprop", 2)]["comm_bytes_per_epoch"] >= results["profile"]["param_bytes"]["backprop"]
+    # NoProp: control messages are small, checkpoints are the bulk.
+    assert 0 < runs[("noprop", 2)]["comm_control_bytes_per_epoch"] < runs[("noprop", 2)]["comm_checkpoint_bytes_per_epoch"]
+    for name in ("results.md", "results.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| noprop | 2 |" in (out / "results.md").read_text()
+    assert "within 15%" in proc.stdout
