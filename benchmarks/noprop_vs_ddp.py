@@ -322,6 +322,22 @@ def noprop_worker_peak(summary: dict, run) -> int:
     return int(worst)
 
 
+def fresh_dir(path: Path) -> Path:
+    """A run directory that does not exist yet (an earlier benchmark's is removed)."""
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+def median_record(trials: list[dict]) -> dict:
+    """The trial with the median epoch time, carrying every trial's epoch time."""
+    ordered = sorted(trials, key=lambda r: r["epoch_seconds"])
+    return {**ordered[(len(ordered) - 1) // 2], "repeats": len(trials),
+            "epoch_seconds_trials": [r["epoch_seconds"] for r in trials]}
+
+
 def add_ratios(records: list[dict]) -> None:
     """Speed-up and efficiency of each run against its own method's N = 1."""
     base = {r["method"]: r["epoch_seconds"] for r in records if r["workers"] == 1}
@@ -335,12 +351,13 @@ def add_ratios(records: list[dict]) -> None:
 # Output.
 # ---------------------------------------------------------------------------------------
 def markdown_table(records: list[dict]) -> str:
-    head = ("| method | N | s / epoch | samples/s | speed-up | efficiency | peak train MB / worker | "
-            "RSS MB / worker | comm MB / epoch | test acc. |")
+    head = ("| method | N | s / epoch (median; all runs) | samples/s | speed-up | efficiency | "
+            "peak train MB / worker | RSS MB / worker | comm MB / epoch | test acc. |")
     rows = [head, "|" + "---|" * 10]
     for r in records:
+        trials = ", ".join(f"{t:.2f}" for t in r.get("epoch_seconds_trials", [r["epoch_seconds"]]))
         rows.append(
-            f"| {r['method']} | {r['workers']} | {r['epoch_seconds']:.2f} | {r['samples_per_second']:.0f} | "
+            f"| {r['method']} | {r['workers']} | {r['epoch_seconds']:.2f} ({trials}) | {r['samples_per_second']:.0f} | "
             f"{r.get('speedup', float('nan')):.2f}x | {r.get('efficiency', float('nan')):.2f} | "
             f"{r['peak_train_bytes_per_worker'] / 1e6:.1f} | {r['rss_bytes_per_worker'] / 1e6:.0f} | "
             f"{r['comm_bytes_per_epoch'] / 1e6:.3f} | {r['test_accuracy']:.4f} |")
@@ -383,6 +400,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--profile-steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per (method, N); the median is reported")
     parser.add_argument("--smoke", "--smoke-test", action="store_true", help="tiny preset, 1 epoch: < 2 minutes")
     parser.add_argument("--out", default="benchmarks/results/vs_ddp")
     args = parser.parse_args()
@@ -404,16 +422,20 @@ def main() -> int:
     link = measure_local_link()
     ceiling = hardware_parallel_efficiency(cfg, max(args.workers)) if max(args.workers) > 1 else None
     connect(cfg.cluster)
-    records = []
-    with tempfile.TemporaryDirectory(prefix="noprop-vs-ddp-") as tmp:
+    runs_dir = out / "runs"
+    trials: dict[tuple[str, int], list[dict]] = {}
+    # Repeats go round-robin over the configurations, so that a slow spell of a shared
+    # machine spreads over all of them instead of hitting one.
+    for repeat in range(args.repeats):
         for method in args.methods:
             for workers in args.workers:
-                print(f"[vs_ddp] {method} N={workers} ...", flush=True)
-                rec = run_method(method, workers, cfg, Path(tmp) / f"{method}-{workers}")
-                records.append(rec)
-                print(f"[vs_ddp] {method} N={workers}: {rec['epoch_seconds']:.2f} s/epoch, "
-                      f"acc {rec['test_accuracy']:.4f}, {rec['peak_train_bytes_per_worker'] / 1e6:.1f} MB/worker",
-                      flush=True)
+                tag = f"{method}-{workers}" + (f"-r{repeat}" if args.repeats > 1 else "")
+                print(f"[vs_ddp] {tag} ...", flush=True)
+                rec = run_method(method, workers, cfg, fresh_dir(runs_dir / tag))
+                trials.setdefault((method, workers), []).append(rec)
+                print(f"[vs_ddp] {tag}: {rec['epoch_seconds']:.2f} s/epoch, acc {rec['test_accuracy']:.4f}, "
+                      f"{rec['peak_train_bytes_per_worker'] / 1e6:.1f} MB/worker", flush=True)
+    records = [median_record(trials[(m, n)]) for m in args.methods for n in args.workers]
     add_ratios(records)
     noprop_1 = next((r for r in records if r["method"] == "noprop" and r["workers"] == 1), None)
     results = {

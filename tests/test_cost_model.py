@@ -279,3 +279,20 @@ def test_imports_neither_torch_nor_ray():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_memory_per_worker_follows_what_each_worker_holds(profile):
+    """NoProp: one block's state and full-batch activations, plus (CPU only) the resident
+    state of the other blocks it hosts; DDP: the whole network's state plus its share of
+    the activations."""
+    profile["memory"] = {
+        "noprop_block": {"state_bytes": 8e6, "activation_bytes": 40e6, "resident_bytes": 6e6},
+        "backprop": {"state_bytes": 80e6, "activation_bytes": 400e6, "resident_bytes": 60e6},
+    }
+    assert cm.memory_per_worker(profile, "noprop", 1, on_gpu=True) == pytest.approx(48e6)
+    assert cm.memory_per_worker(profile, "noprop", 1, on_gpu=False) == pytest.approx(48e6 + 9 * 6e6)
+    assert cm.memory_per_worker(profile, "noprop", 2, on_gpu=False) == pytest.approx(48e6 + 4 * 6e6)
+    assert cm.memory_per_worker(profile, "noprop", 2 * T, on_gpu=True) == pytest.approx(8e6 + 20e6)
+    assert cm.memory_per_worker(profile, "backprop", 1) == pytest.approx(480e6)
+    assert cm.memory_per_worker(profile, "backprop", 2) == pytest.approx(280e6)
+    assert cm.memory_per_worker(profile, "backprop_cnn", 2) is None
