@@ -19,7 +19,8 @@ all-reduce between two processes).
 
     python benchmarks/noprop_vs_ddp.py --out benchmarks/results/vs_ddp      # demo preset, 2 epochs
     python benchmarks/noprop_vs_ddp.py --smoke --out /tmp/smoke             # < 2 minutes
-    python benchmarks/noprop_vs_ddp.py --config mnist --epochs 1 --workers 1 2 4 8   # on a GPU box
+    python benchmarks/noprop_vs_ddp.py --config mnist --epochs 1 --workers 1 2 4 8 --address auto \
+        --data.root=/shared/torchvision                                         # on a GPU cluster
 
 Writes ``--out``: results.json, results.md, and PNG plots; then runs the cost model's check
 (``benchmarks/cost_model.py``) against the measured points.
@@ -160,6 +161,23 @@ def bare_block_epoch_seconds(cfg: config.Config, data) -> float:
         loss.backward()
         opt.step()
     return time.perf_counter() - start
+
+
+def lean_loop(cfg: config.Config, data, repeats: int = 3) -> dict[str, float]:
+    """The unit loop (UnitRunner.run_epoch: data gathering, closed-form targets, seeded
+    dropout, memory accounting, metrics) against the bare step loop, in this process,
+    alternated ``repeats`` times; the best of each."""
+    from noprop_dist.units import UnitRunner, make_setup
+
+    setup = make_setup(cfg, data)
+    bare, unit = [], []
+    for _ in range(repeats):
+        bare.append(bare_block_epoch_seconds(cfg, data))
+        runner = UnitRunner(2, setup, data.train)
+        start = time.perf_counter()
+        runner.run_epoch(1)
+        unit.append(time.perf_counter() - start)
+    return {"bare_seconds": min(bare), "unit_seconds": min(unit), "ratio": min(unit) / min(bare)}
 
 
 def _bare_epoch_process(cfg_dict: dict, start_at: float, queue) -> None:
@@ -403,11 +421,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per (method, N); the median is reported")
     parser.add_argument("--smoke", "--smoke-test", action="store_true", help="tiny preset, 1 epoch: < 2 minutes")
     parser.add_argument("--out", default="benchmarks/results/vs_ddp")
-    args = parser.parse_args()
+    parser.add_argument("--address", default="", help="Ray cluster to run on (default: a private local Ray)")
+    args, extra = parser.parse_known_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     preset = "tiny" if args.smoke else args.config
     epochs = 1 if args.smoke else args.epochs
-    cfg = config.resolve(preset, {"train.epochs": epochs, "train.threads": 1, "cluster.threads_per_worker": 1})
+    from noprop_dist.cli import parse_overrides   # e.g. --data.root=/shared/torchvision
+
+    cfg = config.resolve(preset, {"train.epochs": epochs, "train.threads": 1, "cluster.threads_per_worker": 1,
+                                  "cluster.address": args.address, **parse_overrides(extra)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -418,7 +440,8 @@ def main() -> int:
     torch.set_num_threads(1)
     print(f"[vs_ddp] profiling bare step loops ({preset}, batch {cfg.train.batch_size})", flush=True)
     profile = profile_steps(cfg, data, [cfg.train.batch_size, cfg.train.batch_size // 2], args.profile_steps)
-    bare_epoch = bare_block_epoch_seconds(cfg, data)
+    lean = lean_loop(cfg, data)
+    bare_epoch = lean["bare_seconds"]
     link = measure_local_link()
     ceiling = hardware_parallel_efficiency(cfg, max(args.workers)) if max(args.workers) > 1 else None
     connect(cfg.cluster)
@@ -456,24 +479,26 @@ def main() -> int:
             "checkpoint_every": cfg.train.checkpoint_every,
             "local_link": link,
             "bare_block_epoch_seconds": bare_epoch,
+            "lean_loop_in_process": lean,
             "hardware_parallel": ceiling,
         },
         "runs": records,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown_table(records)
-    lean = ""
+    lean_text = (f"\nUnit loop in this process: {lean['unit_seconds']:.3f} s per block-epoch; bare step loop "
+                 f"{lean['bare_seconds']:.3f} s; ratio {lean['ratio']:.3f}\n")
     if noprop_1:
-        lean = (f"\nNoProp block-epoch (median, Ray worker, 1 thread): {noprop_1['block_epoch_seconds']:.3f} s; "
+        lean_text += (f"\nNoProp block-epoch (median, Ray worker, 1 thread): {noprop_1['block_epoch_seconds']:.3f} s; "
                 f"bare step loop of the same block: {bare_epoch:.3f} s; ratio "
                 f"{noprop_1['block_epoch_seconds'] / bare_epoch:.3f}\n")
     if ceiling:
-        lean += (f"\nMachine ceiling: the bare block loop alone {ceiling['alone_seconds']:.3f} s; "
+        lean_text += (f"\nMachine ceiling: the bare block loop alone {ceiling['alone_seconds']:.3f} s; "
                  f"{ceiling['processes']} at once (no Ray) {max(ceiling['concurrent_seconds']):.3f} s: "
                  f"parallel efficiency {ceiling['efficiency']:.2f}\n")
-    (out / "results.md").write_text(f"# NoProp-DT vs DDP backprop ({results['date']}, {preset})\n\n{table}{lean}")
+    (out / "results.md").write_text(f"# NoProp-DT vs DDP backprop ({results['date']}, {preset})\n\n{table}{lean_text}")
     plot(records, out)
-    print(table + lean)
+    print(table + lean_text)
     try:
         import cost_model
 

@@ -13,7 +13,6 @@ final evaluation.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,8 +27,9 @@ class Trainer:
     doc: str
 
     def function(self) -> Callable:
-        module, _, name = self.target.partition(":")
-        return getattr(importlib.import_module(module), name)
+        from .variants import load_target
+
+        return load_target(self.target)
 
 
 TRAINERS: tuple[Trainer, ...] = (

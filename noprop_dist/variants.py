@@ -32,8 +32,13 @@ class Variant:
     predictor: str     # "module:Class", built from a RunDir
 
     def load(self, run):
-        module, _, cls = self.predictor.partition(":")
-        return getattr(importlib.import_module(module), cls)(run)
+        return load_target(self.predictor)(run)
+
+
+def load_target(target: str):
+    """The object named by ``"package.module:name"``, imported only now (registries stay light)."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
