@@ -395,14 +395,19 @@ def plot(records: list[dict], out: Path) -> None:
         n = [r["workers"] for r in rs]
         axes[0].plot(n, [r.get("speedup", np.nan) for r in rs], marker="o", label=m)
         axes[1].plot(n, [r["peak_train_bytes_per_worker"] / 1e6 for r in rs], marker="o", label=m)
-        axes[2].plot(n, [max(r["comm_bytes_per_epoch"], 1) / 1e6 for r in rs], marker="o", label=m)
+        sent = [(r["workers"], r["comm_bytes_per_epoch"] / 1e6) for r in rs if r["comm_bytes_per_epoch"] > 0]
+        axes[2].plot([w for w, _ in sent], [b for _, b in sent], marker="o", label=m)   # 0 bytes: no point
         axes[3].plot([r["epoch_seconds"] * r["epochs"] for r in rs], [r["test_accuracy"] for r in rs],
                      marker="o", linestyle="none", label=m)
+        for r in rs:
+            axes[3].annotate(f"N={r['workers']}", (r["epoch_seconds"] * r["epochs"], r["test_accuracy"]),
+                             fontsize=7, xytext=(3, 3), textcoords="offset points")
     ns = sorted({r["workers"] for r in records})
     axes[0].plot(ns, ns, color="grey", linestyle=":", label="ideal")
     axes[0].set(xlabel="workers N", ylabel="speed-up vs own N = 1", title="speed-up")
     axes[1].set(xlabel="workers N", ylabel="MB", title="peak training memory per worker")
-    axes[2].set(xlabel="workers N", ylabel="MB per epoch", title="bytes communicated per epoch", yscale="log")
+    axes[2].set(xlabel="workers N", ylabel="MB per epoch (per DDP worker; NoProp: all)",
+                title="bytes communicated per epoch (none: no point)", yscale="log")
     axes[3].set(xlabel="training wall time (s)", ylabel="test accuracy", title="accuracy vs wall time")
     for ax in axes:
         ax.legend(fontsize=8)
