@@ -236,6 +236,7 @@ def test_torchrun_two_processes_without_ray(data_cache, tmp_path):
     assert main(["eval", str(run_dir), "--json"]) == 0
 
 
+@pytest.mark.slow
 def test_core_and_a_local_backprop_run_import_neither_ray_nor_open_a_process_group(tmp_path, data_cache):
     """Ray lives only in the trainer modules that need it; the registries, the lifecycle and
     the baselines' loop import it not, and the N = 1 run opens no process group."""

@@ -30,6 +30,7 @@ def test_scaling_benchmark_smoke(tmp_path):
     assert "speed-up" in proc.stdout
 
 
+@pytest.mark.slow
 def test_memory_benchmark_smoke(tmp_path):
     out = tmp_path / "memory.json"
     proc = run(["benchmarks/memory.py", "--smoke-test", "--out", str(out)], tmp_path)
@@ -41,6 +42,7 @@ def test_memory_benchmark_smoke(tmp_path):
     assert rows["paper"]["peak_bytes"] >= 4 * 4 * rows["paper"]["parameters"]
 
 
+@pytest.mark.slow
 def test_report_on_a_run(tmp_path):
     env_cache = f"--data.cache_dir={tmp_path / 'cache'}"
     proc = run(["-m", "noprop_dist.cli", "train", "--config", "tiny", "--run-dir", str(tmp_path / "run"),

@@ -276,6 +276,7 @@ def test_export_of_a_float_run_takes_float_images(run_copy, digits, tmp_path):
         torch.testing.assert_close(exported(raw.float() / 255.0, noise), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_local_run_does_not_import_ray(tmp_path, data_cache):
     """Only the coordinator imports Ray: an in-process run (manifest versions included) must
     not, yet the manifest still records Ray's version."""

@@ -298,6 +298,7 @@ def test_cli_keys(capsys):
     assert "train.lr = 0.001" in out and "schedule.alpha_bar_max" in out
 
 
+@pytest.mark.slow
 def test_console_script(tmp_path, data_cache, trained_run):
     """The installed `noprop-dist` entry point runs a tiny training in a fresh process (same
     result as in process: determinism does not depend on the process)."""
