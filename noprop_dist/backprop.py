@@ -298,7 +298,7 @@ def train_worker(setup: NetworkSetup, train: ArraySplit, run_dir: str | Path, ra
         seconds = time.perf_counter() - start
         if device.type == "cuda":
             figures["peak_train_bytes"] = max(figures["peak_train_bytes"], torch.cuda.max_memory_allocated(device))
-        record = _epoch_record(epoch, seconds, loss_sum, counter, n, world, figures)
+        record = _epoch_record(epoch, seconds, loss_sum, counter, n, world, figures, device)
         figures["epochs"].append(record)
         if rank == 0:
             run.append_metrics({"event": "unit_epoch", **record})
@@ -314,15 +314,18 @@ def train_worker(setup: NetworkSetup, train: ArraySplit, run_dir: str | Path, ra
 
 
 def _epoch_record(epoch: int, seconds: float, loss_sum: torch.Tensor, counter: _ByteCounter, n: int,
-                  world: int, figures: dict) -> dict:
-    """One epoch's figures, gathered over ranks (outside the timed loop)."""
+                  world: int, figures: dict, device: torch.device) -> dict:
+    """One epoch's figures, gathered over ranks (outside the timed loop; on ``device``, since
+    nccl reduces only CUDA tensors)."""
     bn_bytes = GlobalBatchNorm1d.payload_bytes
     calls = counter.calls + GlobalBatchNorm1d.calls
     local = torch.tensor([float(counter.bytes), float(bn_bytes), float(figures["peak_train_bytes"]),
                           float(rss_bytes()), seconds], dtype=torch.float64)
     if world > 1:
+        loss_sum, local = loss_sum.to(device), local.to(device)
         dist.all_reduce(loss_sum)                              # global mean loss
         dist.all_reduce(local, op=dist.ReduceOp.MAX)           # the worst worker
+        loss_sum, local = loss_sum.cpu(), local.cpu()
     loss = float(loss_sum[0] / max(loss_sum[1], 1.0))
     figures["peak_train_bytes"] = int(local[2])
     figures["rss_bytes"] = max(figures["rss_bytes"], int(local[3]))

@@ -78,6 +78,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     # Logical GPUs without hardware (tests) fall back to the CPU.
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     train_worker(config["setup"], ArraySplit(x, y), config["run_dir"], ctx.get_world_rank(),
                  ctx.get_world_size(), device)
 
