@@ -108,10 +108,22 @@ class RunDir:
 
     # ---- creation and manifest -------------------------------------------------------
     def refuse_existing(self) -> None:
-        """Raise if this directory already holds a run (a new run must never overwrite one)."""
+        """Raise unless a new run may be created here: a new run must never overwrite a run,
+        nor write into a directory of someone else's files, nor fail half-way on a path that
+        cannot be a directory or cannot be written."""
         if (self.path / MANIFEST).exists():
             raise CheckpointError(f"{self.path} already holds a run; pass --resume {self.path} to continue it "
                                   "or choose another --run-dir")
+        if self.path.exists() and not self.path.is_dir():
+            raise CheckpointError(f"--run-dir {self.path} is a file, not a directory; choose a new directory")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            raise CheckpointError(f"--run-dir {self.path} is not empty and holds no noprop_dist run; choose an "
+                                  "empty or new directory (nothing in it was touched)")
+        existing = next((p for p in [self.path, *self.path.parents] if p.exists()), None)
+        if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+            what = "is a file" if not existing.is_dir() else "is not writable"
+            raise CheckpointError(f"cannot create --run-dir {self.path}: {existing} {what}; choose a directory "
+                                  "you can write to")
 
     def create(self, config_toml: str, manifest_fields: dict[str, Any], resume: bool = False) -> None:
         """Start a new run (refuses to overwrite an existing one unless resuming)."""

@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export the trained predictor as one torch.export file")
     ex.add_argument("run_dir")
     ex.add_argument("out")
+    ex.add_argument("--force", action="store_true", help="replace OUT if it exists (never a run directory's own file)")
     sub.add_parser("keys", help="list every config key with its default")
     return parser
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from .results import export_run
 
-            print(f"exported: {export_run(args.run_dir, args.out)}")
+            print(f"exported: {export_run(args.run_dir, args.out, force=args.force)}")
             return 0
         print("\n".join(config_mod.describe_keys()))
         return 0

@@ -6,6 +6,7 @@ NoProp chain needs inference noise, a back-propagation baseline does not.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +59,46 @@ def evaluate_run(run_dir: str | Path, split: ArraySplit | None = None) -> dict[s
     return {"examples": len(split), **scores}
 
 
-def export_run(run_dir: str | Path, out_path: str | Path) -> Path:
+def check_export_target(run_dir: str | Path, out_path: str | Path, force: bool = False) -> Path:
+    """Refuse, before any work, a target that would damage something: one of the run
+    directory's own files (always), an existing file (unless ``force``), a directory, a
+    path under a file, or a place that cannot be written."""
+    run, out = Path(run_dir).resolve(), Path(out_path)
+    target = out.resolve()
+    if target.is_relative_to(run) and target != run and (
+            target.parent == run and target.name in RUN_FILES or target.is_relative_to(run / "units")):
+        raise CheckpointError(f"{out} is one of the run directory's own files; export to another path")
+    if target.is_dir():
+        raise CheckpointError(f"{out} is a directory; give a file name such as {out / 'model.pt2'}")
+    if target.exists() and not force:
+        raise CheckpointError(f"{out} exists; choose another path or pass --force to replace it")
+    existing = next(p for p in target.parents if p.exists())
+    if not existing.is_dir():
+        raise CheckpointError(f"cannot write {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {out}: {existing} is not writable")
+    return out
+
+
+RUN_FILES = ("config.toml", "manifest.json", "metrics.jsonl", "summary.json", "training.png",
+             "embedding.safetensors")
+
+
+def export_run(run_dir: str | Path, out_path: str | Path, force: bool = False) -> Path:
     """Write the run's predictor as one torch.export program (see the variant's
     ``export_program`` for its inputs). Load it with ``torch.export.load(path).module()``;
-    no noprop_dist code is needed."""
+    no noprop_dist code is needed. The file appears whole or not at all."""
     import torch
 
+    out = check_export_target(run_dir, out_path, force)
     program = load_predictor(run_dir).export_program()
-    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # torch.export.save wants a .pt2 suffix
-    torch.export.save(program, tmp)
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # torch.export.save wants a .pt2 suffix
+    try:
+        torch.export.save(program, tmp)
+        tmp.replace(out)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {out} ({exc.strerror or exc}); choose another path") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

@@ -333,3 +333,70 @@ def test_cli_resume_of_a_missing_run_and_reuse_of_a_run_dir_fail_before_work(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds a run" in err[0] and "--resume" in err[0]
     assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+# ---- run directories and export targets that must be refused before any work (issue 7) ----
+def _snapshot(path):
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_train_refuses_a_non_empty_directory_that_is_not_a_run_and_touches_nothing(tmp_path, capsys, data_cache):
+    user = tmp_path / "mine"
+    (user / "units").mkdir(parents=True)
+    (user / "config.toml").write_text("my own config\n")
+    (user / "metrics.jsonl").write_text('{"mine": 1}\n')
+    (user / "units" / "block_01.safetensors").write_bytes(b"not yours")
+    before = _snapshot(user)
+    code = main(["train", "--config", "tiny", "--run-dir", str(user), f"--data.cache_dir={data_cache}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "not empty" in err[0]
+    assert _snapshot(user) == before
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file", "unwritable"])
+def test_train_refuses_a_run_dir_it_cannot_create_before_loading_data(kind, tmp_path, capsys, monkeypatch):
+    import noprop_dist.lifecycle as lifecycle
+
+    monkeypatch.setattr(lifecycle, "load_data", lambda cfg: pytest.fail("data loaded before the check"))
+    if kind == "file":
+        target = tmp_path / "a_file"
+        target.write_text("x")
+    elif kind == "under_a_file":
+        (tmp_path / "a_file").write_text("x")
+        target = tmp_path / "a_file" / "run"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        target = locked / "run"
+        if os.access(locked, os.W_OK):   # root ignores permission bits
+            monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked)
+    code = main(["train", "--config", "tiny", "--run-dir", str(target)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "run-dir" in err[0], err
+    assert "Traceback" not in "".join(err)
+
+
+def test_export_never_writes_into_the_runs_own_files(trained_run, run_copy, tmp_path, capsys):
+    before = _snapshot(run_copy)
+    for own in ("manifest.json", "config.toml", "summary.json", "units/head.safetensors"):
+        for force in ([], ["--force"]):
+            assert main(["export", str(run_copy), str(run_copy / own), *force]) == 1
+            assert "own files" in capsys.readouterr().err
+    assert _snapshot(run_copy) == before
+
+
+def test_export_refuses_existing_files_unless_forced_and_bad_targets_leave_nothing(run_copy, tmp_path, capsys):
+    existing = tmp_path / "model.pt2"
+    existing.write_bytes(b"someone's model")
+    assert main(["export", str(run_copy), str(existing)]) == 1
+    assert "exists" in capsys.readouterr().err and existing.read_bytes() == b"someone's model"
+    assert main(["export", str(run_copy), str(existing), "--force"]) == 0
+    assert existing.read_bytes() != b"someone's model"
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("x")
+    for bad in (tmp_path, tmp_path / "a_file" / "m.pt2"):
+        assert main(["export", str(run_copy), str(bad)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0]
+    assert not list(tmp_path.rglob("*.tmp*"))
