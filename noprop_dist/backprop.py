@@ -46,7 +46,7 @@ from .checkpoint import RunDir
 from .config import Config, EvalConfig, ModelConfig, TrainConfig
 from .data import ArraySplit, Dataset, normalize
 from .dt import example_images, load_module_state
-from .lifecycle import checkpoint_due, finish_run, load_data, open_run
+from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run
 from .models import BLOCK_SIZES, BackpropChain, SingleTowerCNN
 from .units import (DROPOUT, INIT, NOISE, SHUFFLE, SavedTensorMeter, derive_seed, make_embedding,
                     resolve_device, rss_bytes)
@@ -360,6 +360,8 @@ def train_backprop_local(cfg: Config, run_dir: str | Path, resume: bool = False,
     data = load_data(cfg)
     setup = make_network_setup(cfg, data)
     run = open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup, build_network(setup)))
+    if (done := finished_summary(run)) is not None:
+        return done
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)

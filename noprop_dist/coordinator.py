@@ -49,7 +49,7 @@ from .config import ClusterConfig, Config
 from .data import ArraySplit
 from .dt import EMBEDDING_FILE, all_units, manifest_fields
 from .errors import ClusterError
-from .lifecycle import checkpoint_due, finish_run, load_data, open_run, sync_due
+from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
 from .ray_cluster import NAMESPACE, connect, first_line
 from .units import HEAD, UnitRunner, UnitSetup, average_embeddings, epoch_noise, make_setup, unit_name
 
@@ -494,6 +494,8 @@ def train_ray(cfg: Config, run_dir: str | Path, resume: bool = False,
     connect(cfg.cluster)
     layout = plan_layout(setup.T, cfg.cluster, ray.available_resources())
     run = open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup))
+    if (done := finished_summary(run)) is not None:
+        return done
     if layout.note:
         print(f"noprop-dist: {layout.note}")
     coordinator = Coordinator(cfg, run, setup, data.train, show_progress)

@@ -21,7 +21,7 @@ import torch
 from .backprop import build_network, ddp_summary, make_network_setup, manifest_fields, train_worker
 from .config import ClusterConfig, Config
 from .errors import ClusterError, ConfigError
-from .lifecycle import finish_run, load_data, open_run
+from .lifecycle import finish_run, finished_summary, load_data, open_run
 from .ray_cluster import connect
 
 
@@ -95,6 +95,8 @@ def train_ddp(cfg: Config, run_dir: str | Path, resume: bool = False,
     connect(cfg.cluster)
     workers, gpus = plan_workers(cfg.cluster, cfg.train.batch_size, ray.available_resources())
     run = open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup, build_network(setup)))
+    if (done := finished_summary(run)) is not None:
+        return done
     threads = cfg.cluster.threads_per_worker
     train_refs = [ray.put(np.ascontiguousarray(data.train.x)), ray.put(np.ascontiguousarray(data.train.y))]
     storage = tempfile.mkdtemp(prefix="noprop-ddp-")   # Ray Train's own bookkeeping, not the run

@@ -38,6 +38,20 @@ def open_run(cfg: Config, run_dir: str | Path, resume: bool, fields: dict[str, A
     return run
 
 
+def finished_summary(run: RunDir) -> dict[str, Any] | None:
+    """The summary of a run that already finished, or None. A ``--resume`` of a finished run
+    returns it and changes nothing in the run directory (no retraining, no re-evaluation)."""
+    import json
+
+    summary_path = run.path / "summary.json"
+    if run.manifest().get("status") != "finished" or not summary_path.exists():
+        return None
+    try:
+        return json.loads(summary_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None   # a damaged summary: finishing again rewrites it
+
+
 def epoch_is(every: int, epoch: int, last: int) -> bool:
     """True every ``every`` epochs and at the last one."""
     return epoch % every == 0 or epoch == last

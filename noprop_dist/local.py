@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .config import Config
 from .dt import EMBEDDING_FILE, all_units, manifest_fields, save_unit
-from .lifecycle import checkpoint_due, finish_run, load_data, open_run, sync_due
+from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
 from .units import UnitRunner, average_embeddings, make_setup, resolve_device
 
 
@@ -25,6 +25,8 @@ def train_local(cfg: Config, run_dir: str | Path, resume: bool = False,
     data = load_data(cfg)
     setup = make_setup(cfg, data)
     run = open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup))
+    if (done := finished_summary(run)) is not None:
+        return done
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)

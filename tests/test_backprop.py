@@ -200,9 +200,11 @@ def test_resume_of_a_backprop_run_continues_where_it_stopped(data_cache, tmp_pat
     backprop.train_backprop_local(_cfg(data_cache, "backprop_cnn", **{"train.epochs": 4}), full, show_progress=False)
     part = tmp_path / "part"
     backprop.train_backprop_local(_cfg(data_cache, "backprop_cnn", **{"train.epochs": 2}), part, show_progress=False)
-    # Pretend the run was asked for 4 epochs and stopped after 2.
+    # Pretend the run was asked for 4 epochs and stopped (still "running") after 2.
     text = (part / "config.toml").read_text().replace("epochs = 2", "epochs = 4")
     (part / "config.toml").write_text(text)
+    manifest = json.loads((part / "manifest.json").read_text())
+    (part / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
     assert main(["train", "--resume", str(part), "--no-progress"]) == 0
     a, b = RunDir(full).load_unit("network"), RunDir(part).load_unit("network")
     assert int(b["epochs_done"]) == 4

@@ -131,3 +131,14 @@ def test_predictions_do_not_depend_on_the_labels(trained_run, digits):
         assert sum(s["block_alone_accuracy"][block] for s in shares) == pytest.approx(1.0, abs=1e-6)
     assert max(s["test_accuracy"] for s in shares) < 0.5  # no single class dominates
 
+
+
+def test_resume_of_a_finished_run_changes_nothing_in_the_run_directory(run_copy, capsys):
+    """Issue 7, item 4: a resume with nothing to do used to re-evaluate and rewrite
+    summary.json with peak_memory_bytes reset to 0. Now every file keeps its bytes."""
+    before = {p: p.read_bytes() for p in sorted(run_copy.rglob("*")) if p.is_file()}
+    assert json.loads((run_copy / "summary.json").read_text())["peak_memory_bytes"]["block_01"] > 0
+    assert main(["train", "--resume", str(run_copy), "--no-progress"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    after = {p: p.read_bytes() for p in sorted(run_copy.rglob("*")) if p.is_file()}
+    assert after == before
