@@ -231,6 +231,7 @@ def _link_worker(rank: int, port: int, sizes: list[int], out_path: str) -> None:
         times[size] = (time.perf_counter() - start) / reps
     if rank == 0:
         Path(out_path).write_text(json.dumps(times))
+    dist.barrier()   # rank 0 hosts the store: nobody leaves while another still talks to it
     dist.destroy_process_group()
 
 

@@ -92,6 +92,7 @@ def _bn_worker(rank: int, port: int, x: torch.Tensor, out: str) -> None:
     y = bn(xr)
     (y * torch.arange(1.0, x.shape[1] + 1)).pow(2).sum().backward()
     torch.save({"y": y.detach(), "grad": xr.grad, "state": bn.state_dict()}, f"{out}.{rank}")
+    dist.barrier()   # rank 0 hosts the store: nobody leaves while another still talks to it
     dist.destroy_process_group()
 
 
@@ -131,6 +132,7 @@ def _grad_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> 
     train_step(model, opt, x, z_0, y, len(idx) * world / len(global_idx))
     if rank == 0:
         torch.save({n: p.grad for n, p in net.named_parameters()}, out)
+    dist.barrier()   # rank 0 hosts the store: nobody leaves while another still talks to it
     dist.destroy_process_group()
 
 
