@@ -86,7 +86,7 @@ def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) 
     ``train.threads`` threads), the bare loop: no data loading, logging or accounting."""
     from noprop_dist import backprop, schedule
     from noprop_dist.models import denoised_embedding
-    from noprop_dist.units import build_module, make_setup
+    from noprop_dist.units import build_module, dt_block_loss, make_setup
 
     setup = make_setup(cfg, data)
     x_all = torch.randn(max(batch_sizes), *data.input_shape)
@@ -109,7 +109,7 @@ def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) 
         z = schedule.sample_marginal(u, setup.alpha_bar[0], torch.randn_like(u))
 
         def dt_step():
-            loss = ((denoised_embedding(block(z, x), emb) - u) ** 2).sum(-1).mean()
+            loss = dt_block_loss(block(z, x), emb, u, 1.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -142,8 +142,7 @@ def bare_block_epoch_seconds(cfg: config.Config, data) -> float:
     pre-normalised in memory, targets drawn inline): the floor a NoProp block-epoch is held to."""
     from noprop_dist import schedule
     from noprop_dist.data import normalize
-    from noprop_dist.models import denoised_embedding
-    from noprop_dist.units import build_module, make_setup
+    from noprop_dist.units import build_module, dt_block_loss, make_setup
 
     setup = make_setup(cfg, data)
     block = build_module(2, setup).train()
@@ -156,7 +155,7 @@ def bare_block_epoch_seconds(cfg: config.Config, data) -> float:
         idx = order[s:s + cfg.train.batch_size]
         u = setup.embedding[y_all[idx]]
         z = schedule.sample_marginal(u, setup.alpha_bar[1], torch.randn_like(u))
-        loss = ((denoised_embedding(block(z, x_all[idx]), setup.embedding) - u) ** 2).sum(-1).mean()
+        loss = dt_block_loss(block(z, x_all[idx]), setup.embedding, u, 1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -48,8 +48,8 @@ from .data import ArraySplit, Dataset, normalize
 from .dt import example_images, load_module_state
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run
 from .models import BLOCK_SIZES, BackpropChain, SingleTowerCNN
-from .units import (DROPOUT, INIT, NOISE, SHUFFLE, SavedTensorMeter, derive_seed, make_embedding,
-                    resolve_device, rss_bytes)
+from .units import (DROPOUT, INIT, NOISE, SHUFFLE, SavedTensorMeter, derive_seed, load_optimizer_state,
+                    make_embedding, optimizer_state_tensors, resolve_device, rss_bytes, training_state_bytes)
 
 # The differentiable all-reduce's deprecation names a private replacement; keep the public one.
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
@@ -190,33 +190,20 @@ def shard(global_idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def state_bytes(net: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Parameters + gradients + optimizer state, in bytes."""
-    params = [p for p in net.parameters()]
-    total = sum(p.numel() * p.element_size() for p in params)
-    total += sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    total += sum(v.numel() * v.element_size() for s in optimizer.state.values()
-                 for v in s.values() if torch.is_tensor(v))
-    return total
+    """Parameters + gradients + optimizer state of ``net``, in bytes."""
+    return training_state_bytes(list(net.parameters()), optimizer)
 
 
 def network_state_tensors(net: nn.Module, optimizer: torch.optim.Optimizer, epochs_done: int) -> dict:
     out = {f"model/{k}": v for k, v in net.state_dict().items()}
-    for idx, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            out[f"optim/{idx}/{key}"] = torch.as_tensor(value)
+    out.update(optimizer_state_tensors(optimizer))
     out["epochs_done"] = torch.tensor(epochs_done)
     return {k: v.detach().cpu().clone() for k, v in out.items()}
 
 
 def _load_network_state(net: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, where: Path) -> int:
     load_module_state(net, tensors, NETWORK, where)
-    optim_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, idx, name = key.split("/", 2)
-            optim_state.setdefault(int(idx), {})[name] = value
-    groups = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    load_optimizer_state(optimizer, tensors)
     return int(tensors["epochs_done"])
 
 
@@ -274,7 +261,8 @@ def train_worker(setup: NetworkSetup, train: ArraySplit, run_dir: str | Path, ra
         # rows whatever the number of workers (used by the structure-matched chain only).
         z_0_all = schedule.marginal_noise(n, d, derive_seed(setup.train.seed, NETWORK_SEED_UNIT, epoch, NOISE))
         counter.bytes = counter.calls = GlobalBatchNorm1d.payload_bytes = GlobalBatchNorm1d.calls = 0
-        loss_sum = torch.zeros(2, dtype=torch.float64)                 # (sum of loss * count, count)
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)   # sum of loss * share size
+        examples = 0
         net.train()
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -294,10 +282,12 @@ def train_worker(setup: NetworkSetup, train: ArraySplit, run_dir: str | Path, ra
                 if step == 0:
                     figures["peak_train_bytes"] = max(figures["peak_train_bytes"],
                                                       state_bytes(net, optimizer) + meter.bytes)
-                loss_sum += torch.tensor([loss.item() * len(idx), len(idx)], dtype=torch.float64)
+                loss_total += loss.double() * len(idx)   # stays on the device: no host sync per step
+                examples += len(idx)
         seconds = time.perf_counter() - start
         if device.type == "cuda":
             figures["peak_train_bytes"] = max(figures["peak_train_bytes"], torch.cuda.max_memory_allocated(device))
+        loss_sum = torch.stack([loss_total.cpu(), torch.tensor(float(examples), dtype=torch.float64)])
         record = _epoch_record(epoch, seconds, loss_sum, counter, n, world, figures, device)
         figures["epochs"].append(record)
         if rank == 0:
@@ -410,10 +400,6 @@ class NetworkPredictor:
         self.net = load_module_state(net, run.load_unit(NETWORK), NETWORK, run.path).eval()
         self.mean, self.std = setup.mean, setup.std
         self.embedding_dim = m["embedding_dim"]
-
-    @staticmethod
-    def default_device(name: str) -> torch.device:
-        return resolve_device(name)
 
     @torch.no_grad()
     def evaluate(self, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str = "cpu") -> dict:

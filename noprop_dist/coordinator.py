@@ -50,7 +50,7 @@ from .data import ArraySplit
 from .dt import EMBEDDING_FILE, all_units, manifest_fields
 from .errors import ClusterError
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
-from .ray_cluster import NAMESPACE, connect, first_line
+from .ray_cluster import NAMESPACE, connect, first_line, worker_capacity
 from .units import HEAD, UnitRunner, UnitSetup, average_embeddings, epoch_noise, make_setup, unit_name
 
 PLACEMENT_TIMEOUT_S = 60.0
@@ -136,13 +136,8 @@ def plan_layout(T: int, cluster: ClusterConfig, resources: dict[str, float]) -> 
     when it has not; a clear error when even the request cannot be met."""
     have_cpu = resources.get("CPU", 0.0)
     have_gpu = resources.get("GPU", 0.0)
-    gpus = cluster.gpus_per_worker
-    if gpus < 0:
-        gpus = 1.0 if have_gpu >= 1 else 0.0
     cpus = cluster.threads_per_worker
-    fits = int(have_cpu // cpus)
-    if gpus > 0:
-        fits = min(fits, int(round(have_gpu / gpus, 6) // 1))
+    fits, gpus = worker_capacity(cluster, resources)
     note = ""
     if cluster.workers:
         workers = min(cluster.workers, T)

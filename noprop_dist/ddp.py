@@ -22,18 +22,13 @@ from .backprop import build_network, ddp_summary, make_network_setup, manifest_f
 from .config import ClusterConfig, Config
 from .errors import ClusterError, ConfigError
 from .lifecycle import finish_run, finished_summary, load_data, open_run
-from .ray_cluster import connect
+from .ray_cluster import connect, worker_capacity
 
 
 def plan_workers(cluster: ClusterConfig, batch_size: int, resources: dict[str, float]) -> tuple[int, float]:
     """(workers, GPUs per worker) for a DDP run on a cluster with ``resources``."""
     have_cpu, have_gpu = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    gpus = cluster.gpus_per_worker
-    if gpus < 0:
-        gpus = 1.0 if have_gpu >= 1 else 0.0
-    fits = int(have_cpu // cluster.threads_per_worker)
-    if gpus > 0:
-        fits = min(fits, int(round(have_gpu / gpus, 6) // 1))
+    fits, gpus = worker_capacity(cluster, resources)
     workers = cluster.workers or fits
     if workers < 1 or workers > fits:
         raise ClusterError(

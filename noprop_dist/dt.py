@@ -19,7 +19,7 @@ from .config import Config, EvalConfig
 from .data import ArraySplit, Dataset
 from .errors import CheckpointError
 from .inference import NoPropChain, RawImageChain, draw_noise, evaluate
-from .units import HEAD, UnitRunner, UnitSetup, build_module, resolve_device, unit_name
+from .units import HEAD, UnitRunner, UnitSetup, build_module, unit_name
 
 EMBEDDING_FILE = "embedding"
 
@@ -83,10 +83,6 @@ class ChainPredictor:
 
     def __init__(self, run: RunDir):
         self.chain, self.cfg, self.manifest = load_chain(run.path)
-
-    @staticmethod
-    def default_device(name: str) -> torch.device:
-        return resolve_device("auto" if name == "auto" else name)
 
     def evaluate(self, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str = "cpu") -> dict:
         scores = evaluate(self.chain, split, eval_cfg.batch_size, eval_cfg.seed, device)

@@ -83,13 +83,14 @@ def finish_run(run: RunDir, cfg: Config, data: Dataset, train_seconds: float,
     ``extra`` holds the trainer's own figures (backend, workers, bytes, memory).
     """
     from .plots import plot_run
+    from .units import resolve_device
     from .variants import get_variant
 
     train_seconds += run.manifest().get("train_seconds_done", 0.0)
     run.update_manifest(train_seconds_done=train_seconds)
     predictor = get_variant(cfg.variant).load(run)
     start = time.perf_counter()
-    scores = predictor.evaluate(data.test, cfg.eval, device=predictor.default_device(cfg.train.device))
+    scores = predictor.evaluate(data.test, cfg.eval, device=resolve_device(cfg.train.device))
     units = run.manifest()["units"]
     summary = {
         **scores,

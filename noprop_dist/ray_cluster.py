@@ -51,6 +51,18 @@ def connect(cluster: ClusterConfig) -> None:
             "`ray start --head` or omit --address to use a private local Ray") from None
 
 
+def worker_capacity(cluster: ClusterConfig, resources: dict[str, float]) -> tuple[int, float]:
+    """(how many workers of ``cluster.threads_per_worker`` CPUs and the GPUs each asks for fit
+    in ``resources``, GPUs per worker). ``gpus_per_worker = -1``: 1 when the cluster has GPUs."""
+    gpus = cluster.gpus_per_worker
+    if gpus < 0:
+        gpus = 1.0 if resources.get("GPU", 0.0) >= 1 else 0.0
+    fits = int(resources.get("CPU", 0.0) // cluster.threads_per_worker)
+    if gpus > 0:
+        fits = min(fits, int(round(resources.get("GPU", 0.0) / gpus, 6) // 1))
+    return fits, gpus
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

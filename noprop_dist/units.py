@@ -173,9 +173,7 @@ class UnitRunner:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Flat tensors-only state: weights, BN buffers, optimizer moments, embedding copy."""
         out = {f"model/{k}": v for k, v in self.module.state_dict().items()}
-        for idx, state in self.optimizer.state_dict()["state"].items():
-            for key, value in state.items():
-                out[f"optim/{idx}/{key}"] = torch.as_tensor(value)
+        out.update(optimizer_state_tensors(self.optimizer))
         out["embedding"] = self.embedding.detach()
         out["epochs_done"] = torch.tensor(self.epochs_done)
         return {k: v.detach().cpu().clone() for k, v in out.items()}
@@ -183,13 +181,7 @@ class UnitRunner:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
         self.module.load_state_dict(model)
-        optim_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim/"):
-                _, idx, name = key.split("/", 2)
-                optim_state.setdefault(int(idx), {})[name] = value
-        groups = self.optimizer.state_dict()["param_groups"]
-        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        load_optimizer_state(self.optimizer, tensors)
         with torch.no_grad():
             self.embedding.copy_(tensors["embedding"].to(self.device))
         self.epochs_done = int(tensors["epochs_done"])
@@ -283,8 +275,7 @@ class UnitRunner:
             measure = step == 1
             with self._autocast(), SavedTensorMeter(measure, self.module) as meter:
                 logits = self.module(z_prev, x)                                   # (B, m)
-                u_hat = denoised_embedding(logits.float(), self.embedding)        # (B, d)
-                loss = self.loss_weight * ((u_hat - u_y) ** 2).sum(-1).mean()
+                loss = dt_block_loss(logits, self.embedding, u_y, self.loss_weight)
             self._step(loss)
             if measure:
                 self._record_memory(meter.bytes)
@@ -326,12 +317,8 @@ class UnitRunner:
 
         On CUDA the allocator's own peak is reported when it is larger.
         """
-        tensors = list(self.module.parameters()) + [self.embedding]
-        param_bytes = sum(t.numel() * t.element_size() for t in tensors)
-        grad_bytes = sum(t.numel() * t.element_size() for t in tensors if t.requires_grad)
-        optim_bytes = sum(v.numel() * v.element_size() for s in self.optimizer.state.values()
-                          for v in s.values() if torch.is_tensor(v))
-        total = param_bytes + grad_bytes + optim_bytes + activation_bytes
+        params = list(self.module.parameters()) + [self.embedding]
+        total = training_state_bytes(params, self.optimizer) + activation_bytes
         if self.device.type == "cuda":
             total = max(total, torch.cuda.max_memory_allocated(self.device))
         self.peak_memory_bytes = max(self.peak_memory_bytes, total)
@@ -365,6 +352,37 @@ class SavedTensorMeter:
     def __exit__(self, *exc) -> None:
         if self._ctx is not None:
             self._ctx.__exit__(*exc)
+
+
+def dt_block_loss(logits: torch.Tensor, embedding: torch.Tensor, u_y: torch.Tensor, weight: float) -> torch.Tensor:
+    """Block t's term of Eq. 8: ``weight * ||u_hat_t - u_y||^2`` averaged over the batch, with
+    ``u_hat_t = softmax(logits) @ W_embed`` and ``weight = (T/2) eta (SNR(t) - SNR(t-1))``."""
+    u_hat = denoised_embedding(logits.float(), embedding)                        # (B, d)
+    return weight * ((u_hat - u_y) ** 2).sum(-1).mean()
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat ``optim/<param index>/<name>`` tensors."""
+    return {f"optim/{idx}/{key}": torch.as_tensor(value)
+            for idx, state in optimizer.state_dict()["state"].items() for key, value in state.items()}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`optimizer_state_tensors` flattened (hyperparameters stay the optimizer's)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def training_state_bytes(params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """Parameters + their gradients + optimizer state, in bytes."""
+    total = sum(t.numel() * t.element_size() for t in params)
+    total += sum(t.numel() * t.element_size() for t in params if t.requires_grad)
+    return total + sum(v.numel() * v.element_size() for st in optimizer.state.values()
+                       for v in st.values() if torch.is_tensor(v))
 
 
 def rss_bytes() -> int:
