@@ -28,6 +28,8 @@ directory must be on storage every node sees (for ``--resume``, every rank reads
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import time
 import warnings
@@ -48,7 +50,8 @@ from .data import ArraySplit, Dataset, normalize
 from .dt import example_images, load_module_state
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run
 from .models import BLOCK_SIZES, BackpropChain, SingleTowerCNN
-from .units import (DROPOUT, INIT, NOISE, SHUFFLE, SavedTensorMeter, derive_seed, load_optimizer_state,
+from .preflight import StepProbe, check_unit, device_memory_budget
+from .units import (DROPOUT, INIT, NOISE, SHUFFLE, SavedTensorMeter, derive_seed, diverged, load_optimizer_state,
                     make_embedding, optimizer_state_tensors, resolve_device, rss_bytes, training_state_bytes)
 
 # The differentiable all-reduce's deprecation names a private replacement; keep the public one.
@@ -96,6 +99,18 @@ def build_network(setup: NetworkSetup) -> nn.Module:
                              setup.model.dropout, learn_embedding=setup.model.embedding != "one_hot")
 
 
+def network_step_probe(setup: NetworkSetup) -> StepProbe:
+    """The dry run of one training step of the whole network (:mod:`~noprop_dist.preflight`)."""
+    d = setup.embedding.shape[1]
+
+    def forward(net: nn.Module, batch: int) -> torch.Tensor:
+        x = torch.zeros(batch, *setup.input_shape)                                # (B, C, H, W)
+        return F.cross_entropy(net(x, torch.zeros(batch, d)), torch.zeros(batch, dtype=torch.long))
+
+    return StepProbe(name=f"the {setup.variant} network ({setup.model.block} blocks)",
+                     build=lambda: build_network(setup), forward=forward)
+
+
 def manifest_fields(cfg: Config, data: Dataset, setup: NetworkSetup, net: nn.Module) -> dict[str, Any]:
     return {
         "T": setup.T if setup.variant == "backprop" else 0,
@@ -105,6 +120,19 @@ def manifest_fields(cfg: Config, data: Dataset, setup: NetworkSetup, net: nn.Mod
         "normalization": {"mean": list(data.mean), "std": list(data.std)},
         "parameters": sum(p.numel() for p in net.parameters()),
     }
+
+
+MANIFEST_SCHEMA = {
+    # What manifest_fields writes, checked on every read of the manifest (the vocabulary is
+    # noprop_dist.checkpoint's; a check may read the keys above it).
+    "T": "an integer >= 0",
+    "dataset": "a string", "num_classes": "a positive integer", "input_shape": "3 positive integers (C, H, W)",
+    "input_dtype": '"uint8" or "float32"', "embedding": "a string", "embedding_dim": "a positive integer",
+    "block": "a string",
+    "normalization": {"mean": "C numbers (C = input_shape[0])", "std": "C positive numbers (C = input_shape[0])"},
+    "parameters": "a positive integer",
+    "units": (lambda units, m: set(units) <= {NETWORK}, f"only the unit {NETWORK!r}"),
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,6 +317,11 @@ def train_worker(setup: NetworkSetup, train: ArraySplit, run_dir: str | Path, ra
             figures["peak_train_bytes"] = max(figures["peak_train_bytes"], torch.cuda.max_memory_allocated(device))
         loss_sum = torch.stack([loss_total.cpu(), torch.tensor(float(examples), dtype=torch.float64)])
         record = _epoch_record(epoch, seconds, loss_sum, counter, n, world, figures, device)
+        if not math.isfinite(record["loss"]):      # the same all-reduced value on every rank
+            stop = diverged(NETWORK, epoch, record["loss"], setup.train)
+            if rank == 0:
+                run.append_metrics({"event": "diverged", "unit": NETWORK, "epoch": epoch, "reason": str(stop)})
+            raise stop
         figures["epochs"].append(record)
         if rank == 0:
             run.append_metrics({"event": "unit_epoch", **record})
@@ -349,17 +382,19 @@ def train_backprop_local(cfg: Config, run_dir: str | Path, resume: bool = False,
     """Train a back-propagation baseline in this process (no process group); returns the summary."""
     data = load_data(cfg)
     setup = make_network_setup(cfg, data)
-    run = open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup, build_network(setup)))
-    if (done := finished_summary(run)) is not None:
-        return done
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    start = time.perf_counter()
-    figures = train_worker(setup, data.train, run.path, 0, 1, device, show_progress)
-    train_seconds = time.perf_counter() - start
-    extra = ddp_summary(figures, 1, torch.get_num_threads(), str(device), "local")
-    return finish_run(run, cfg, data, train_seconds, extra)
+    step = check_unit(network_step_probe(setup), min(cfg.train.batch_size, len(data.train)), data.input_shape,
+                      device_memory_budget(device), 1, f"this machine ({device})")
+    with open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup, build_network(setup))) as run:
+        if (done := finished_summary(run)) is not None:
+            return done
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        start = time.perf_counter()
+        figures = train_worker(setup, data.train, run.path, 0, 1, device, show_progress)
+        train_seconds = time.perf_counter() - start
+        extra = ddp_summary(figures, 1, torch.get_num_threads(), str(device), "local")
+        return finish_run(run, cfg, data, train_seconds, extra, step)
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,15 +437,22 @@ class NetworkPredictor:
         self.embedding_dim = m["embedding_dim"]
 
     @torch.no_grad()
-    def evaluate(self, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str = "cpu") -> dict:
+    def evaluate(self, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str = "cpu",
+                 max_batch: int | None = None) -> dict:
+        """Test accuracy; z_0 is drawn per ``eval.batch_size`` examples and each batch runs in
+        forward passes of at most ``max_batch`` (the draws do not depend on it)."""
         net = self.net.to(device).eval()
         gen = torch.Generator().manual_seed(eval_cfg.seed)
+        batch = eval_cfg.batch_size
+        step = min(batch, max_batch or batch)
         correct = 0
-        for start in range(0, len(split), eval_cfg.batch_size):
-            x = normalize(np.asarray(split.x[start:start + eval_cfg.batch_size]), self.mean, self.std).to(device)
-            y = torch.from_numpy(np.array(split.y[start:start + eval_cfg.batch_size])).to(device)
-            z_0 = torch.randn(len(y), self.embedding_dim, generator=gen).to(device)     # (B, d)
-            correct += int((net(x, z_0).argmax(-1) == y).sum())
+        for start in range(0, len(split), batch):
+            z_0 = torch.randn(min(batch, len(split) - start), self.embedding_dim, generator=gen)   # (B, d)
+            for lo in range(0, len(z_0), step):
+                sel = slice(start + lo, start + min(len(z_0), lo + step))
+                x = normalize(np.asarray(split.x[sel]), self.mean, self.std).to(device)
+                y = torch.from_numpy(np.array(split.y[sel])).to(device)
+                correct += int((net(x, z_0[lo:lo + step].to(device)).argmax(-1) == y).sum())
         return {"test_accuracy": correct / max(len(split), 1)}
 
     def export_program(self):
@@ -457,17 +499,35 @@ def torchrun_main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.cluster.threads_per_worker)
         data = load_data(cfg)
         setup = make_network_setup(cfg, data)
-        if rank == 0:
-            open_run(cfg, args.run_dir, False, manifest_fields(cfg, data, setup, build_network(setup)))
-        dist.barrier()
-        start = time.perf_counter()
-        figures = train_worker(setup, data.train, args.run_dir, rank, world, device, show_progress=rank == 0)
-        train_seconds = time.perf_counter() - start
-        if rank == 0:
-            summary = finish_run(RunDir(args.run_dir), cfg, data, train_seconds,
-                                 ddp_summary(figures, world, cfg.cluster.threads_per_worker, str(device), "torchrun"))
-            print(f"test accuracy: {summary['test_accuracy']:.4f}")
-        dist.barrier()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        step = check_unit(network_step_probe(setup), -(-min(cfg.train.batch_size, len(data.train)) // world),
+                          data.input_shape,
+                          device_memory_budget(device), 1 if device.type == "cuda" else local_world,
+                          f"this machine ({device})")
+        with contextlib.ExitStack() as held:
+            refused: NoPropError | None = None
+            if rank == 0:   # rank 0 creates the run and holds its lock until the end
+                try:
+                    held.enter_context(open_run(cfg, args.run_dir, False,
+                                                manifest_fields(cfg, data, setup, build_network(setup))))
+                except NoPropError as exc:
+                    refused = exc
+            flag = torch.tensor([float(refused is not None)], device=device)
+            dist.all_reduce(flag)          # every rank learns whether rank 0 could open the run
+            if refused is not None:
+                raise refused
+            if flag.item():
+                dist.destroy_process_group()
+                return 1
+            start = time.perf_counter()
+            figures = train_worker(setup, data.train, args.run_dir, rank, world, device, show_progress=rank == 0)
+            train_seconds = time.perf_counter() - start
+            if rank == 0:
+                summary = finish_run(RunDir(args.run_dir), cfg, data, train_seconds,
+                                     ddp_summary(figures, world, cfg.cluster.threads_per_worker, str(device),
+                                                 "torchrun"), step)
+                print(f"test accuracy: {summary['test_accuracy']:.4f}")
+            dist.barrier()
         dist.destroy_process_group()
         return 0
     except NoPropError as exc:

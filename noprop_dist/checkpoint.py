@@ -11,10 +11,14 @@ Layout of a run directory::
     metrics.jsonl      one JSON object per event (unit epochs, syncs, evaluation)
     summary.json       final figures (test_accuracy is a fraction)
     training.png       per-block loss and test accuracy
+    .lock              locked (flock) while a process trains in the run; holds its PID
 
 Every write is atomic (temp file in the same directory, fsync, rename), so a crash never
-leaves a half-written file under a final name. Loads verify the SHA-256 recorded in the
-manifest and never execute code (safetensors holds tensors only).
+leaves a half-written file under a final name. Reads trust nothing in the directory: the
+manifest is checked against its schema (:data:`MANIFEST_SCHEMA` plus the variant's own,
+named in :mod:`noprop_dist.variants`), a file is read only if it is a regular file inside
+the run directory of the recorded size, its SHA-256 is verified, and no code is executed
+(safetensors holds tensors only). A failed read changes nothing on disk.
 """
 
 from __future__ import annotations
@@ -22,21 +26,115 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
+import re
+import stat
 import tempfile
 import time
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
+"""Held (flock) by the process training in the run: :class:`noprop_dist.lifecycle.RunLock`."""
+MAX_FILE_BYTES = 4 * 2**30
+"""The largest tensors file a run may hold, checked before a file is read: far above the units
+of the paper's models with their optimizer state (~30 MiB for a CIFAR-100 block, ~300 MiB for
+the whole back-propagation chain), and a read this machine can hold in memory."""
+DAMAGED = "the run directory is damaged — restore manifest.json from a backup or retrain with a new --run-dir"
+REPLACE = "restore it from a backup or retrain with a new --run-dir"
+
+
+# ---- the manifest's schema ----------------------------------------------------------------
+# A schema is a dict: key -> spec, where a key ending in "?" may be absent and the key "*"
+# stands for every key of a map; a spec is a dict (an object), the name of a check in CHECKS
+# (the name is what the error message says was expected), or a (check(value, manifest), says)
+# pair. Keys are checked in order, so a check may read keys declared before it. Unknown keys
+# are allowed (they are never read).
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return is_int(value) or isinstance(value, float) and math.isfinite(value)
+
+
+def is_numbers(value: Any, length: int) -> bool:
+    return isinstance(value, list) and len(value) == length and all(map(is_number, value))
+
+
+CHECKS: dict[str, Callable[[Any, dict], bool]] = {
+    "a string": lambda v, m: isinstance(v, str),
+    "true or false": lambda v, m: isinstance(v, bool),
+    "an integer": lambda v, m: is_int(v),
+    "an integer >= 0": lambda v, m: is_int(v) and v >= 0,
+    "a positive integer": lambda v, m: is_int(v) and v > 0,
+    "a number": lambda v, m: is_number(v),
+    "a number >= 0": lambda v, m: is_number(v) and v >= 0,
+    "a SHA-256 hex digest": lambda v, m: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None,
+    '"running" or "finished"': lambda v, m: v in ("running", "finished"),
+    '"uint8" or "float32"': lambda v, m: v in ("uint8", "float32"),
+    "3 positive integers (C, H, W)": lambda v, m: isinstance(v, list) and len(v) == 3 and all(
+        is_int(n) and n > 0 for n in v),
+    "C numbers (C = input_shape[0])": lambda v, m: is_numbers(v, m["input_shape"][0]),
+    "C positive numbers (C = input_shape[0])": lambda v, m: is_numbers(v, m["input_shape"][0]) and min(v) > 0,
+}
+
+ENTRY_SCHEMA = {"file": "a string", "sha256": "a SHA-256 hex digest", "bytes": "an integer >= 0"}
+# What every run's manifest holds at every stage (created, running, finished); the variant's
+# schema adds its own fields.
+MANIFEST_SCHEMA = {
+    "schema_version": "an integer",
+    "created": "a number",
+    "status": '"running" or "finished"',
+    "variant?": "a string",        # absent in manifests written before the variant registry: dt
+    "versions": {"*": "a string"},
+    "units": {"*": {**ENTRY_SCHEMA, "epochs_done": "an integer >= 0", "finished": "true or false"}},
+    "files?": {"*": ENTRY_SCHEMA},
+    "train_seconds_done?": "a number >= 0",
+}
+
+
+def describe(value: Any) -> str:
+    """A short description of a JSON value for an error message."""
+    if isinstance(value, dict):
+        return f"an object (keys {', '.join(map(str, list(value)[:6]))}{', ...' if len(value) > 6 else ''})"
+    text = json.dumps(value)
+    if len(text) <= 40:
+        return text
+    return f"a list of {len(value)} items" if isinstance(value, list) else text[:37] + "..."
+
+
+def schema_problem(value: Any, spec: Any, manifest: dict, where: str = "") -> str | None:
+    """The first way ``value`` (at ``where`` in ``manifest``) breaks ``spec``, or None."""
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'the manifest'} is {describe(value)}, expected an object"
+        for key, sub in spec.items():
+            name = key.rstrip("?")
+            if name == "*":
+                found = list(value.items())
+            elif name in value:
+                found = [(name, value[name])]
+            elif key.endswith("?"):
+                continue
+            else:
+                return f"{where or 'the manifest'} lacks {name!r}"
+            for item, sub_value in found:
+                if problem := schema_problem(sub_value, sub, manifest, f"{where}.{item}" if where else item):
+                    return problem
+        return None
+    check, says = (CHECKS[spec], spec) if isinstance(spec, str) else spec
+    return None if check(value, manifest) else f"{where} is {describe(value)}, expected {says}"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -56,7 +154,23 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path, (strict_json(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """JSON that every parser reads: a non-finite float (NaN, inf) becomes null, never a bare
+    ``NaN`` token (Python's default, which strict parsers refuse)."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def sha256(data: bytes) -> str:
@@ -116,7 +230,7 @@ class RunDir:
                                   "or choose another --run-dir")
         if self.path.exists() and not self.path.is_dir():
             raise CheckpointError(f"--run-dir {self.path} is a file, not a directory; choose a new directory")
-        if self.path.is_dir() and any(self.path.iterdir()):
+        if self.path.is_dir() and any(p.name != LOCK_FILE for p in self.path.iterdir()):
             raise CheckpointError(f"--run-dir {self.path} is not empty and holds no noprop_dist run; choose an "
                                   "empty or new directory (nothing in it was touched)")
         existing = next((p for p in [self.path, *self.path.parents] if p.exists()), None)
@@ -138,6 +252,10 @@ class RunDir:
         atomic_write_json(self.path / MANIFEST, manifest)
 
     def manifest(self) -> dict[str, Any]:
+        """The manifest, checked against the common schema and its variant's (cheap: it is
+        read before every checkpoint write too)."""
+        from .variants import get_variant, load_target
+
         path = self.path / MANIFEST
         if not path.exists():
             raise CheckpointError(f"{path} not found: {self.path} is not a noprop_dist run directory")
@@ -146,10 +264,19 @@ class RunDir:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path} is not valid JSON ({exc}); the run directory is damaged") from None
         version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        if version != SCHEMA_VERSION:
+        if isinstance(manifest, dict) and version != SCHEMA_VERSION:
             raise CheckpointError(
                 f"{path} has schema version {version!r}, this noprop_dist reads {SCHEMA_VERSION}; "
                 "use the matching noprop_dist release")
+        problem = schema_problem(manifest, MANIFEST_SCHEMA, manifest)
+        if problem is None:
+            try:
+                variant = get_variant(manifest.get("variant", "dt"))
+            except ConfigError as exc:
+                raise CheckpointError(f"{path}: {exc}; use the noprop_dist release that wrote this run") from None
+            problem = schema_problem(manifest, load_target(variant.manifest_schema), manifest)
+        if problem is not None:
+            raise CheckpointError(f"{path}: {problem}; {DAMAGED}")
         return manifest
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
@@ -168,30 +295,69 @@ class RunDir:
     def save_unit(self, name: str, tensors: dict[str, torch.Tensor], epochs_done: int,
                   finished: bool) -> dict[str, Any]:
         """Write one unit's tensors atomically, then record its checksum in the manifest."""
+        manifest = self.manifest()   # first: a damaged run is refused before anything is written
         data = tensors_to_bytes(tensors, {"unit": name, "epochs_done": str(epochs_done)})
         rel = f"units/{name}.safetensors"
         atomic_write(self.path / rel, data)
         entry = {"file": rel, "sha256": sha256(data), "bytes": len(data),
                  "epochs_done": epochs_done, "finished": finished}
-        manifest = self.manifest()
         manifest["units"][name] = entry
         atomic_write_json(self.path / MANIFEST, manifest)
         return entry
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """A top-level tensors file (e.g. the final embedding) with its checksum in the manifest."""
+        manifest = self.manifest()
         data = tensors_to_bytes(tensors)
         rel = f"{name}.safetensors"
         atomic_write(self.path / rel, data)
-        manifest = self.manifest()
         manifest.setdefault("files", {})[name] = {"file": rel, "sha256": sha256(data), "bytes": len(data)}
         atomic_write_json(self.path / MANIFEST, manifest)
 
-    def _load_entry(self, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
-        path = self.path / entry["file"]
-        if not path.exists():
-            raise CheckpointError(f"{path} is missing; the run directory is incomplete")
-        data = path.read_bytes()
+    def _entry_file(self, entry: dict[str, Any], label: str) -> Path:
+        """The file a manifest entry names, refused unless it is a relative path without '..'
+        that resolves (links followed) to a regular file inside the run directory."""
+        rel = PurePosixPath(entry["file"])
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts or "\0" in entry["file"]:
+            raise CheckpointError(f"{self.path / MANIFEST}: {label}.file {entry['file']!r} is not a relative "
+                                  f"path inside the run directory; {DAMAGED}")
+        path = self.path / rel
+        try:
+            real = path.resolve(strict=True)
+            info = os.stat(real)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is missing; the run directory is incomplete") from None
+        except (OSError, RuntimeError) as exc:   # a link loop, a path through a file, no permission
+            raise CheckpointError(f"{path} cannot be opened ({getattr(exc, 'strerror', None) or exc}); "
+                                  f"{REPLACE}") from None
+        if not real.is_relative_to(self.path.resolve()):
+            raise CheckpointError(f"{path} is a link to {real}, outside the run directory; copy the checkpoint "
+                                  "file itself into the run directory or retrain with a new --run-dir")
+        if not stat.S_ISREG(info.st_mode):   # never opened: a FIFO would block, /dev/zero never ends
+            kind = {"d": "a directory", "p": "a FIFO", "c": "a device", "b": "a device", "s": "a socket"}
+            raise CheckpointError(f"{path} is {kind.get(stat.filemode(info.st_mode)[0], 'not a regular file')}, "
+                                  f"not a checkpoint file; {REPLACE}")
+        return real
+
+    def _load_entry(self, entry: dict[str, Any], label: str) -> dict[str, torch.Tensor]:
+        """Read, verify and parse the tensors file of a manifest entry (``label``: where the
+        entry is, e.g. ``units.block_01``). Nothing is read before its size is known to be
+        the recorded one, below :data:`MAX_FILE_BYTES`."""
+        if entry["bytes"] > MAX_FILE_BYTES:
+            raise CheckpointError(f"{self.path / MANIFEST}: {label}.bytes is {entry['bytes']}, above the "
+                                  f"{MAX_FILE_BYTES}-byte limit of a checkpoint file; {DAMAGED}")
+        path = self._entry_file(entry, label)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CheckpointError(f"{path} cannot be opened ({exc.strerror}); {REPLACE}") from None
+        with os.fdopen(fd, "rb") as fh:
+            info = os.fstat(fh.fileno())   # the file opened, not a name that may have changed since
+            fits = stat.S_ISREG(info.st_mode) and info.st_size == entry["bytes"]
+            data = fh.read(entry["bytes"] + 1) if fits else None
+        if data is None or len(data) != entry["bytes"]:
+            raise CheckpointError(f"{path} has {info.st_size} bytes, the manifest records {entry['bytes']}; "
+                                  f"the file is cut or replaced: {REPLACE}")
         if sha256(data) != entry["sha256"]:
             raise CheckpointError(
                 f"{path} is corrupt (SHA-256 does not match the manifest); restore it or retrain with a new --run-dir")
@@ -201,19 +367,19 @@ class RunDir:
         entry = self.manifest()["units"].get(name)
         if entry is None:
             raise CheckpointError(f"{self.path} has no checkpoint for {name}; the run did not train it")
-        return self._load_entry(entry)
+        return self._load_entry(entry, f"units.{name}")
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
         entry = self.manifest().get("files", {}).get(name)
         if entry is None:
             raise CheckpointError(f"{self.path} has no {name} file; the run did not finish")
-        return self._load_entry(entry)
+        return self._load_entry(entry, f"files.{name}")
 
     # ---- logs ------------------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON line (a crash can at worst lose this line, never earlier ones)."""
         with open(self.path / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps({"time": time.time(), **record}) + "\n")
+            fh.write(strict_json({"time": time.time(), **record}) + "\n")
             fh.flush()
 
     def read_metrics(self) -> list[dict[str, Any]]:

@@ -41,6 +41,8 @@ class DataConfig:
     """Use only the first N training examples (0 = all); for quick experiments."""
     limit_test: int = 0
     """Use only the first N test examples (0 = all)."""
+    max_classes: int = 1000
+    """Refuse data whose labels imply more classes (a one-hot embedding is classes x classes floats)."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,7 @@ def validate(cfg: Config) -> None:
         "train.embed_sync_every": cfg.train.embed_sync_every,
         "train.checkpoint_every": cfg.train.checkpoint_every, "train.log_every": cfg.train.log_every,
         "eval.batch_size": cfg.eval.batch_size, "model.embed_dim": cfg.model.embed_dim,
+        "data.max_classes": cfg.data.max_classes,
         "cluster.threads_per_worker": cfg.cluster.threads_per_worker,
     }
     for key, value in positive.items():
@@ -186,6 +189,9 @@ def validate(cfg: Config) -> None:
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must not be negative")
+    if cfg.train.batch_size < 2:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: BatchNorm needs at least 2 examples per "
+                          "step; pass --train.batch_size=2 or more")
     if cfg.train.lr == 0 or cfg.train.eta == 0:
         raise ConfigError("train.lr and train.eta must be positive")
     s = cfg.schedule
@@ -305,6 +311,7 @@ def resolve(name_or_path: str, overrides: dict[str, Any] | None = None) -> Confi
     cfg = apply_overrides(Config(), _flatten(load_toml(path)), str(path))
     cfg = apply_overrides(cfg, overrides or {}, "the command line")
     validate(cfg)
+    check_round_trip(cfg)
     return cfg
 
 
@@ -333,13 +340,37 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    # A TOML basic string: quote, backslash and every control character escaped, so that any
+    # string (a path with a newline, a tab, a NUL) reads back as itself.
+    escaped = "".join(_TOML_ESCAPES.get(ch) or (f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch)
+                      for ch in str(value))
     return f'"{escaped}"'
+
+
+def check_round_trip(cfg: Config) -> None:
+    """Refuse a config whose ``config.toml`` would not read back as itself (what a run writes
+    must be readable by ``eval`` and ``--resume``): strings must be valid Unicode text, integers
+    must fit TOML's 64 bits."""
+    for key, value in _flatten(to_dict(cfg)).items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"{key}={value!r} holds bytes that are not UTF-8 text; rename the file or "
+                                  "directory to a UTF-8 name") from None
+        elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+            raise ConfigError(f"{key}={value} does not fit a 64-bit integer")
+    text = to_toml(cfg)
+    if _flatten(tomllib.loads(text)) != _flatten(to_dict(cfg)):
+        raise ConfigError("the config does not read back from TOML as written; this is a bug, please report it")
 
 
 def describe_keys() -> list[str]:

@@ -46,12 +46,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .checkpoint import RunDir
 from .config import ClusterConfig, Config
-from .data import ArraySplit
+from .data import ArraySplit, Dataset
 from .dt import EMBEDDING_FILE, all_units, manifest_fields
-from .errors import ClusterError
+from .errors import ClusterError, TrainingDiverged
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
 from .ray_cluster import NAMESPACE, connect, first_line, worker_capacity
-from .units import HEAD, UnitRunner, UnitSetup, average_embeddings, epoch_noise, make_setup, unit_name
+from .preflight import StepEstimate, check_unit, worker_memory
+from .units import (HEAD, UnitRunner, UnitSetup, average_embeddings, block_step_probe, epoch_noise, make_setup,
+                    unit_name)
 
 PLACEMENT_TIMEOUT_S = 60.0
 POLL_S = 0.2
@@ -99,8 +101,11 @@ class UnitWorker:
             runner.to(self.device)   # only the block being trained lives on the GPU
         if embedding is not None:
             runner.set_embedding(embedding)
-        metrics = runner.run_epoch(epoch, None if noise is None else torch.from_numpy(noise),
-                                   progress=self._report)
+        try:
+            metrics = runner.run_epoch(epoch, None if noise is None else torch.from_numpy(noise),
+                                       progress=self._report)
+        except TrainingDiverged as exc:
+            return {"diverged": str(exc)}   # a fact about the run, not a worker death: no restart
         if offload:
             runner.to("cpu")
         out: dict[str, Any] = {"metrics": metrics}
@@ -302,6 +307,10 @@ class Coordinator:
         self.dispatch_seconds += time.perf_counter() - start
 
     def _on_result(self, track: UnitTrack, result: dict) -> None:
+        if "diverged" in result:
+            self.run.append_metrics({"event": "diverged", "unit": unit_name(track.unit),
+                                     "epoch": track.epochs_done + 1, "reason": result["diverged"]})
+            raise TrainingDiverged(result["diverged"])
         metrics = result["metrics"]
         epoch = metrics["epoch"]
         self.traffic.add(epoch, "checkpoint_from_workers", serialized_bytes(result.get("state")))
@@ -488,7 +497,15 @@ def train_ray(cfg: Config, run_dir: str | Path, resume: bool = False,
     setup = make_setup(cfg, data)
     connect(cfg.cluster)
     layout = plan_layout(setup.T, cfg.cluster, ray.available_resources())
-    run = open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup))
+    step = check_unit(block_step_probe(setup, len(data.train)), min(cfg.train.batch_size, len(data.train)), data.input_shape,
+                      *worker_memory(cfg.cluster, len(layout.groups), layout.gpus, ray.available_resources()),
+                      units_held=max(len(g) for g in layout.groups))
+    with open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup)) as run:
+        return _train(run, cfg, data, setup, layout, step, launched, show_progress)
+
+
+def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, layout: Layout, step: StepEstimate,
+           launched: float, show_progress: bool) -> dict[str, Any]:
     if (done := finished_summary(run)) is not None:
         return done
     if layout.note:
@@ -526,4 +543,4 @@ def train_ray(cfg: Config, run_dir: str | Path, resume: bool = False,
         "restarts": coordinator.restart_events,
         "peak_memory_bytes": coordinator.peak_memory,
     }
-    return finish_run(run, cfg, data, train_seconds, extra)
+    return finish_run(run, cfg, data, train_seconds, extra, step)

@@ -454,11 +454,33 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     if cfg.limit_test:
         test = ArraySplit(test.x[: cfg.limit_test], test.y[: cfg.limit_test])
     num_classes = int(meta["num_classes"])
+    source = cfg.path if cfg.name == "file" else cfg.name
+    if num_classes > cfg.max_classes:
+        raise DataError(f"{source}: labels up to {num_classes - 1} mean {num_classes} classes, more than "
+                        f"data.max_classes={cfg.max_classes}; relabel the classes as 0..m-1 or raise "
+                        "--data.max_classes")
     validate_split(train, f"train split of {cfg.name} ({folder})", num_classes)
     validate_split(test, f"test split of {cfg.name} ({folder})", num_classes)
+    check_trainable(train, source, cfg.limit_train)
     return Dataset(name=cfg.name, train=train, test=test, num_classes=num_classes,
                    input_shape=tuple(int(v) for v in meta["shape"]),  # type: ignore[arg-type]
                    mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+
+
+def check_trainable(train: ArraySplit, source: str, limit_train: int) -> None:
+    """Refuse a training split that cannot train a classifier: fewer than two examples (no
+    BatchNorm step) or a single class (accuracy would be a meaningless 1.000)."""
+    if len(train) < 2:
+        fix = ("raise --data.limit_train or pass 0 (all)" if limit_train
+               else "use a file with more examples")
+        raise DataError(f"the train split of {source} has {len(train)} example; a training step needs at "
+                        f"least 2 (BatchNorm); {fix}")
+    labels = np.unique(np.asarray(train.y))
+    if len(labels) < 2:
+        fix = ("raise --data.limit_train (the first examples may share a class)" if limit_train
+               else "check the y labels of the file")
+        raise DataError(f"the train split of {source} holds one class only (label {int(labels[0])}); a "
+                        f"classifier needs at least two; {fix}")
 
 
 # ---------------------------------------------------------------------------- batches

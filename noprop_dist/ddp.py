@@ -18,9 +18,13 @@ import numpy as np
 import ray
 import torch
 
-from .backprop import build_network, ddp_summary, make_network_setup, manifest_fields, train_worker
+from .backprop import (NetworkSetup, build_network, ddp_summary, make_network_setup, manifest_fields, network_step_probe,
+                       train_worker)
+from .checkpoint import RunDir
+from .data import Dataset
+from .preflight import StepEstimate, check_unit, worker_memory
 from .config import ClusterConfig, Config
-from .errors import ClusterError, ConfigError
+from .errors import ClusterError, ConfigError, TrainingDiverged
 from .lifecycle import finish_run, finished_summary, load_data, open_run
 from .ray_cluster import connect, worker_capacity
 
@@ -75,21 +79,32 @@ def _worker_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    train_worker(config["setup"], ArraySplit(x, y), config["run_dir"], ctx.get_world_rank(),
-                 ctx.get_world_size(), device)
+    try:
+        train_worker(config["setup"], ArraySplit(x, y), config["run_dir"], ctx.get_world_rank(),
+                     ctx.get_world_size(), device)
+    except TrainingDiverged:
+        return   # every rank stops at the same epoch; rank 0 recorded why; retrying cannot help
 
 
 def train_ddp(cfg: Config, run_dir: str | Path, resume: bool = False,
               show_progress: bool = True) -> dict[str, Any]:
     """Train a back-propagation baseline with DDP on Ray Train workers; returns the summary."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     data = load_data(cfg)
     setup = make_network_setup(cfg, data)
     connect(cfg.cluster)
     workers, gpus = plan_workers(cfg.cluster, cfg.train.batch_size, ray.available_resources())
-    run = open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup, build_network(setup)))
+    share = -(-min(cfg.train.batch_size, len(data.train)) // workers)   # the largest rank's share of a batch
+    step = check_unit(network_step_probe(setup), share, data.input_shape,
+                      *worker_memory(cfg.cluster, workers, gpus, ray.available_resources()))
+    with open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup, build_network(setup))) as run:
+        return _train(run, cfg, data, setup, workers, gpus, step)
+
+
+def _train(run: RunDir, cfg: Config, data: Dataset, setup: NetworkSetup, workers: int, gpus: float,
+           step: StepEstimate) -> dict[str, Any]:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     if (done := finished_summary(run)) is not None:
         return done
     threads = cfg.cluster.threads_per_worker
@@ -105,7 +120,7 @@ def train_ddp(cfg: Config, run_dir: str | Path, resume: bool = False,
         run_config=RunConfig(name=f"{run.path.resolve().name}-ddp", storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_restarts)),
     )
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001  Ray Train wraps worker errors in its own types
@@ -117,8 +132,11 @@ def train_ddp(cfg: Config, run_dir: str | Path, resume: bool = False,
     if result.error is not None:
         raise ClusterError(f"DDP training failed ({worker_error(result.error)}); continue with "
                            f"`noprop-dist train --resume {run.path}`")
-    epochs = [r for r in run.read_metrics() if r.get("event") == "unit_epoch" and r.get("unit") == "network"]
+    records = run.read_metrics()
+    if any(r.get("event") == "diverged" and r.get("time", 0) >= started for r in records):
+        raise TrainingDiverged(next(r["reason"] for r in reversed(records) if r.get("event") == "diverged"))
+    epochs = [r for r in records if r.get("event") == "unit_epoch" and r.get("unit") == "network"]
     figures = {"epochs": epochs, "peak_train_bytes": max((e["peak_memory_bytes"] for e in epochs), default=0),
                "rss_bytes": max((e["rss_bytes"] for e in epochs), default=0)}
     device = "cuda" if gpus > 0 else "cpu"
-    return finish_run(run, cfg, data, train_seconds, ddp_summary(figures, workers, threads, device, "ddp"))
+    return finish_run(run, cfg, data, train_seconds, ddp_summary(figures, workers, threads, device, "ddp"), step)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import config as config_mod
-from .checkpoint import RunDir
+from .checkpoint import RunDir, is_numbers
 from .config import Config, EvalConfig
 from .data import ArraySplit, Dataset
 from .errors import CheckpointError
@@ -38,6 +38,21 @@ def manifest_fields(cfg: Config, data: Dataset, setup: UnitSetup) -> dict[str, A
         "embedding": cfg.model.embedding, "embedding_dim": int(setup.embedding.shape[1]),
         "block": cfg.model.block, "normalization": {"mean": list(data.mean), "std": list(data.std)},
     }
+
+
+MANIFEST_SCHEMA = {
+    # What manifest_fields writes, checked on every read of the manifest (the vocabulary is
+    # noprop_dist.checkpoint's; a check may read the keys above it).
+    "T": "a positive integer",
+    "schedule": {"alpha_bar": (lambda v, m: is_numbers(v, m["T"] + 1) and all(0 < a < 1 for a in v),
+                               "T + 1 numbers in (0, 1)")},
+    "dataset": "a string", "num_classes": "a positive integer", "input_shape": "3 positive integers (C, H, W)",
+    "input_dtype": '"uint8" or "float32"', "embedding": "a string", "embedding_dim": "a positive integer",
+    "block": "a string",
+    "normalization": {"mean": "C numbers (C = input_shape[0])", "std": "C positive numbers (C = input_shape[0])"},
+    "units": (lambda units, m: set(units) <= {unit_name(u) for u in all_units(m["T"])},
+              "units named block_01..block_T and head"),
+}
 
 
 def save_unit(run: RunDir, runner: UnitRunner, finished: bool) -> int:
@@ -84,8 +99,9 @@ class ChainPredictor:
     def __init__(self, run: RunDir):
         self.chain, self.cfg, self.manifest = load_chain(run.path)
 
-    def evaluate(self, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str = "cpu") -> dict:
-        scores = evaluate(self.chain, split, eval_cfg.batch_size, eval_cfg.seed, device)
+    def evaluate(self, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str = "cpu",
+                 max_batch: int | None = None) -> dict:
+        scores = evaluate(self.chain, split, eval_cfg.batch_size, eval_cfg.seed, device, max_batch)
         key = "chain_accuracy_noise" if eval_cfg.noise else "chain_accuracy_no_noise"
         return {"test_accuracy": scores[key], **scores, "eval_noise": eval_cfg.noise}
 

@@ -29,3 +29,7 @@ class CheckpointError(NoPropError):
 
 class ClusterError(NoPropError):
     """The Ray cluster is unreachable or cannot satisfy the requested placement."""
+
+
+class TrainingDiverged(NoPropError):
+    """A unit's loss stopped being finite: the run stops, its last finite checkpoints stay."""

@@ -84,9 +84,13 @@ def draw_noise(T: int, batch: int, d: int, generator: torch.Generator, with_eps:
 
 @torch.no_grad()
 def evaluate(chain: NoPropChain, split: ArraySplit, batch_size: int, seed: int,
-             device: torch.device | str = "cpu") -> dict:
+             device: torch.device | str = "cpu", max_batch: int | None = None) -> dict:
     """Accuracies of the chain (head and nearest-embedding, with and without the Eq. 3 noise)
-    and of each block alone fed fresh noise z ~ N(0, I). Labels only score the predictions."""
+    and of each block alone fed fresh noise z ~ N(0, I). Labels only score the predictions.
+
+    The noise is drawn per ``batch_size`` examples (so the scores depend on the seed and
+    ``eval.batch_size`` only); ``max_batch`` splits each batch into forward passes that fit
+    the device's memory without changing any draw."""
     chain = chain.to(device).eval()
     n, d, T = len(split), chain.embedding.shape[1], chain.T
     mean = tuple(chain.mean.flatten().tolist())
@@ -94,20 +98,25 @@ def evaluate(chain: NoPropChain, split: ArraySplit, batch_size: int, seed: int,
     keys = ["head_noise", "head_no_noise", "nearest_noise", "nearest_no_noise"]
     predictions = {k: [] for k in keys + [f"block_{t:02d}" for t in range(1, T + 1)]}
     gen = torch.Generator().manual_seed(seed)
+    step = min(batch_size, max_batch or batch_size)
     for start in range(0, n, batch_size):
-        x = normalize(np.asarray(split.x[start:start + batch_size]), mean, std).to(device)
-        b = x.shape[0]
-        noise = draw_noise(T, b, d, gen, with_eps=True)
-        for with_eps in (True, False):
-            tag = "noise" if with_eps else "no_noise"
-            run_noise = noise if with_eps else torch.cat([noise[:1], torch.zeros_like(noise[1:])])
-            z_T = chain.final_latent(x, run_noise.to(device))                         # (B, d)
-            predictions[f"head_{tag}"].append(chain.head(z_T).argmax(-1).cpu())
-            dist = torch.cdist(z_T, chain.embedding)                                  # (B, m)
-            predictions[f"nearest_{tag}"].append(dist.argmin(-1).cpu())
-        fresh = torch.randn(b, d, generator=gen).to(device)
-        for t, block in enumerate(chain.blocks, start=1):
-            predictions[f"block_{t:02d}"].append(block(fresh, x).argmax(-1).cpu())
+        b = min(batch_size, n - start)
+        noise = draw_noise(T, b, d, gen, with_eps=True)                               # (T+1, B, d)
+        fresh = torch.randn(b, d, generator=gen)                                      # (B, d)
+        for lo in range(0, b, step):
+            hi = min(b, lo + step)
+            x = normalize(np.asarray(split.x[start + lo:start + hi]), mean, std).to(device)
+            for with_eps in (True, False):
+                tag = "noise" if with_eps else "no_noise"
+                part = noise[:, lo:hi]
+                run_noise = part if with_eps else torch.cat([part[:1], torch.zeros_like(part[1:])])
+                z_T = chain.final_latent(x, run_noise.to(device))                     # (b, d)
+                predictions[f"head_{tag}"].append(chain.head(z_T).argmax(-1).cpu())
+                dist = torch.cdist(z_T, chain.embedding)                              # (b, m)
+                predictions[f"nearest_{tag}"].append(dist.argmin(-1).cpu())
+            z = fresh[lo:hi].to(device)
+            for t, block in enumerate(chain.blocks, start=1):
+                predictions[f"block_{t:02d}"].append(block(z, x).argmax(-1).cpu())
     y = torch.from_numpy(np.array(split.y))
     acc = {k: float((torch.cat(v) == y).float().mean()) for k, v in predictions.items()}
     return {

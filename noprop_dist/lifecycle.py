@@ -5,9 +5,9 @@ A trainer (:mod:`noprop_dist.trainers` lists them) does only its own part, train
 
     data = load_data(cfg)                       # before anything is written
     ... trainer-specific checks (cluster reachable, placement fits) ...
-    run = open_run(cfg, run_dir, resume, fields)  # the run directory, config.toml, manifest
-    ... train, checkpointing when ``checkpoint_due(...)`` says so ...
-    return finish_run(run, cfg, data, train_seconds, extra)   # evaluate, summary, plot
+    with open_run(cfg, run_dir, resume, fields) as run:   # the run directory, locked
+        ... train, checkpointing when ``checkpoint_due(...)`` says so ...
+        return finish_run(run, cfg, data, train_seconds, extra)   # evaluate, summary, plot
 
 ``finish_run`` evaluates through the variant's own predictor (:mod:`noprop_dist.variants`),
 so a NoProp chain and a back-propagation baseline share the run directory format, the
@@ -16,14 +16,19 @@ summary, ``eval``, ``export`` and the plot.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import config as config_mod
-from .checkpoint import RunDir
+from .checkpoint import LOCK_FILE, RunDir
+from .errors import CheckpointError
 from .config import Config, TrainConfig
 from .data import Dataset, load_dataset
+from .preflight import StepEstimate, device_memory_budget, fitting_batch
 
 
 def load_data(cfg: Config) -> Dataset:
@@ -31,11 +36,51 @@ def load_data(cfg: Config) -> Dataset:
     return load_dataset(cfg.data)
 
 
-def open_run(cfg: Config, run_dir: str | Path, resume: bool, fields: dict[str, Any]) -> RunDir:
-    """Create the run directory (or reopen it on resume) with the resolved config and manifest."""
+@contextlib.contextmanager
+def open_run(cfg: Config, run_dir: str | Path, resume: bool, fields: dict[str, Any]) -> Iterator[RunDir]:
+    """Create the run directory (or reopen it on resume) with the resolved config and manifest,
+    and hold its lock until the ``with`` block ends: one process trains in a run at a time."""
     run = RunDir(run_dir)
-    run.create(config_mod.to_toml(cfg), {"variant": cfg.variant, **fields}, resume=resume)
-    return run
+    if not resume and not (run.path / LOCK_FILE).exists():
+        run.refuse_existing()        # no side effect yet: a refused run leaves nothing behind
+    run.path.mkdir(parents=True, exist_ok=True)
+    with RunLock(run.path):
+        # Under the lock (a directory with a lock file is checked only here, so that a run
+        # being created by another process is reported as in use, not as foreign files).
+        run.create(config_mod.to_toml(cfg), {"variant": cfg.variant, **fields}, resume=resume)
+        yield run
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run>/.lock``, held while a process trains in the run.
+
+    The kernel drops it when the holder exits, however it exits (no stale lock after a crash
+    or a kill); the file keeps the last holder's PID for the message a second process sees.
+    """
+
+    def __init__(self, run_path: Path):
+        self.path = run_path / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(
+                f"{self.path.parent} is in use by process {holder} (a train or --resume running in it); "
+                f"wait for it to finish or stop it (kill {holder}), then resume") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)        # closing the descriptor releases the flock
+            self.fd = None
 
 
 def finished_summary(run: RunDir) -> dict[str, Any] | None:
@@ -75,8 +120,11 @@ def checkpoint_due(train: TrainConfig, epoch: int, shared_embedding: bool) -> bo
 
 
 def finish_run(run: RunDir, cfg: Config, data: Dataset, train_seconds: float,
-               extra: dict[str, Any]) -> dict[str, Any]:
+               extra: dict[str, Any], step: StepEstimate | None = None) -> dict[str, Any]:
     """Evaluate the finished run on the test split; write summary.json and the plot.
+
+    ``step`` (the trainer's preflight estimate) sizes the evaluation's forward passes to the
+    device's free memory; the scores do not depend on that size.
 
     ``train_seconds`` is this session's training phase; the summary adds the phases of
     earlier sessions of the same run that reached this point (a crashed session's is lost).
@@ -89,12 +137,14 @@ def finish_run(run: RunDir, cfg: Config, data: Dataset, train_seconds: float,
     train_seconds += run.manifest().get("train_seconds_done", 0.0)
     run.update_manifest(train_seconds_done=train_seconds)
     predictor = get_variant(cfg.variant).load(run)
+    device = resolve_device(cfg.train.device)
+    max_batch = None if step is None else fitting_batch(step, device_memory_budget(device), cfg.eval.batch_size)
     start = time.perf_counter()
-    scores = predictor.evaluate(data.test, cfg.eval, device=resolve_device(cfg.train.device))
+    scores = predictor.evaluate(data.test, cfg.eval, device=device, max_batch=max_batch)
     units = run.manifest()["units"]
     summary = {
         **scores,
-        "eval_seconds": time.perf_counter() - start,
+        "eval_seconds": time.perf_counter() - start, "eval_forward_batch": max_batch or cfg.eval.batch_size,
         "train_seconds": train_seconds, "variant": cfg.variant,
         "dataset": data.name, "train_examples": len(data.train), "test_examples": len(data.test),
         "epochs": cfg.train.epochs, "embedding": cfg.model.embedding, "block": cfg.model.block,

@@ -13,10 +13,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .checkpoint import RunDir
 from .config import Config
+from .data import Dataset
 from .dt import EMBEDDING_FILE, all_units, manifest_fields, save_unit
+from .errors import TrainingDiverged
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
-from .units import UnitRunner, average_embeddings, make_setup, resolve_device
+from .preflight import StepEstimate, check_unit, device_memory_budget
+from .units import UnitRunner, UnitSetup, average_embeddings, block_step_probe, make_setup, resolve_device
 
 
 def train_local(cfg: Config, run_dir: str | Path, resume: bool = False,
@@ -24,12 +28,21 @@ def train_local(cfg: Config, run_dir: str | Path, resume: bool = False,
     """Train all units of a DT run in this process; returns the summary."""
     data = load_data(cfg)
     setup = make_setup(cfg, data)
-    run = open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup))
+    device = resolve_device(cfg.train.device)
+    # All units live in this process; one trains at a time.
+    step = check_unit(block_step_probe(setup, len(data.train)), min(cfg.train.batch_size, len(data.train)),
+                      data.input_shape, device_memory_budget(device), 1, f"this machine ({device})",
+                      units_held=setup.T)
+    with open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup)) as run:
+        return _train(run, cfg, data, setup, device, step, show_progress)
+
+
+def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, device: torch.device,
+           step: StepEstimate, show_progress: bool) -> dict[str, Any]:
     if (done := finished_summary(run)) is not None:
         return done
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
     runners = [UnitRunner(u, setup, data.train, device) for u in all_units(setup.T)]
     done_units = run.manifest()["units"]
     for runner in runners:
@@ -44,7 +57,11 @@ def train_local(cfg: Config, run_dir: str | Path, resume: bool = False,
         if not pending:
             continue  # finished before a resume
         for runner in pending:
-            metrics = runner.run_epoch(epoch)
+            try:
+                metrics = runner.run_epoch(epoch)
+            except TrainingDiverged as exc:
+                run.append_metrics({"event": "diverged", "unit": runner.name, "epoch": epoch, "reason": str(exc)})
+                raise
             run.append_metrics({"event": "unit_epoch", **metrics})
             bar.set_postfix_str(f"{runner.name} loss {metrics['loss']:.4g}")
             bar.update(1)
@@ -61,4 +78,4 @@ def train_local(cfg: Config, run_dir: str | Path, resume: bool = False,
     run.save_tensors(EMBEDDING_FILE, {"embedding": runners[-1].embedding.detach()})
     extra = {"backend": "local", "workers": 1, "device": str(device),
              "peak_memory_bytes": {r.name: r.peak_memory_bytes for r in runners}}
-    return finish_run(run, cfg, data, train_seconds, extra)
+    return finish_run(run, cfg, data, train_seconds, extra, step)

@@ -35,8 +35,10 @@ from torch import nn
 from . import schedule
 from .config import Config, ModelConfig, TrainConfig
 from .data import ArraySplit, Dataset, normalize
+from .errors import TrainingDiverged
 from .models import (BLOCK_SIZES, DTBlock, OutputHead, class_medoids, denoised_embedding,
                      embedding_dim, initial_embedding)
+from .preflight import StepProbe
 
 HEAD = 0
 # Streams of derive_seed; head pass p uses HEAD_PASS_STRIDE * (p + 1) + stream.
@@ -117,6 +119,20 @@ def build_module(unit: int, setup: UnitSetup) -> nn.Module:
             return OutputHead(d, setup.num_classes)
         return DTBlock(setup.input_shape, d, setup.num_classes, BLOCK_SIZES[setup.model.block],
                        setup.model.dropout)
+
+
+def block_step_probe(setup: UnitSetup, n_train: int) -> StepProbe:
+    """The dry run of one block's training step (every block has the same shapes), for
+    :mod:`~noprop_dist.preflight`; the block's per-epoch target noise is ``n_train x d``."""
+    d = setup.embedding.shape[1]
+
+    def forward(module: nn.Module, batch: int) -> torch.Tensor:
+        z = torch.zeros(batch, d)                                                 # (B, d)
+        x = torch.zeros(batch, *setup.input_shape)                                # (B, C, H, W)
+        return dt_block_loss(module(z, x), torch.zeros(setup.num_classes, d), z, 1.0)
+
+    return StepProbe(name=f"the {setup.model.block} DT block", build=lambda: build_module(1, setup),
+                     forward=forward, fixed_bytes=n_train * d * 4)
 
 
 def epoch_noise(setup: UnitSetup, unit: int, epoch: int, n: int) -> torch.Tensor:
@@ -229,11 +245,13 @@ class UnitRunner:
                 losses = self._head_epoch(epoch, noise, progress)
             else:
                 losses = self._block_epoch(epoch, noise, progress)
+        # One host sync per epoch, not per step: the losses stay tensors until here.
+        per_step = torch.stack(losses).double().cpu()
+        check_finite(self.name, epoch, per_step, self.setup.train)
         self.epochs_done = epoch
         seconds = time.perf_counter() - start
         samples = n * (self.setup.train.head_passes if self.unit == HEAD else 1)
-        # One host sync per epoch, not per step: the losses stay tensors until here.
-        return {"unit": self.name, "epoch": epoch, "loss": float(torch.stack(losses).double().mean()),
+        return {"unit": self.name, "epoch": epoch, "loss": float(per_step.mean()),
                 "seconds": seconds, "samples_per_s": samples / seconds,
                 "target_seconds": target_seconds, "first_step_at": self.first_step_at,
                 "peak_memory_bytes": self.peak_memory_bytes, "rss_bytes": rss_bytes()}
@@ -261,7 +279,7 @@ class UnitRunner:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def _block_epoch(self, epoch: int, noise: torch.Tensor, progress: ProgressFn | None) -> list[float]:
+    def _block_epoch(self, epoch: int, noise: torch.Tensor, progress: ProgressFn | None) -> list[torch.Tensor]:
         order = epoch_order(self.setup, self.unit, epoch, len(self.train))
         x_all = self.train.x
         losses: list[torch.Tensor] = []
@@ -287,7 +305,7 @@ class UnitRunner:
                 tick = now
         return losses
 
-    def _head_epoch(self, epoch: int, noise: torch.Tensor, progress: ProgressFn | None) -> list[float]:
+    def _head_epoch(self, epoch: int, noise: torch.Tensor, progress: ProgressFn | None) -> list[torch.Tensor]:
         """Cross-entropy of p_out(y | z_T) on z_T ~ q(z_T | y), plus the KL term (Eq. 8).
 
         The head sees labels only (never a block output), so it trains in its own unit.
@@ -359,6 +377,23 @@ def dt_block_loss(logits: torch.Tensor, embedding: torch.Tensor, u_y: torch.Tens
     ``u_hat_t = softmax(logits) @ W_embed`` and ``weight = (T/2) eta (SNR(t) - SNR(t-1))``."""
     u_hat = denoised_embedding(logits.float(), embedding)                        # (B, d)
     return weight * ((u_hat - u_y) ** 2).sum(-1).mean()
+
+
+def check_finite(name: str, epoch: int, per_step: torch.Tensor, train: TrainConfig) -> None:
+    """Stop the run when a unit's loss is no longer finite (checked once per epoch, on the
+    per-step losses): the epoch's weights are not checkpointed, the last finite ones stay."""
+    bad = (~torch.isfinite(per_step)).nonzero()
+    if len(bad):
+        step = int(bad[0]) + 1
+        raise diverged(name, epoch, float(per_step[step - 1]), train, f"step {step} of epoch {epoch}")
+
+
+def diverged(name: str, epoch: int, value: float, train: TrainConfig, when: str = "") -> TrainingDiverged:
+    """The one message of a run stopped by a non-finite loss."""
+    return TrainingDiverged(
+        f"{name}: the loss became {value} at {when or f'epoch {epoch}'}; the likely cause is a learning rate "
+        f"too high for this data (train.lr={train.lr:g}) or unscaled inputs; the run stopped with its last "
+        "finite checkpoints kept; start again with a lower --train.lr")
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 ``Config.variant`` names an entry. Each entry says which family it belongs to (the
 trainers of :mod:`noprop_dist.trainers` are registered per family) and how to rebuild a
 predictor from a finished run directory; a predictor has ``evaluate(split, eval_cfg,
-device)`` returning at least ``test_accuracy`` and ``export_program()``.
+device)`` returning at least ``test_accuracy`` and ``export_program()``. It also names the
+schema of its manifest fields (see :mod:`noprop_dist.checkpoint`), checked on every read.
 
 Variants:
 
@@ -30,6 +31,7 @@ class Variant:
     family: str        # "noprop" or "backprop": selects the trainers that can run it
     doc: str
     predictor: str     # "module:Class", built from a RunDir
+    manifest_schema: str   # "module:NAME" of the schema of the fields its trainers add to the manifest
 
     def load(self, run):
         return load_target(self.predictor)(run)
@@ -43,11 +45,11 @@ def load_target(target: str):
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("dt", "noprop", "NoProp-DT: T blocks, each trained alone (Eq. 8), chained at inference (Eq. 3)",
-            "noprop_dist.dt:ChainPredictor"),
+            "noprop_dist.dt:ChainPredictor", "noprop_dist.dt:MANIFEST_SCHEMA"),
     Variant("backprop", "backprop", "structure-matched back-propagation baseline (Eqs. 17-19)",
-            "noprop_dist.backprop:NetworkPredictor"),
+            "noprop_dist.backprop:NetworkPredictor", "noprop_dist.backprop:MANIFEST_SCHEMA"),
     Variant("backprop_cnn", "backprop", "single-tower CNN (Figure-6 image path + linear head), back-propagation",
-            "noprop_dist.backprop:NetworkPredictor"),
+            "noprop_dist.backprop:NetworkPredictor", "noprop_dist.backprop:MANIFEST_SCHEMA"),
 )}
 
 

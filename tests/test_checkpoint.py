@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import stat
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ import torch
 
 from noprop_dist import checkpoint
 from noprop_dist.checkpoint import SCHEMA_VERSION, RunDir, atomic_write, sha256
+from noprop_dist.cli import main
 from noprop_dist.config import from_dict, to_toml
 from noprop_dist.data import normalize
 from noprop_dist.errors import CheckpointError
@@ -25,6 +30,7 @@ from noprop_dist.inference import RawImageChain, draw_noise, predict
 from noprop_dist.local import train_local
 from noprop_dist.dt import load_chain
 from noprop_dist.results import evaluate_run, export_run
+from test_config_cli import one_error_line
 
 UNIT_NAMES = ["block_01", "block_02", "block_03", "block_04", "head"]
 
@@ -292,3 +298,322 @@ def test_a_local_run_does_not_import_ray(tmp_path, data_cache):
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["versions"]["ray"]
+
+
+# ------------------------------------------------------------------ untrusted run directories (issue 7, items 12-13)
+# A run directory may come from anywhere: its manifest is checked against its schema, and a
+# file is read only if it is a regular file inside the run directory of the recorded size.
+# Every refusal is one line naming the problem and the fix, and changes nothing on disk.
+
+DAMAGED_FIX = "restore manifest.json from a backup or retrain with a new --run-dir"
+NOT_INSIDE = "is not a relative path inside the run directory"
+
+
+def snapshot(root: Path) -> dict:
+    """Every entry under ``root``: a regular file's bytes, a link's target, else its kind
+    (a FIFO is never opened)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        mode = path.lstat().st_mode
+        out[path] = (path.read_bytes() if stat.S_ISREG(mode) else
+                     os.readlink(path) if stat.S_ISLNK(mode) else stat.filemode(mode))
+    return out
+
+
+def edit_manifest(run: Path, change) -> None:
+    path = run / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def refused(run: Path, load, *fragments: str) -> str:
+    """``load()`` raises a one-line CheckpointError naming every fragment, and nothing next
+    to the run directory (the run, the copies outside it) changed."""
+    before = snapshot(run.parent)
+    with pytest.raises(CheckpointError) as exc:
+        load()
+    message = str(exc.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert snapshot(run.parent) == before
+    return message
+
+
+# ---- files named by the manifest
+
+def _outside_copy(run: Path) -> Path:
+    """A valid copy of block_01's file outside the run directory: reading it would succeed."""
+    outside = run.parent / "outside.safetensors"
+    shutil.copyfile(run / "units" / "block_01.safetensors", outside)
+    return outside
+
+
+def _name_file(run: Path, file: str, source: Path | None = None) -> None:
+    """Make units.block_01 name ``file``, with the checksum and size of ``source`` (if given)."""
+    data = source.read_bytes() if source else None
+    edit_manifest(run, lambda m: m["units"]["block_01"].update(
+        file=file, **({"sha256": sha256(data), "bytes": len(data)} if data is not None else {})))
+
+
+def _replace_unit(run: Path, make) -> None:
+    path = run / "units" / "block_01.safetensors"
+    path.unlink()
+    make(path)
+
+
+def _link_outside(run: Path) -> None:
+    """units/block_01.safetensors becomes a link to a valid copy outside the run directory."""
+    outside = _outside_copy(run)
+    _replace_unit(run, lambda path: path.symlink_to(outside))
+
+
+def _grow(run: Path) -> None:
+    with open(run / "units" / "block_01.safetensors", "ab") as fh:
+        fh.write(b"\0")
+
+
+# case -> (damage(run), fragments of the message, formatted with {size}: block_01's file size);
+# each reads units.block_01.
+UNIT_FILE_CASES = {
+    "dotdot_passwd": (lambda run: _name_file(run, "../" * len(run.parts) + "etc/passwd", Path("/etc/passwd")),
+                      ("units.block_01.file", "etc/passwd", NOT_INSIDE, DAMAGED_FIX)),
+    "dotdot_valid_copy": (lambda run: _name_file(run, "../outside.safetensors", _outside_copy(run)),
+                          ("units.block_01.file '../outside.safetensors'", NOT_INSIDE)),
+    "absolute_valid_copy": (lambda run: _name_file(run, str(_outside_copy(run)), _outside_copy(run)),
+                            ("outside.safetensors", NOT_INSIDE)),
+    "dev_zero": (lambda run: _name_file(run, "/dev/zero"), ("units.block_01.file '/dev/zero'", NOT_INSIDE)),
+    "link_outside": (_link_outside,
+                     ("block_01.safetensors is a link to", "outside.safetensors, outside the run directory")),
+    "link_dev_zero": (lambda run: _replace_unit(run, lambda p: p.symlink_to("/dev/zero")),
+                      ("is a link to /dev/zero, outside the run directory",)),
+    "units_dir_link_outside": (lambda run: (shutil.move(run / "units", run.parent / "units_moved"),
+                                            (run / "units").symlink_to(run.parent / "units_moved")),
+                               ("units_moved/block_01.safetensors, outside the run directory",)),
+    "fifo": (lambda run: _replace_unit(run, os.mkfifo), ("block_01.safetensors is a FIFO, not a checkpoint file",)),
+    "directory": (lambda run: _replace_unit(run, Path.mkdir), ("block_01.safetensors is a directory",)),
+    "file_longer_than_recorded": (_grow, ("has {grown} bytes, the manifest records {size}",)),
+    "recorded_size_wrong": (lambda run: edit_manifest(run, lambda m: m["units"]["block_01"].update(bytes=5)),
+                            ("has {size} bytes, the manifest records 5",)),
+    "recorded_size_huge": (lambda run: edit_manifest(run, lambda m: m["units"]["block_01"].update(bytes=2**50)),
+                           (f"units.block_01.bytes is {2**50}, above the", DAMAGED_FIX)),
+}
+# Cases that the code before this check could not survive (/dev/zero read without end, a FIFO
+# blocked in open): run in a child process bounded in memory and time, so a regression fails.
+IN_CHILD = {"dev_zero", "link_dev_zero", "fifo"}
+CHILD = """
+import resource, sys
+from noprop_dist.checkpoint import RunDir
+from noprop_dist.errors import CheckpointError
+resource.setrlimit(resource.RLIMIT_DATA, (2**31, resource.RLIM_INFINITY))
+try:
+    RunDir(sys.argv[1]).load_unit("block_01")
+except CheckpointError as exc:
+    print(exc)
+else:
+    print("loaded")
+"""
+
+
+def _load_in_child(run: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(run)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    raise CheckpointError(proc.stdout.strip())
+
+
+@pytest.mark.parametrize("case", UNIT_FILE_CASES)
+def test_unit_files_outside_the_run_or_not_regular_are_never_read(run_copy, case):
+    """Item 12: a unit entry naming a file outside the run (even a valid copy, with a matching
+    checksum), a link out, a device, a FIFO, a directory or a file of another size is refused
+    before it is read."""
+    damage, fragments = UNIT_FILE_CASES[case]
+    size = (run_copy / "units" / "block_01.safetensors").stat().st_size
+    damage(run_copy)
+    load = (lambda: _load_in_child(run_copy)) if case in IN_CHILD else (lambda: load_chain(run_copy))
+    message = refused(run_copy, load, *(f.format(size=size, grown=size + 1) for f in fragments))
+    assert "delete" not in message   # never advise deleting a file, least of all one outside the run
+
+
+def test_embedding_entry_outside_the_run_is_refused(run_copy):
+    outside = run_copy.parent / "embedding_outside.safetensors"
+    shutil.copyfile(run_copy / "embedding.safetensors", outside)
+    edit_manifest(run_copy, lambda m: m["files"]["embedding"].update(file="../embedding_outside.safetensors"))
+    refused(run_copy, lambda: load_chain(run_copy), "files.embedding.file", NOT_INSIDE)
+
+
+def test_a_link_inside_the_run_directory_is_followed(run_copy):
+    """Links are resolved, not refused: one to a regular file inside the run is read."""
+    expected = RunDir(run_copy).load_unit("block_01")
+    (run_copy / "stash").mkdir()
+    shutil.move(run_copy / "units" / "block_01.safetensors", run_copy / "stash" / "b1.safetensors")
+    (run_copy / "units" / "block_01.safetensors").symlink_to(Path("..") / "stash" / "b1.safetensors")
+    got = RunDir(run_copy).load_unit("block_01")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+# ---- the manifest's schema
+
+REQUIRED_KEYS = ["T", "block", "created", "dataset", "embedding", "embedding_dim", "input_dtype", "input_shape",
+                 "normalization", "num_classes", "schedule", "schema_version", "status", "units", "versions"]
+OPTIONAL_KEYS = ["files", "train_seconds_done", "variant"]   # absent while running / in older runs (dt)
+
+
+def test_key_lists_cover_a_real_manifest(trained_run):
+    manifest = json.loads((trained_run[0] / "manifest.json").read_text())
+    assert sorted(REQUIRED_KEYS + OPTIONAL_KEYS) == sorted(manifest)
+
+
+@pytest.mark.parametrize("key", REQUIRED_KEYS)
+def test_manifest_without_a_required_key_is_refused(run_copy, key):
+    edit_manifest(run_copy, lambda m: m.pop(key))
+    expected = "schema version None" if key == "schema_version" else f"manifest.json: the manifest lacks {key!r}"
+    refused(run_copy, lambda: evaluate_run(run_copy), expected)
+
+
+@pytest.mark.parametrize("key", OPTIONAL_KEYS)
+def test_manifest_without_an_optional_key_is_read(run_copy, key):
+    edit_manifest(run_copy, lambda m: m.pop(key))
+    assert key not in RunDir(run_copy).manifest()
+    if key == "files":
+        refused(run_copy, lambda: load_chain(run_copy), "has no embedding file; the run did not finish")
+
+
+@pytest.mark.parametrize("entry,key", [("units.block_03", k) for k in
+                                       ("file", "sha256", "bytes", "epochs_done", "finished")]
+                         + [("files.embedding", k) for k in ("file", "sha256", "bytes")])
+def test_manifest_entry_without_a_key_is_refused(run_copy, entry, key):
+    group, name = entry.split(".")
+    edit_manifest(run_copy, lambda m: m[group][name].pop(key))
+    refused(run_copy, lambda: evaluate_run(run_copy), f"manifest.json: {entry} lacks {key!r}; ", DAMAGED_FIX)
+
+
+def _set(manifest: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        manifest = manifest[key]
+    manifest[last] = value
+
+
+BAD_VALUES = [   # (dotted key, value, what the message says)
+    ("T", "4", 'T is "4", expected a positive integer'),
+    ("T", True, "T is true, expected a positive integer"),
+    ("T", 0, "T is 0, expected a positive integer"),
+    ("created", "yesterday", 'created is "yesterday", expected a number'),
+    ("status", "done", 'status is "done", expected "running" or "finished"'),
+    ("variant", 3, "variant is 3, expected a string"),
+    ("variant", "nope", "variant='nope' is not one of dt, backprop, backprop_cnn; use the noprop_dist release"),
+    ("versions", ["torch"], 'versions is ["torch"], expected an object'),
+    ("versions.torch", 2, "versions.torch is 2, expected a string"),
+    ("units", [], "units is [], expected an object"),
+    ("units.block_01", None, "units.block_01 is null, expected an object"),
+    ("units.block_01.file", 7, "units.block_01.file is 7, expected a string"),
+    ("units.block_01.bytes", "148896", 'units.block_01.bytes is "148896", expected an integer >= 0'),
+    ("units.block_01.bytes", -1, "units.block_01.bytes is -1, expected an integer >= 0"),
+    ("units.block_01.bytes", 1.5, "units.block_01.bytes is 1.5, expected an integer >= 0"),
+    ("units.block_01.sha256", "abc", 'units.block_01.sha256 is "abc", expected a SHA-256 hex digest'),
+    ("units.block_01.epochs_done", "5", 'units.block_01.epochs_done is "5", expected an integer >= 0'),
+    ("units.block_01.finished", "yes", 'units.block_01.finished is "yes", expected true or false'),
+    ("units.block_09", {"file": "units/block_09.safetensors", "sha256": "0" * 64, "bytes": 1, "epochs_done": 1,
+                        "finished": True}, "units is an object (keys block_01, block_02, block_03, block_04, head, "
+                                           "block_09), expected units named block_01..block_T and head"),
+    ("units.network", None, "units.network is null, expected an object"),
+    ("files", {"embedding": "embedding.safetensors"},
+     'files.embedding is "embedding.safetensors", expected an object'),
+    ("files.embedding.sha256", None, "files.embedding.sha256 is null, expected a SHA-256 hex digest"),
+    ("schedule", "cosine", 'schedule is "cosine", expected an object'),
+    ("schedule.alpha_bar", [0.1, 0.5], "schedule.alpha_bar is [0.1, 0.5], expected T + 1 numbers in (0, 1)"),
+    ("schedule.alpha_bar", [0.1, 0.2, 0.3, 0.4, 1.5], "schedule.alpha_bar is [0.1, 0.2, 0.3, 0.4, 1.5], expected"),
+    ("schedule.alpha_bar", [0.1, 0.2, "0.3", 0.4, 0.5], 'schedule.alpha_bar is [0.1, 0.2, "0.3", 0.4, 0.5], expected'),
+    ("schedule.alpha_bar", [0.1, 0.2, float("nan"), 0.4, 0.5], "schedule.alpha_bar is [0.1, 0.2, NaN, 0.4, 0.5], exp"),
+    ("schedule.alpha_bar", [0.1] * 40, "schedule.alpha_bar is a list of 40 items, expected T + 1 numbers in (0, 1)"),
+    ("schedule.alpha_bar", None, "schedule.alpha_bar is null, expected T + 1 numbers in (0, 1)"),
+    ("input_shape", [1, 8], "input_shape is [1, 8], expected 3 positive integers (C, H, W)"),
+    ("input_shape", [1, 0, 8], "input_shape is [1, 0, 8], expected 3 positive integers"),
+    ("input_shape", "1x8x8", 'input_shape is "1x8x8", expected 3 positive integers'),
+    ("input_dtype", "float64", 'input_dtype is "float64", expected "uint8" or "float32"'),
+    ("num_classes", "10", 'num_classes is "10", expected a positive integer'),
+    ("embedding_dim", 0, "embedding_dim is 0, expected a positive integer"),
+    ("normalization", None, "normalization is null, expected an object"),
+    ("normalization.mean", [0.3, 0.3, 0.3], "normalization.mean is [0.3, 0.3, 0.3], expected C numbers "
+                                            "(C = input_shape[0])"),
+    ("normalization.std", [0.0], "normalization.std is [0.0], expected C positive numbers"),
+    ("train_seconds_done", -1.0, "train_seconds_done is -1.0, expected a number >= 0"),
+]
+
+
+@pytest.mark.parametrize("dotted,value,says", BAD_VALUES, ids=[f"{k}={json.dumps(v)}"[:40] for k, v, _ in BAD_VALUES])
+def test_manifest_with_a_wrong_value_is_refused(run_copy, dotted, value, says):
+    edit_manifest(run_copy, lambda m: _set(m, dotted, value))
+    message = refused(run_copy, lambda: evaluate_run(run_copy), f"manifest.json: {says}")
+    assert message.startswith(str(run_copy / "manifest.json"))
+
+
+def test_manifest_that_is_not_an_object_is_refused(run_copy):
+    (run_copy / "manifest.json").write_text("[]")
+    refused(run_copy, lambda: evaluate_run(run_copy), "the manifest is [], expected an object",
+            DAMAGED_FIX)
+
+
+def test_manifest_of_every_stage_of_a_run_is_read(run_copy):
+    """A just-created manifest (no units, no files), a running and a finished one all pass."""
+    manifest = RunDir(run_copy).manifest()
+    created = {k: v for k, v in manifest.items() if k not in ("files", "train_seconds_done")}
+    running = {**created, "units": {"block_02": manifest["units"]["block_02"]}}
+    for stage in ({**created, "status": "running", "units": {}}, {**running, "status": "running"}, manifest):
+        (run_copy / "manifest.json").write_text(json.dumps(stage))
+        assert RunDir(run_copy).manifest() == stage
+
+
+def test_a_backprop_manifest_is_checked_against_its_own_schema(trained_run, tmp_path):
+    """A baseline's manifest (one unit "network", no schedule, a parameter count) passes its
+    variant's schema and fails on DT units or a missing field."""
+    dt = json.loads((trained_run[0] / "manifest.json").read_text())
+    good = {**{k: v for k, v in dt.items() if k not in ("schedule", "files")}, "variant": "backprop_cnn", "T": 0,
+            "parameters": 6042, "units": {"network": {**dt["units"]["head"], "file": "units/network.safetensors"}}}
+    run = tmp_path / "bp"
+    run.mkdir()
+    for manifest, says in ((good, None),
+                           ({**good, "units": dt["units"]}, "units is an object (keys block_01"),
+                           ({k: v for k, v in good.items() if k != "parameters"}, "the manifest lacks 'parameters'"),
+                           ({**good, "T": -1}, "T is -1, expected an integer >= 0"),
+                           ({**dt, "units": good["units"]}, "expected units named block_01..block_T and head")):
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        if says is None:
+            assert RunDir(run).manifest() == manifest
+        else:
+            refused(run, RunDir(run).manifest, says, DAMAGED_FIX)
+
+
+def test_writes_to_a_damaged_run_change_nothing(run_copy):
+    """Training code reads the manifest before it writes: a damaged run is refused untouched."""
+    edit_manifest(run_copy, lambda m: m["units"]["block_02"].pop("sha256"))
+    run = RunDir(run_copy)
+    tensors = {"model/w": torch.zeros(2)}
+    refused(run_copy, lambda: run.save_unit("block_02", tensors, 1, False), "units.block_02 lacks 'sha256'")
+    refused(run_copy, lambda: run.save_tensors("embedding", {"embedding": torch.zeros(2, 2)}), "lacks 'sha256'")
+    refused(run_copy, lambda: run.update_manifest(status="finished"), "lacks 'sha256'")
+
+
+CLI_CASES = {
+    "key_removed": (lambda run: edit_manifest(run, lambda m: m["units"]["block_03"].pop("sha256")),
+                    "units.block_03 lacks 'sha256'"),
+    "passwd": (UNIT_FILE_CASES["dotdot_passwd"][0], NOT_INSIDE),
+    "link_outside": (UNIT_FILE_CASES["link_outside"][0], "outside the run directory"),
+    "alpha_bar_short": (lambda run: edit_manifest(run, lambda m: _set(m, "schedule.alpha_bar", [0.5])),
+                        "schedule.alpha_bar is [0.5], expected T + 1 numbers"),
+}
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_cli_on_a_damaged_run_prints_one_line_and_exits_1(run_copy, capsys, case, command):
+    damage, fragment = CLI_CASES[case]
+    damage(run_copy)
+    before = snapshot(run_copy.parent)
+    out = run_copy.parent / "model.pt2"
+    assert main([command, str(run_copy), *([str(out)] if command == "export" else [])]) == 1
+    err = capsys.readouterr().err
+    assert fragment in one_error_line(err) and "Traceback" not in err
+    assert snapshot(run_copy.parent) == before

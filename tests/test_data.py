@@ -258,10 +258,11 @@ def test_changed_file_gets_new_cache_entry(tmp_path):
     assert len(ds.train) + len(ds.test) == 60
 
 
-def test_file_num_classes_at_least_two(tmp_path):
+def test_single_class_file_is_refused(tmp_path):
+    """One class would train silently and score a meaningless 1.000 (issue 7, item 10)."""
     np.savez(tmp_path / "one.npz", x=toy(10)[0], y=np.zeros(10, np.int64))
-    ds = load_dataset(cfg_for(tmp_path, name="file", path=str(tmp_path / "one.npz")))
-    assert ds.num_classes == 2
+    with pytest.raises(DataError, match="holds one class only"):
+        load_dataset(cfg_for(tmp_path, name="file", path=str(tmp_path / "one.npz")))
 
 
 def _bad_files(tmp_path: Path) -> dict[str, Path]:
