@@ -349,3 +349,30 @@ def test_ddp_asking_for_more_workers_than_the_cluster_has_fails_before_any_work(
     with pytest.raises(ClusterError, match="DDP needs"):
         train_ddp(cfg, tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_block_on_a_ray_worker_stops_the_run_without_restarts(ray_session, cache, tmp_path):
+    """Issue 7, item 11 on the Ray trainer: the worker reports the non-finite loss (it is not a
+    worker death, so nothing restarts); the run stops with the unit's message."""
+    from noprop_dist.errors import TrainingDiverged
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan at step \d+ of epoch 1"):
+        train_ray(tiny(cache, **{"train.lr": "1e30"}), run_dir, show_progress=False)
+    events = [r["event"] for r in RunDir(run_dir).read_metrics()]
+    assert "diverged" in events and "worker_died" not in events
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_a_diverging_ddp_run_stops_once_with_the_reason(ray_session, cache, tmp_path):
+    """DDP on Ray Train: every rank stops at the same epoch (the loss is all-reduced); the
+    driver raises the reason rank 0 recorded instead of letting Ray Train retry."""
+    from noprop_dist.ddp import train_ddp
+    from noprop_dist.errors import TrainingDiverged
+
+    cfg = config.resolve("tiny", {"data.cache_dir": cache, "variant": "backprop", "cluster.backend": "ddp",
+                                  "cluster.workers": "2", "train.lr": "1e30", "train.threads": "1"})
+    with pytest.raises(TrainingDiverged, match="network: the loss became nan at epoch 1"):
+        train_ddp(cfg, tmp_path / "run", show_progress=False)
+    events = [r["event"] for r in RunDir(tmp_path / "run").read_metrics()]
+    assert events.count("diverged") == 1 and "network" not in RunDir(tmp_path / "run").manifest()["units"]
