@@ -123,6 +123,8 @@ class ClusterConfig:
     """CPU threads (and Ray CPUs) per worker."""
     gpus_per_worker: float = -1.0
     """GPUs per worker: -1 = 1 when the cluster has GPUs else 0; 0.5 packs two blocks on one GPU."""
+    placement: str = "pack"
+    """ray: where block workers go across nodes: pack (fill a node first) or spread (one per node in turn)."""
     max_restarts: int = 2
     """How many times one block's worker may be restarted after it dies before the run fails."""
     ship_targets: str = "recipe"
@@ -154,6 +156,7 @@ _CHOICES = {
     ("model", "embedding"): ("one_hot", "learned", "prototype"),
     ("cluster", "backend"): ("ray", "local", "ddp"),
     ("cluster", "ship_targets"): ("recipe", "tensors"),
+    ("cluster", "placement"): ("pack", "spread"),
 }
 
 

@@ -216,7 +216,9 @@ class Coordinator:
         self.layout = layout
         bundles = [{"CPU": layout.cpus, **({"GPU": layout.gpus} if layout.gpus else {})}
                    for _ in layout.groups]
-        self.pg = placement_group(bundles, strategy="PACK", name=f"{self.run_tag}/blocks")
+        # PACK fills a node before the next (fewer nodes fetch the data); SPREAD puts the
+        # workers on different nodes in turn (a node's loss costs fewer blocks). Both are soft.
+        self.pg = placement_group(bundles, strategy=self.cfg.cluster.placement.upper(), name=f"{self.run_tag}/blocks")
         ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             remove_placement_group(self.pg)
@@ -413,6 +415,20 @@ class Coordinator:
                 self._on_result(track, result)
         return time.perf_counter() - start
 
+    def data_copies(self) -> dict[str, Any]:
+        """Where the training split lives now: the nodes holding a copy of it in their object
+        store (the driver's put it there; every other node fetched it once, for all its
+        workers) and the bytes that crossed the network for it."""
+        try:
+            where = ray.experimental.get_object_locations(list(self.train_refs))
+        except Exception:  # noqa: BLE001  a diagnostic: never fail a finished run over it
+            return {}
+        nodes = set().union(*(set(v.get("node_ids") or []) for v in where.values()))
+        worker_nodes = {slot.info.get("node") for slot in self.workers} - {None}
+        driver = ray.get_runtime_context().get_node_id()
+        return {"data_nodes": len(nodes), "data_worker_nodes": len(worker_nodes),
+                "bytes_data_to_nodes": self.data_bytes * len(nodes - {driver})}
+
     def final_embedding(self) -> torch.Tensor:
         if self.setup.learnable_embedding:
             return self.sync_history[self.epochs]
@@ -515,6 +531,7 @@ def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, layout: La
         coordinator.start(layout)
         train_seconds = coordinator.train()
         run.save_tensors(EMBEDDING_FILE, {"embedding": coordinator.final_embedding()})
+        data_copies = coordinator.data_copies()
     finally:
         coordinator.close()
     first = [t for t in coordinator.first_steps if t is not None]
@@ -531,7 +548,7 @@ def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, layout: La
         + coordinator.traffic.total("checkpoint_to_workers"),
         "bytes_from_workers": coordinator.traffic.total("control_from_workers")
         + coordinator.traffic.total("checkpoint_from_workers"),
-        "bytes_data_object_store": coordinator.data_bytes,
+        "bytes_data_object_store": coordinator.data_bytes, **data_copies, "placement": cfg.cluster.placement,
         "data_put_seconds": coordinator.data_put_seconds,
         "dispatch_seconds": coordinator.dispatch_seconds,
         "dispatch_share": coordinator.dispatch_seconds / max(train_seconds, 1e-9),
