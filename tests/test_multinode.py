@@ -127,7 +127,10 @@ def test_a_node_lost_mid_run_restarts_only_its_blocks_with_the_same_final_weight
     assert all(after[u] != victim_id for u in on_victim)
     back = min(r["time"] for r in RunDir(run_dir).read_metrics()
                if r.get("event") == "worker_started" and r.get("restart", 0) > 0)
-    print(f"node lost -> its blocks' workers started again: {back - lost_at:.1f} s")
+    training = min(r["first_step_at"] for r in RunDir(run_dir).read_metrics()
+                   if r.get("event") == "unit_epoch" and r["unit"] in on_victim and r["time"] > lost_at)
+    print(f"node lost -> its blocks' workers started again: {back - lost_at:.1f} s, "
+          f"training again (first step): {training - lost_at:.1f} s")
     c.add_node(num_cpus=CPUS_PER_NODE)     # give the module's cluster its third node back
     c.wait_for_nodes()
     clean = tmp_path / "clean"
