@@ -149,6 +149,9 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
+MAX_EMBED_DIM = 65536
+"""Upper bound of model.embed_dim (a learned embedding is classes x embed_dim, copied per unit)."""
+
 _CHOICES = {
     ("data", "name"): ("mnist_subset", "digits", "mnist", "cifar10", "cifar100", "file"),
     ("schedule", "kind"): ("cosine", "linear"),
@@ -192,6 +195,10 @@ def validate(cfg: Config) -> None:
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must not be negative")
+    caps = {"model.embed_dim": (cfg.model.embed_dim, MAX_EMBED_DIM), "train.head_passes": (cfg.train.head_passes, 1000)}
+    for key, (value, cap) in caps.items():
+        if value > cap:
+            raise ConfigError(f"{key}={value} is above its limit of {cap}; pass a smaller value")
     if cfg.train.batch_size < 2:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: BatchNorm needs at least 2 examples per "
                           "step; pass --train.batch_size=2 or more")

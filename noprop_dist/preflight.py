@@ -140,7 +140,7 @@ def check_step_fits(estimate: StepEstimate, budget_bytes: int, workers_sharing: 
         return
     fits = estimate.fits(share)
     lower = (f"lower --train.batch_size (about {int(fits)} fits)" if fits >= 2
-             else "use smaller images or --model.block=small/tiny")
+             else "use smaller images, --model.block=small/tiny or a smaller --model.embed_dim")
     raise StepTooLarge(
         f"one training step needs about {gib(estimate.total)} (batch {estimate.batch_size}: activations "
         f"{gib(estimate.activation_bytes)}, weights and optimizer {gib(estimate.state_bytes)}) but each of "

@@ -123,7 +123,8 @@ def build_module(unit: int, setup: UnitSetup) -> nn.Module:
 
 def block_step_probe(setup: UnitSetup, n_train: int) -> StepProbe:
     """The dry run of one block's training step (every block has the same shapes), for
-    :mod:`~noprop_dist.preflight`; the block's per-epoch target noise is ``n_train x d``."""
+    :mod:`~noprop_dist.preflight`. Per-epoch tensors: the target noise, ``n_train x d`` for a
+    block and ``head_passes`` times that for the head; the larger is counted."""
     d = setup.embedding.shape[1]
 
     def forward(module: nn.Module, batch: int) -> torch.Tensor:
@@ -132,7 +133,7 @@ def block_step_probe(setup: UnitSetup, n_train: int) -> StepProbe:
         return dt_block_loss(module(z, x), torch.zeros(setup.num_classes, d), z, 1.0)
 
     return StepProbe(name=f"the {setup.model.block} DT block", build=lambda: build_module(1, setup),
-                     forward=forward, fixed_bytes=n_train * d * 4)
+                     forward=forward, fixed_bytes=n_train * d * 4 * max(1, setup.train.head_passes))
 
 
 def epoch_noise(setup: UnitSetup, unit: int, epoch: int, n: int) -> torch.Tensor:

@@ -105,6 +105,17 @@ def test_limit_train_that_leaves_nothing_to_learn_is_refused(limit, fragment, tm
              ["--data.name=file", f"--data.path={path}", f"--data.limit_train={limit}"], fragment, 1)
 
 
+@pytest.mark.parametrize("override,fragment", [
+    ("--model.embed_dim=100000000", "model.embed_dim=100000000 is above its limit of 65536"),
+    ("--train.head_passes=100000000", "train.head_passes=100000000 is above its limit of 1000"),
+])
+def test_sizes_that_would_exhaust_memory_before_any_check_are_capped(override, fragment, tmp_path, capsys,
+                                                                      data_cache):
+    """Found while trying more bad input: both used to allocate gigabytes (the embedding, the
+    head's per-epoch noise) before anything could refuse them."""
+    _refused(tmp_path, capsys, data_cache, [override, "--model.embedding=learned"], fragment, 2)
+
+
 def test_batch_size_of_one_is_refused(tmp_path, capsys, data_cache):
     """A batch of one is skipped by every BatchNorm step: zero steps, NaN losses."""
     _refused(tmp_path, capsys, data_cache, ["--train.batch_size=1"], "train.batch_size=1", 2)
@@ -120,7 +131,7 @@ def test_a_step_larger_than_the_worker_memory_is_refused_with_the_estimate(tmp_p
     line = _refused(tmp_path, capsys, data_cache,
                     ["--data.name=file", f"--data.path={path}", "--model.block=paper"],
                     "one training step needs about", 2)
-    assert "(batch 32: activations" in line and "use smaller images or --model.block=small/tiny" in line
+    assert "(batch 32: activations" in line and "use smaller images, --model.block=small/tiny" in line
 
 
 def test_when_a_smaller_batch_fits_the_message_says_which(tmp_path, capsys, data_cache, monkeypatch, tiny_config):
