@@ -261,8 +261,9 @@ class RunDir:
             raise CheckpointError(f"{path} not found: {self.path} is not a noprop_dist run directory")
         try:
             manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc}); the run directory is damaged") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise CheckpointError(f"{path} is not valid JSON ({what}); the run directory is damaged") from None
         version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if isinstance(manifest, dict) and version != SCHEMA_VERSION:
             raise CheckpointError(
@@ -289,7 +290,11 @@ class RunDir:
         path = self.path / "config.toml"
         if not path.exists():
             raise CheckpointError(f"{path} not found; the run directory is incomplete")
-        return path.read_text()
+        try:
+            return path.read_text()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{path} is not UTF-8 text; the run directory is damaged — restore config.toml "
+                                  "from a backup or retrain with a new --run-dir") from None
 
     # ---- tensors ---------------------------------------------------------------------
     def save_unit(self, name: str, tensors: dict[str, torch.Tensor], epochs_done: int,

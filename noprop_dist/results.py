@@ -23,7 +23,7 @@ def load_run_config(run: RunDir) -> Config:
         import tomllib
 
         return config_mod.from_dict(tomllib.loads(text))
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{run.path / 'config.toml'} is not a valid config ({exc})") from None
 
 
@@ -70,6 +70,9 @@ def check_export_target(run_dir: str | Path, out_path: str | Path, force: bool =
         raise CheckpointError(f"{out} is one of the run directory's own files; export to another path")
     if target.is_dir():
         raise CheckpointError(f"{out} is a directory; give a file name such as {out / 'model.pt2'}")
+    if target.exists() and not target.is_file():
+        raise CheckpointError(f"{out} exists and is not a regular file (a device, pipe or socket); export to a "
+                              "file path (--force replaces files only)")
     if target.exists() and not force:
         raise CheckpointError(f"{out} exists; choose another path or pass --force to replace it")
     existing = next(p for p in target.parents if p.exists())
@@ -81,7 +84,7 @@ def check_export_target(run_dir: str | Path, out_path: str | Path, force: bool =
 
 
 RUN_FILES = ("config.toml", "manifest.json", "metrics.jsonl", "summary.json", "training.png",
-             "embedding.safetensors")
+             "embedding.safetensors", ".lock")
 
 
 def export_run(run_dir: str | Path, out_path: str | Path, force: bool = False) -> Path:

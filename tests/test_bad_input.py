@@ -346,3 +346,32 @@ def test_resume_while_another_process_trains_in_the_run_names_its_pid(run_copy, 
         holder.join()
     # The kernel released the killed holder's lock: the resume now goes through.
     assert main(["train", "--resume", str(run_copy), "--no-progress"]) == 0
+
+
+# --------------------------------------------------------------- more of the same kinds (found here)
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda run: (run / "config.toml").write_bytes(bytes(range(128, 256))), "config.toml is not UTF-8 text"),
+    (lambda run: (run / "config.toml").write_text("a = " + "[" * 100000 + "]" * 100000 + "\n"),
+     "config.toml is not a valid config"),
+    (lambda run: (run / "manifest.json").write_text("[" * 100000 + "]" * 100000), "nested too deeply"),
+])
+def test_damaged_run_files_that_used_to_trace_back(damage, fragment, run_copy, capsys):
+    damage(run_copy)
+    before = {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()}
+    for command in (["eval", str(run_copy)], ["train", "--resume", str(run_copy), "--no-progress"]):
+        code = main(command)
+        line = one_error_line(capsys.readouterr().err)
+        assert code == 1 and fragment in line, line
+    assert {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()} == before
+
+
+def test_export_never_replaces_something_that_is_not_a_file(trained_run, tmp_path, capsys):
+    """``export RUN /dev/full --force`` used to replace the device node with the program (as
+    root). A FIFO stands in for the device here."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code = main(["export", str(trained_run[0]), str(fifo), "--force"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 1 and "is not a regular file" in line
+    assert fifo.is_fifo() and not list(tmp_path.glob(".pipe*"))
