@@ -17,5 +17,3 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -
   .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
   echo "$want" > "$stamp"
 fi
-# Local Ray clusters, tests and CI run without Ray's token authentication.
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"

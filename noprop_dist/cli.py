@@ -19,6 +19,7 @@ from typing import Any
 from . import config as config_mod
 from .checkpoint import RunDir
 from .errors import CheckpointError, ConfigError, NoPropError
+from .ray_cluster import prepare_private_ray
 from .trainers import find_trainer
 
 # On --resume only these sections may change: how the run is executed, not what it computes.
@@ -94,7 +95,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         name = Path(args.config).stem
         run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         RunDir(run_dir).refuse_existing()  # checked again on creation; this is before any work
-    train = find_trainer(cfg.cluster.backend, cfg.variant).function()
+    trainer = find_trainer(cfg.cluster.backend, cfg.variant)
+    prepare_private_ray(cfg.cluster)   # before the trainer's module imports Ray
+    train = trainer.function()
     summary = train(cfg, run_dir, resume=bool(args.resume), show_progress=not args.no_progress)
     print(f"run directory: {run_dir}")
     print(f"train seconds: {summary['train_seconds']:.1f}")

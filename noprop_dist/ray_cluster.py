@@ -1,29 +1,108 @@
 """Connecting to Ray: join a cluster by address or start a private local one.
 
-Imported only by the trainers that use Ray (:mod:`~noprop_dist.coordinator`,
-:mod:`~noprop_dist.ddp`).
+A private local Ray (``cluster.address`` empty) is closed to the network as far as Ray 2.60
+allows, by :func:`prepare_private_ray`, which must run before ``import ray`` because Ray reads
+the variables it sets when it is imported:
+
+* ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray then takes 127.0.0.1 as the node's address, as
+  it does on macOS and Windows, and every server of the private Ray (GCS, raylet, object
+  manager, workers, dashboard and runtime-env agents, metrics) listens on loopback only. On
+  Linux Ray otherwise uses the address of the outgoing interface and its core gRPC servers
+  listen on all interfaces; ``ray.init(_node_ip_address="127.0.0.1")`` does not help, Ray maps
+  loopback back to that address.
+* ``RAY_AUTH_MODE=token`` and a fresh random ``RAY_AUTH_TOKEN``: every gRPC and HTTP entry
+  point asks for the token, so other users of this machine cannot use the TCP servers either
+  (Ray's Unix sockets under ``/tmp/ray/session_*/sockets`` are not covered here). The
+  token lives only in the environment of this process and of the Ray processes it starts
+  (``/proc/PID/environ`` is readable by their owner alone): never on a command line, never in
+  a file. Given the token in the environment, Ray writes no ``~/.ray/auth_token`` (which it
+  would otherwise create with the default umask and keep across runs).
+
+Opting out: a ``RAY_AUTH_MODE`` already in the environment is kept, so
+``RAY_AUTH_MODE=disabled`` runs the private Ray without authentication (the test suite's
+shared Ray does, see ``launch/setup.sh``), and ``RAY_AUTH_MODE=token`` with the user's own
+``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` uses that token. An exported
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is kept too.
+
+The ``noprop-dist`` command calls :func:`prepare_private_ray` before it imports a trainer.
+A program that imports Ray itself before calling a trainer gets what can still be had:
+:func:`connect` sets a fresh token, which Ray 2.60 turns on by itself for a new local cluster
+when ``RAY_AUTH_MODE`` is unset, but the servers listen beyond loopback and :func:`connect`
+warns so. The token is one per process: a second private Ray in the same process reuses it.
+
+Ray and torch are imported inside the functions that use them, so that the command can import
+this module before Ray. Ray is imported only by this module and the trainer modules that need
+it (:mod:`~noprop_dist.coordinator`, :mod:`~noprop_dist.ddp`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
 import socket
-
-import ray
-import torch
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
 
 from .config import ClusterConfig
 from .errors import ClusterError
 
 NAMESPACE = "noprop_dist"
+RAY_BACKENDS = ("ray", "ddp")
+"""The values of ``cluster.backend`` whose trainers run on Ray."""
+
+AUTH_MODE = "RAY_AUTH_MODE"
+AUTH_TOKEN = "RAY_AUTH_TOKEN"
+AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
+LOOPBACK_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""``0``: Ray takes 127.0.0.1 as the node's address (its single-machine mode)."""
+
+
+def private_ray_env(environ: Mapping[str, str], ray_imported: bool) -> dict[str, str]:
+    """The variables to add to ``environ`` before a private local Ray starts (see the module
+    docstring). After ``import ray`` only the token can still take effect, and only while
+    ``RAY_AUTH_MODE`` is unset: Ray keeps the mode it read on import, so setting it later
+    would start servers that ask for a token the driver itself does not send."""
+    add: dict[str, str] = {}
+    mode = environ.get(AUTH_MODE)
+    if not ray_imported:
+        if LOOPBACK_NODE not in environ:
+            add[LOOPBACK_NODE] = "0"
+        if mode is None:
+            add[AUTH_MODE] = mode = "token"
+    if (mode is None or mode.lower() == "token") and not (environ.get(AUTH_TOKEN) or environ.get(AUTH_TOKEN_PATH)):
+        add[AUTH_TOKEN] = secrets.token_hex(32)
+    return add
+
+
+def prepare_private_ray(cluster: ClusterConfig) -> list[str]:
+    """Close the private local Ray this process will start to the network: call before
+    ``import ray``. Does nothing when ``cluster`` joins a cluster by address or trains
+    without Ray. Returns the names of the variables it set (never their values)."""
+    if cluster.address or cluster.backend not in RAY_BACKENDS:
+        return []
+    return _apply_private_ray_env()
+
+
+def _apply_private_ray_env() -> list[str]:
+    add = private_ray_env(os.environ, "ray" in sys.modules)
+    os.environ.update(add)
+    return sorted(add)
 
 
 def connect(cluster: ClusterConfig) -> None:
     """Join ``cluster.address`` or start a private local Ray (never an unrelated one)."""
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = cluster.address
+    if not address:
+        _apply_private_ray_env()   # before `import ray` if this is the first one
+    import ray
+    import torch
+
     if not address:
         gpus = cluster.local_gpus if cluster.local_gpus >= 0 else torch.cuda.device_count()
         try:
@@ -34,7 +113,9 @@ def connect(cluster: ClusterConfig) -> None:
             raise ClusterError(
                 f"could not start a local Ray ({first_line(exc)}); free memory in /dev/shm and /tmp, "
                 "or run in this process with --cluster.backend=local") from None
+        _warn_if_reachable(ray.get_runtime_context().gcs_address)
         return
+    os.environ.setdefault(AUTH_MODE, "disabled")
     if address != "auto" and not address.startswith("ray://"):
         host, _, port = address.rpartition(":")
         try:
@@ -49,6 +130,111 @@ def connect(cluster: ClusterConfig) -> None:
         raise ClusterError(
             f"cannot connect to the Ray cluster at {address!r} ({first_line(exc)}); start one with "
             "`ray start --head` or omit --address to use a private local Ray") from None
+
+
+def _warn_if_reachable(gcs_address: str) -> None:
+    """Warn when the private Ray just started listens beyond loopback."""
+    host = gcs_address.rpartition(":")[0].strip("[]")
+    if is_loopback(host):
+        return
+    why = (f"{LOOPBACK_NODE}={os.environ[LOOPBACK_NODE]} is set" if os.environ.get(LOOPBACK_NODE, "0") != "0"
+           else "ray was imported before noprop_dist.ray_cluster.prepare_private_ray ran")
+    auth = ("token authentication is on" if os.environ.get(AUTH_MODE, "").lower() == "token" else
+            f"authentication is off ({AUTH_MODE}={os.environ.get(AUTH_MODE)}): anyone who can reach "
+            "this host can run code in it")
+    warnings.warn(f"the private Ray listens on {host}, not on loopback only ({why}); {auth}",
+                  RuntimeWarning, stacklevel=3)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or an IPv4-mapped loopback address (``::ffff:127.0.0.1``)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (Linux: read from /proc). For a driver that started a
+    private Ray: the driver, the Ray system processes and the workers."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue   # ended meanwhile
+        ppid = int(stat.rpartition(")")[2].split()[1])   # the name in (...) may hold spaces
+        parents.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(parents.get(pid, []))
+    return tree
+
+
+def process_name(pid: int) -> str:
+    """A readable name: ``raylet``, ``gcs_server``, ``ray::IDLE``, ``dashboard.py``, ``python``."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    args = [a.decode(errors="replace").strip() for a in argv if a.strip()]
+    if not args:
+        return "?"
+    if args[0].startswith("ray::"):
+        return args[0].split()[0]
+    name = os.path.basename(args[0])
+    if name.startswith("python"):
+        scripts = [os.path.basename(a) for a in args[1:] if a.endswith(".py")]
+        return scripts[0] if scripts else name
+    return name
+
+
+def listening_sockets(root: int | None = None) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket in LISTEN state held by process
+    ``root`` (default: this one) or its descendants, sorted. Linux only (reads /proc); sockets
+    of processes this user may not inspect are left out."""
+    inodes = _listening_inodes()
+    found = set()
+    for pid in process_tree(os.getpid() if root is None else root):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                address, port = inodes[target[8:-1]]
+                found.add((address, port, process_name(pid)))
+    return sorted(found, key=lambda s: (s[2], s[1], s[0]))
+
+
+def _listening_inodes() -> dict[str, tuple[str, int]]:
+    """socket inode -> (address, port) of the TCP sockets in LISTEN state (state 0A)."""
+    out = {}
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != "0A":
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_address)
+            if sys.byteorder == "little":   # the kernel prints 32-bit words in host order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            out[fields[9]] = (socket.inet_ntop(family, raw), int(hex_port, 16))
+    return out
 
 
 def worker_capacity(cluster: ClusterConfig, resources: dict[str, float]) -> tuple[int, float]:
