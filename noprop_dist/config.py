@@ -109,6 +109,8 @@ class EvalConfig:
     """Seed of the inference noise z_0 and eps_t."""
     batch_size: int = 500
     """Evaluation batch size."""
+    every: int = 0
+    """NoProp-DT: also evaluate the chain on the test split every N epochs during training (0 = at the end only)."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ def validate(cfg: Config) -> None:
     nonneg = {"train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay,
               "train.eta": cfg.train.eta, "train.threads": cfg.train.threads,
               "cluster.workers": cfg.cluster.workers, "cluster.max_restarts": cfg.cluster.max_restarts,
-              "data.limit_train": cfg.data.limit_train, "data.limit_test": cfg.data.limit_test,
+              "data.limit_train": cfg.data.limit_train, "eval.every": cfg.eval.every, "data.limit_test": cfg.data.limit_test,
               "cluster.local_cpus": cfg.cluster.local_cpus, "train.seed": cfg.train.seed,
               "schedule.cosine_offset": cfg.schedule.cosine_offset}
     for key, value in nonneg.items():

@@ -47,13 +47,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .checkpoint import RunDir
 from .config import ClusterConfig, Config
 from .data import ArraySplit, Dataset
-from .dt import EMBEDDING_FILE, all_units, manifest_fields
+from .dt import EMBEDDING_FILE, all_units, eval_due, evaluate_during_training, manifest_fields
 from .errors import ClusterError, TrainingDiverged
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
 from .ray_cluster import NAMESPACE, connect, first_line, worker_capacity
 from .preflight import StepEstimate, check_unit, worker_memory
 from .units import (HEAD, UnitRunner, UnitSetup, average_embeddings, block_step_probe, epoch_noise, make_setup,
-                    unit_name)
+                    resolve_device, unit_name)
 
 PLACEMENT_TIMEOUT_S = 60.0
 POLL_S = 0.2
@@ -193,7 +193,7 @@ class WorkerSlot:
 
 class Coordinator:
     def __init__(self, cfg: Config, run: RunDir, setup: UnitSetup, train: ArraySplit,
-                 show_progress: bool):
+                 show_progress: bool, test: ArraySplit | None = None):
         self.cfg = cfg
         self.run = run
         self.setup = setup
@@ -203,6 +203,9 @@ class Coordinator:
         self.dispatch_seconds = 0.0
         self.sync_history: dict[int, torch.Tensor] = {}
         self.restart_events: list[dict] = []
+        self.test = test
+        self.eval_states: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+        self.eval_seconds = 0.0
         put_start = time.perf_counter()
         self.train_refs = (ray.put(np.ascontiguousarray(train.x)), ray.put(np.ascontiguousarray(train.y)))
         self.data_bytes = int(train.x.nbytes + train.y.nbytes)
@@ -301,7 +304,8 @@ class Coordinator:
         if self.cfg.cluster.ship_targets == "tensors":
             noise = epoch_noise(self.setup, track.unit, epoch, self.n).numpy()
         embedding = self.sync_history.get(epoch - 1)
-        args = (track.unit, epoch, noise, embedding, self._checkpoint_due(epoch),
+        want_state = self._checkpoint_due(epoch) or eval_due(self.cfg.eval, epoch, self.epochs)
+        args = (track.unit, epoch, noise, embedding, want_state,
                 self.setup.learnable_embedding and self._sync_due(epoch))
         self.traffic.add(epoch, "control_to_workers", serialized_bytes(args))
         slot = self.workers[track.worker]
@@ -325,6 +329,8 @@ class Coordinator:
                                  **metrics})
         self._bar(metrics["unit"], f"epoch {epoch}/{self.epochs} loss {metrics['loss']:.4g} "
                   f"{metrics['samples_per_s']:.0f} samples/s", done=True)
+        if "state" in result and eval_due(self.cfg.eval, epoch, self.epochs):
+            self._maybe_evaluate(epoch, track.unit, result["state"])
         if self.setup.learnable_embedding and self._sync_due(epoch) and epoch in self.sync_history:
             # A replayed epoch whose sync already happened (a resume after a crash that left
             # units at different epochs): it takes the recorded sync, as it did the first time.
@@ -358,7 +364,23 @@ class Coordinator:
                 self._save(track, state)
             track.pending_result = None
 
+    def _maybe_evaluate(self, epoch: int, unit: int, state: dict[str, torch.Tensor]) -> None:
+        """``--eval.every``: keep each unit's weights after ``epoch``; once all are in, score the
+        chain here on the coordinator (the workers go on training meanwhile)."""
+        held = self.eval_states.setdefault(epoch, {})
+        held[unit] = {k: v for k, v in state.items() if k.startswith("model/") or k == "embedding"}
+        if len(held) < len(self.tracks):
+            return
+        del self.eval_states[epoch]
+        embedding = (average_embeddings([held[u]["embedding"] for u in all_units(self.setup.T)])
+                     if self.setup.learnable_embedding else self.setup.embedding)
+        record = evaluate_during_training(self.run, self.setup, held, embedding, self.test, self.cfg.eval, epoch,
+                                          resolve_device(self.cfg.train.device))
+        self.eval_seconds += record["eval_seconds"]
+
     def _save(self, track: UnitTrack, state: dict[str, torch.Tensor]) -> None:
+        if not self._checkpoint_due(int(state["epochs_done"])):
+            return   # weights fetched for --eval.every only
         self.run.save_unit(unit_name(track.unit), state, int(state["epochs_done"]),
                            finished=int(state["epochs_done"]) == self.epochs)
 
@@ -526,7 +548,7 @@ def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, layout: La
         return done
     if layout.note:
         print(f"noprop-dist: {layout.note}")
-    coordinator = Coordinator(cfg, run, setup, data.train, show_progress)
+    coordinator = Coordinator(cfg, run, setup, data.train, show_progress, data.test)
     try:
         coordinator.start(layout)
         train_seconds = coordinator.train()
@@ -557,7 +579,7 @@ def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, layout: La
         "target_share": (coordinator.dispatch_seconds + coordinator.worker_target_seconds
                          / len(coordinator.workers)) / max(train_seconds, 1e-9),
         "launch_to_first_step_s": (min(first) - launched) if first else None,
-        "restarts": coordinator.restart_events,
+        "restarts": coordinator.restart_events, "eval_every_seconds": coordinator.eval_seconds,
         "peak_memory_bytes": coordinator.peak_memory,
     }
     return finish_run(run, cfg, data, train_seconds, extra, step)

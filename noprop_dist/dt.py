@@ -7,6 +7,7 @@ module reads back; ``eval``/``export`` reach it through :mod:`noprop_dist.varian
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,39 @@ def load_chain(run_dir: str | Path) -> tuple[NoPropChain, Config, dict[str, Any]
                       num_classes=manifest["num_classes"], input_shape=tuple(manifest["input_shape"]),
                       mean=tuple(manifest["normalization"]["mean"]), std=tuple(manifest["normalization"]["std"]),
                       embedding=embedding)
-    modules = {}
-    for unit in all_units(setup.T):
-        modules[unit] = load_module_state(build_module(unit, setup), run.load_unit(unit_name(unit)),
-                                          unit_name(unit), run.path)
+    states = {unit: run.load_unit(unit_name(unit)) for unit in all_units(setup.T)}
+    return chain_from_states(setup, states, embedding, run.path), cfg, manifest
+
+
+def chain_from_states(setup: UnitSetup, states: dict[int, dict[str, torch.Tensor]], embedding: torch.Tensor,
+                      where: Path | str = "") -> NoPropChain:
+    """The Eq. 3 chain of units whose ``model/...`` tensors are ``states`` (by unit id)."""
+    modules = {unit: load_module_state(build_module(unit, setup), states[unit], unit_name(unit), Path(where))
+               for unit in all_units(setup.T)}
     chain = NoPropChain([modules[t] for t in range(1, setup.T + 1)], modules[HEAD], embedding,
                         np.array(setup.alpha_bar), setup.mean, setup.std)
-    return chain.eval(), cfg, manifest
+    return chain.eval()
+
+
+def evaluate_during_training(run: RunDir, setup: UnitSetup, states: dict[int, dict[str, torch.Tensor]],
+                             embedding: torch.Tensor, test: ArraySplit, eval_cfg: EvalConfig, epoch: int,
+                             device: torch.device | str = "cpu") -> dict[str, Any]:
+    """``--eval.every``: score the chain of the units' weights after ``epoch`` on the test split
+    and record it (an ``eval`` event in metrics.jsonl, with what it cost)."""
+    start = time.perf_counter()
+    scores = evaluate(chain_from_states(setup, states, embedding, run.path), test, eval_cfg.batch_size,
+                      eval_cfg.seed, device)
+    record = {"event": "eval", "epoch": epoch, "chain_accuracy_noise": scores["chain_accuracy_noise"],
+              "chain_accuracy_no_noise": scores["chain_accuracy_no_noise"],
+              "best_block_alone": max(scores["block_alone_accuracy"].values()),
+              "eval_seconds": time.perf_counter() - start}
+    run.append_metrics(record)
+    return record
+
+
+def eval_due(eval_cfg: EvalConfig, epoch: int, last: int) -> bool:
+    """Is ``epoch`` an ``--eval.every`` point (never the last epoch: the final evaluation covers it)?"""
+    return eval_cfg.every > 0 and epoch % eval_cfg.every == 0 and epoch != last
 
 
 def load_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], name: str,

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .checkpoint import RunDir
 from .config import Config
 from .data import Dataset
-from .dt import EMBEDDING_FILE, all_units, manifest_fields, save_unit
+from .dt import EMBEDDING_FILE, all_units, eval_due, evaluate_during_training, manifest_fields, save_unit
 from .errors import TrainingDiverged
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
 from .preflight import StepEstimate, check_unit, device_memory_budget
@@ -52,6 +52,7 @@ def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, device: to
     bar = tqdm(total=epochs * len(runners), initial=sum(r.epochs_done for r in runners),
                desc="training", unit="unit-epoch", disable=not show_progress)
     start = time.perf_counter()
+    eval_seconds = 0.0
     for epoch in range(1, epochs + 1):
         pending = [r for r in runners if r.epochs_done < epoch]
         if not pending:
@@ -73,9 +74,16 @@ def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, device: to
         if checkpoint_due(cfg.train, epoch, setup.learnable_embedding):
             for runner in runners:
                 save_unit(run, runner, finished=runner.epochs_done == epochs)
+        if eval_due(cfg.eval, epoch, epochs):
+            states = {r.unit: {f"model/{k}": v for k, v in r.module.state_dict().items()} for r in runners}
+            embedding = (average_embeddings([r.embedding for r in runners]) if setup.learnable_embedding
+                         else setup.embedding)
+            record = evaluate_during_training(run, setup, states, embedding, data.test, cfg.eval, epoch, device)
+            eval_seconds += record["eval_seconds"]
+            bar.set_postfix_str(f"epoch {epoch} chain accuracy {record['chain_accuracy_noise']:.4f}")
     bar.close()
     train_seconds = time.perf_counter() - start
     run.save_tensors(EMBEDDING_FILE, {"embedding": runners[-1].embedding.detach()})
-    extra = {"backend": "local", "workers": 1, "device": str(device),
+    extra = {"backend": "local", "workers": 1, "device": str(device), "eval_every_seconds": eval_seconds,
              "peak_memory_bytes": {r.name: r.peak_memory_bytes for r in runners}}
     return finish_run(run, cfg, data, train_seconds, extra, step)

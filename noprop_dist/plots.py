@@ -16,12 +16,19 @@ def plot_run(run: RunDir) -> None:
     import matplotlib.pyplot as plt
 
     losses: dict[str, dict[int, float]] = {}
-    for rec in run.read_metrics():
+    records = run.read_metrics()
+    for rec in records:
         if rec.get("event") == "unit_epoch":
             losses.setdefault(rec["unit"], {})[rec["epoch"]] = rec["loss"]
     summary = json.loads((run.path / "summary.json").read_text())
+    curve = accuracy_curve(records, summary)
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if curve:
+        fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+        (ax_loss, ax_acc), (ax_epoch, ax_time) = axes
+        _plot_curve(ax_epoch, ax_time, curve)
+    else:
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
     for unit in sorted(losses):
         if unit == "head":
             continue
@@ -55,3 +62,34 @@ def plot_run(run: RunDir) -> None:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write(run.path / "training.png", buf.getvalue())
+
+
+def accuracy_curve(records: list[dict], summary: dict) -> list[dict]:
+    """(epoch, seconds since training started, chain accuracies, best block alone) at each
+    ``--eval.every`` point, then the final evaluation; empty without ``eval`` events."""
+    evals = [r for r in records if r.get("event") == "eval"]
+    if not evals or "chain_accuracy_noise" not in summary:
+        return []
+    starts = [r["time"] - r["seconds"] for r in records if r.get("event") == "unit_epoch" and "seconds" in r]
+    t0 = min(starts) if starts else evals[0]["time"]
+    last = next((r for r in reversed(records) if r.get("event") == "evaluation"), None)
+    points = [{**r, "at": r["time"] - t0} for r in evals]
+    if last is not None:
+        points.append({"epoch": summary["epochs"], "at": last["time"] - t0,
+                       "chain_accuracy_noise": summary["chain_accuracy_noise"],
+                       "chain_accuracy_no_noise": summary["chain_accuracy_no_noise"],
+                       "best_block_alone": max(summary.get("block_alone_accuracy", {"": 0.0}).values())})
+    return points
+
+
+def _plot_curve(ax_epoch, ax_time, curve: list[dict]) -> None:
+    series = [("chain_accuracy_noise", "chain, Eq.3 noise"), ("chain_accuracy_no_noise", "chain, no noise"),
+              ("best_block_alone", "best block alone")]
+    for ax, x, label in ((ax_epoch, "epoch", "epoch"), (ax_time, "at", "seconds since training started")):
+        for key, name in series:
+            ax.plot([p[x] for p in curve], [p[key] for p in curve], marker="o", label=name)
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=8)
+    ax_epoch.set_title("test accuracy during training (--eval.every)", fontsize=10)
+    ax_time.set_title("against wall time (training and evaluation)", fontsize=10)

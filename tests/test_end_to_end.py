@@ -142,3 +142,21 @@ def test_resume_of_a_finished_run_changes_nothing_in_the_run_directory(run_copy,
     assert "test accuracy" in capsys.readouterr().out
     after = {p: p.read_bytes() for p in sorted(run_copy.rglob("*")) if p.is_file()}
     assert after == before
+
+
+@pytest.mark.parametrize("embedding", ["one_hot", "learned"])
+def test_eval_every_scores_the_chain_of_that_epoch(embedding, tiny_config, tmp_path):
+    """``--eval.every 1`` on a 2-epoch run records at epoch 1 exactly the scores of a 1-epoch run
+    of the same seed (same weights, same evaluation), and does not change the training."""
+    over = {"model.embedding": embedding}
+    two = train_local(tiny_config({**over, "train.epochs": "2", "eval.every": "1"}), tmp_path / "two",
+                      show_progress=False)
+    one = train_local(tiny_config({**over, "train.epochs": "1"}), tmp_path / "one", show_progress=False)
+    plain = train_local(tiny_config({**over, "train.epochs": "2"}), tmp_path / "plain", show_progress=False)
+    evals = [r for r in RunDir(tmp_path / "two").read_metrics() if r.get("event") == "eval"]
+    assert [r["epoch"] for r in evals] == [1]
+    assert evals[0]["chain_accuracy_noise"] == one["chain_accuracy_noise"]
+    assert evals[0]["chain_accuracy_no_noise"] == one["chain_accuracy_no_noise"]
+    assert evals[0]["best_block_alone"] == max(one["block_alone_accuracy"].values())
+    assert two["test_accuracy"] == plain["test_accuracy"] and two["eval_every_seconds"] > 0
+    assert (tmp_path / "two" / "training.png").stat().st_size > (tmp_path / "plain" / "training.png").stat().st_size

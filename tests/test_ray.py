@@ -376,3 +376,20 @@ def test_a_diverging_ddp_run_stops_once_with_the_reason(ray_session, cache, tmp_
         train_ddp(cfg, tmp_path / "run", show_progress=False)
     events = [r["event"] for r in RunDir(tmp_path / "run").read_metrics()]
     assert events.count("diverged") == 1 and "network" not in RunDir(tmp_path / "run").manifest()["units"]
+
+
+@pytest.mark.parametrize("embedding", ["one_hot", "learned"])
+def test_eval_every_on_the_coordinator_matches_the_in_process_trainer(ray_session, cache, tmp_path, embedding):
+    """--eval.every on Ray: the coordinator fetches each unit's weights after the epoch and scores
+    the chain itself; the records equal the in-process trainer's, and the checkpoints are those
+    of --train.checkpoint_every only."""
+    over = {"train.epochs": 3, "eval.every": 1, "model.embedding": embedding, "train.checkpoint_every": 3,
+            "train.embed_sync_every": 3}
+    train_ray(tiny(cache, **over), tmp_path / "ray", show_progress=False)
+    train_local(tiny(cache, **{**over, "cluster.backend": "local"}), tmp_path / "local", show_progress=False)
+    keys = ("epoch", "chain_accuracy_noise", "chain_accuracy_no_noise", "best_block_alone")
+    scores = {kind: [{k: r[k] for k in keys} for r in RunDir(tmp_path / kind).read_metrics() if r.get("event") == "eval"]
+              for kind in ("ray", "local")}
+    assert [r["epoch"] for r in scores["ray"]] == [1, 2]
+    assert scores["ray"] == scores["local"]
+    assert max_weight_diff(tmp_path / "ray", tmp_path / "local") <= 1e-5
