@@ -98,6 +98,8 @@ def evaluate_during_training(run: RunDir, setup: UnitSetup, states: dict[int, di
     record = {"event": "eval", "epoch": epoch, "chain_accuracy_noise": scores["chain_accuracy_noise"],
               "chain_accuracy_no_noise": scores["chain_accuracy_no_noise"],
               "best_block_alone": max(scores["block_alone_accuracy"].values()),
+              "block_alone_accuracy": scores["block_alone_accuracy"],
+              "block_in_chain_accuracy": scores["block_in_chain_accuracy"],
               "eval_seconds": time.perf_counter() - start}
     run.append_metrics(record)
     return record

@@ -50,11 +50,16 @@ class NoPropChain(nn.Module):
         """
         return self.head(self.final_latent(x, noise))                      # (B, m)
 
-    def final_latent(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """z_T of the chain (same arguments as :meth:`forward`)."""
+    def final_latent(self, x: torch.Tensor, noise: torch.Tensor,
+                     trace: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """z_T of the chain (same arguments as :meth:`forward`); ``trace`` (if given) receives
+        each block's logits inside the chain, block 1 first."""
         z = noise[0]                                                       # (B, d)
         for t, block in enumerate(self.blocks):
-            u_hat = denoised_embedding(block(z, x), self.embedding)        # (B, d)
+            logits = block(z, x)                                           # (B, m)
+            if trace is not None:
+                trace.append(logits)
+            u_hat = denoised_embedding(logits, self.embedding)             # (B, d)
             z = self.a[t] * u_hat + self.b[t] * z + self.sqrt_c[t] * noise[t + 1]
         return z                                                           # (B, d)
 
@@ -96,7 +101,8 @@ def evaluate(chain: NoPropChain, split: ArraySplit, batch_size: int, seed: int,
     mean = tuple(chain.mean.flatten().tolist())
     std = tuple(chain.std.flatten().tolist())
     keys = ["head_noise", "head_no_noise", "nearest_noise", "nearest_no_noise"]
-    predictions = {k: [] for k in keys + [f"block_{t:02d}" for t in range(1, T + 1)]}
+    predictions = {k: [] for k in keys + [f"block_{t:02d}" for t in range(1, T + 1)]
+                   + [f"in_chain_{t:02d}" for t in range(1, T + 1)]}
     gen = torch.Generator().manual_seed(seed)
     step = min(batch_size, max_batch or batch_size)
     for start in range(0, n, batch_size):
@@ -110,7 +116,11 @@ def evaluate(chain: NoPropChain, split: ArraySplit, batch_size: int, seed: int,
                 tag = "noise" if with_eps else "no_noise"
                 part = noise[:, lo:hi]
                 run_noise = part if with_eps else torch.cat([part[:1], torch.zeros_like(part[1:])])
-                z_T = chain.final_latent(x, run_noise.to(device))                     # (b, d)
+                trace: list[torch.Tensor] = []
+                z_T = chain.final_latent(x, run_noise.to(device), trace)              # (b, d)
+                if with_eps:
+                    for t, logits in enumerate(trace, start=1):
+                        predictions[f"in_chain_{t:02d}"].append(logits.argmax(-1).cpu())
                 predictions[f"head_{tag}"].append(chain.head(z_T).argmax(-1).cpu())
                 dist = torch.cdist(z_T, chain.embedding)                              # (b, m)
                 predictions[f"nearest_{tag}"].append(dist.argmin(-1).cpu())
@@ -125,6 +135,9 @@ def evaluate(chain: NoPropChain, split: ArraySplit, batch_size: int, seed: int,
         "nearest_accuracy_noise": acc["nearest_noise"],
         "nearest_accuracy_no_noise": acc["nearest_no_noise"],
         "block_alone_accuracy": {k: v for k, v in acc.items() if k.startswith("block_")},
+        # Block t's own prediction inside the chain (with the Eq. 3 noise), fed the chain's z_{t-1}.
+        "block_in_chain_accuracy": {k.replace("in_chain", "block"): v for k, v in acc.items()
+                                    if k.startswith("in_chain_")},
     }
 
 
