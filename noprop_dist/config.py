@@ -88,7 +88,9 @@ class TrainConfig:
     head_passes: int = 10
     """Passes over the training labels per epoch for the output head (it is cheap and independent)."""
     embed_sync_every: int = 1
-    """With a learned/prototype embedding: average the units' copies every N epochs."""
+    """With a learned/prototype embedding: synchronise the units' embedding every N epochs."""
+    embed_sync: str = "average"
+    """How: average (each unit's AdamW moves its copy; copies averaged) or summed_gradient (the paper's summed gradient, applied by the trainer; see noprop_dist/embedding_sync.py)."""
     checkpoint_every: int = 1
     """Write each unit's checkpoint every N epochs (and always at the end)."""
     device: str = "auto"
@@ -162,6 +164,7 @@ _CHOICES = {
     ("cluster", "backend"): ("ray", "local", "ddp"),
     ("cluster", "ship_targets"): ("recipe", "tensors"),
     ("cluster", "placement"): ("pack", "spread"),
+    ("train", "embed_sync"): ("average", "summed_gradient"),
 }
 
 

@@ -47,7 +47,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .checkpoint import RunDir
 from .config import ClusterConfig, Config
 from .data import ArraySplit, Dataset
-from .dt import EMBEDDING_FILE, all_units, eval_due, evaluate_during_training, manifest_fields
+from .dt import EMBEDDING_FILE, all_units, embedding_owner, eval_due, evaluate_during_training, manifest_fields
 from .errors import ClusterError, TrainingDiverged
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
 from .ray_cluster import NAMESPACE, connect, first_line, worker_capacity
@@ -113,6 +113,8 @@ class UnitWorker:
             out["state"] = runner.state_tensors()
         if want_embedding:
             out["embedding"] = runner.embedding.detach().cpu().clone()
+            if runner.records_embedding_grads:
+                out["embedding_grads"] = runner.take_embedding_grads()   # (steps, m, d) since the last sync
         return out
 
     def _report(self, event: dict) -> None:
@@ -204,6 +206,13 @@ class Coordinator:
         self.sync_history: dict[int, torch.Tensor] = {}
         self.restart_events: list[dict] = []
         self.test = test
+        self.owner = embedding_owner(run, setup)    # summed_gradient: the one W_embed optimizer
+        # The owner's state after each sync this session (and after the last one before a resume):
+        # a unit checkpoint written at sync epoch e carries owner_history[e].
+        self.owner_history: dict[int, dict[str, torch.Tensor]] = {}
+        if self.owner is not None and run.manifest()["units"]:
+            latest = max(e["epochs_done"] for e in run.manifest()["units"].values())
+            self.owner_history[latest] = self.owner.state_tensors()
         self.eval_states: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
         self.eval_seconds = 0.0
         put_start = time.perf_counter()
@@ -354,7 +363,11 @@ class Coordinator:
         if len(held) < len(self.tracks):
             return
         order = sorted(held, key=lambda t: all_units(self.setup.T).index(t.unit))
-        shared = average_embeddings([t.pending_result["embedding"] for t in order])
+        if self.owner is not None:
+            shared = self.owner.apply([t.pending_result["embedding_grads"] for t in order])
+            self.owner_history[epoch] = self.owner.state_tensors()
+        else:
+            shared = average_embeddings([t.pending_result["embedding"] for t in order])
         self.sync_history[epoch] = shared
         self.run.append_metrics({"event": "embedding_sync", "epoch": epoch})
         for track in order:
@@ -379,8 +392,11 @@ class Coordinator:
         self.eval_seconds += record["eval_seconds"]
 
     def _save(self, track: UnitTrack, state: dict[str, torch.Tensor]) -> None:
-        if not self._checkpoint_due(int(state["epochs_done"])):
+        epoch = int(state["epochs_done"])
+        if not self._checkpoint_due(epoch):
             return   # weights fetched for --eval.every only
+        if epoch in self.owner_history:
+            state.update({f"owner/{k}": v for k, v in self.owner_history[epoch].items()})
         self.run.save_unit(unit_name(track.unit), state, int(state["epochs_done"]),
                            finished=int(state["epochs_done"]) == self.epochs)
 

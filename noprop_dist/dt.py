@@ -18,6 +18,7 @@ from . import config as config_mod
 from .checkpoint import RunDir, is_numbers
 from .config import Config, EvalConfig
 from .data import ArraySplit, Dataset
+from .embedding_sync import EmbeddingOwner
 from .errors import CheckpointError
 from .inference import NoPropChain, RawImageChain, draw_noise, evaluate
 from .units import HEAD, UnitRunner, UnitSetup, build_module, unit_name
@@ -56,9 +57,30 @@ MANIFEST_SCHEMA = {
 }
 
 
-def save_unit(run: RunDir, runner: UnitRunner, finished: bool) -> int:
-    """Checkpoint one unit; returns the bytes written."""
-    return run.save_unit(runner.name, runner.state_tensors(), runner.epochs_done, finished)["bytes"]
+def embedding_owner(run: RunDir, setup: UnitSetup) -> EmbeddingOwner | None:
+    """The trainer's :class:`EmbeddingOwner` of a ``summed_gradient`` run (None otherwise).
+
+    Its state (W_embed and AdamW moments, ``owner/...``) travels in every unit checkpoint
+    written at a sync point, so a resume restores it from the most advanced unit: the state
+    after that unit's last sync, consistent with the sync history rebuilt from the units."""
+    if not (setup.learnable_embedding and setup.train.embed_sync == "summed_gradient"):
+        return None
+    owner = EmbeddingOwner(setup.embedding, setup.train)
+    units = run.manifest()["units"]
+    if units:
+        latest = max(units, key=lambda name: units[name]["epochs_done"])
+        tensors = run.load_unit(latest)
+        if any(k.startswith("owner/") for k in tensors):
+            owner.load_state_tensors({k[len("owner/"):]: v for k, v in tensors.items() if k.startswith("owner/")})
+    return owner
+
+
+def save_unit(run: RunDir, runner: UnitRunner, finished: bool, owner: EmbeddingOwner | None = None) -> int:
+    """Checkpoint one unit (with the embedding owner's state, if any); returns the bytes written."""
+    tensors = runner.state_tensors()
+    if owner is not None:
+        tensors.update({f"owner/{k}": v for k, v in owner.state_tensors().items()})
+    return run.save_unit(runner.name, tensors, runner.epochs_done, finished)["bytes"]
 
 
 def load_chain(run_dir: str | Path) -> tuple[NoPropChain, Config, dict[str, Any]]:

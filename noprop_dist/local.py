@@ -16,7 +16,8 @@ from tqdm import tqdm
 from .checkpoint import RunDir
 from .config import Config
 from .data import Dataset
-from .dt import EMBEDDING_FILE, all_units, eval_due, evaluate_during_training, manifest_fields, save_unit
+from .dt import (EMBEDDING_FILE, all_units, embedding_owner, eval_due, evaluate_during_training, manifest_fields,
+                 save_unit)
 from .errors import TrainingDiverged
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
 from .preflight import StepEstimate, check_unit, device_memory_budget
@@ -51,6 +52,7 @@ def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, device: to
     epochs = cfg.train.epochs
     bar = tqdm(total=epochs * len(runners), initial=sum(r.epochs_done for r in runners),
                desc="training", unit="unit-epoch", disable=not show_progress)
+    owner = embedding_owner(run, setup)
     start = time.perf_counter()
     eval_seconds = 0.0
     for epoch in range(1, epochs + 1):
@@ -67,13 +69,16 @@ def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, device: to
             bar.set_postfix_str(f"{runner.name} loss {metrics['loss']:.4g}")
             bar.update(1)
         if setup.learnable_embedding and sync_due(cfg.train, epoch):
-            shared = average_embeddings([r.embedding for r in runners])
+            if owner is not None:
+                shared = owner.apply([r.take_embedding_grads() for r in runners])
+            else:
+                shared = average_embeddings([r.embedding for r in runners])
             for runner in runners:
                 runner.set_embedding(shared)
             run.append_metrics({"event": "embedding_sync", "epoch": epoch})
         if checkpoint_due(cfg.train, epoch, setup.learnable_embedding):
             for runner in runners:
-                save_unit(run, runner, finished=runner.epochs_done == epochs)
+                save_unit(run, runner, finished=runner.epochs_done == epochs, owner=owner)
         if eval_due(cfg.eval, epoch, epochs):
             states = {r.unit: {f"model/{k}": v for k, v in r.module.state_dict().items()} for r in runners}
             embedding = (average_embeddings([r.embedding for r in runners]) if setup.learnable_embedding

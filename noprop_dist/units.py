@@ -172,7 +172,11 @@ class UnitRunner:
         self.embedding = nn.Parameter(setup.embedding.clone().to(self.device),
                                       requires_grad=setup.learnable_embedding)
         params = list(self.module.parameters())
-        if setup.learnable_embedding:
+        # summed_gradient: the unit records its W_embed gradients for the trainer's one
+        # optimizer (noprop_dist.embedding_sync) instead of moving its own copy.
+        self.records_embedding_grads = setup.learnable_embedding and setup.train.embed_sync == "summed_gradient"
+        self._embedding_grads: list[torch.Tensor] = []
+        if setup.learnable_embedding and not self.records_embedding_grads:
             params.append(self.embedding)
         self.optimizer = torch.optim.AdamW(params, lr=setup.train.lr,
                                            weight_decay=setup.train.weight_decay)
@@ -217,6 +221,12 @@ class UnitRunner:
                 if torch.is_tensor(value) and value.dim() > 0:
                     state[key] = value.to(self.device)
         return self
+
+    def take_embedding_grads(self) -> torch.Tensor:
+        """The W_embed gradients recorded since the last call, one per optimiser step (S, m, d)."""
+        grads = torch.stack(self._embedding_grads).cpu() if self._embedding_grads else torch.zeros(0)
+        self._embedding_grads = []
+        return grads
 
     def set_embedding(self, weight: torch.Tensor) -> None:
         with torch.no_grad():
@@ -272,6 +282,9 @@ class UnitRunner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.records_embedding_grads:
+            self._embedding_grads.append(self.embedding.grad.detach().clone())
+            self.embedding.grad = None
         if self.first_step_at is None:
             self.first_step_at = time.time()  # wall clock: compared with the launch time
 

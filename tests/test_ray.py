@@ -393,3 +393,20 @@ def test_eval_every_on_the_coordinator_matches_the_in_process_trainer(ray_sessio
     assert [r["epoch"] for r in scores["ray"]] == [1, 2]
     assert scores["ray"] == scores["local"]
     assert max_weight_diff(tmp_path / "ray", tmp_path / "local") <= 1e-5
+
+
+def test_summed_gradient_embedding_sync_on_ray_equals_in_process(ray_session, cache, tmp_path):
+    """train.embed_sync=summed_gradient: workers hand their per-step W_embed gradients to the
+    coordinator at each sync; the weights (owner state included) equal the in-process run's."""
+    over = {"train.epochs": 3, "model.embedding": "learned", "train.embed_sync": "summed_gradient",
+            "train.embed_sync_every": 2}
+    ray_summary = train_ray(tiny(cache, **over), tmp_path / "ray", show_progress=False)
+    local_summary = train_local(tiny(cache, **{**over, "cluster.backend": "local"}), tmp_path / "local",
+                                show_progress=False)
+    for name in RunDir(tmp_path / "local").manifest()["units"]:
+        a, b = RunDir(tmp_path / "ray").load_unit(name), RunDir(tmp_path / "local").load_unit(name)
+        assert a.keys() == b.keys() and "owner/weight" in a
+        for key in a:
+            if a[key].is_floating_point():
+                assert float((a[key] - b[key]).abs().max()) <= 1e-5, (name, key)
+    assert ray_summary["test_accuracy"] == local_summary["test_accuracy"]
