@@ -114,6 +114,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "dropout_0_lr_3e-3": dict(
         overrides={"model.dropout": 0.0, "train.lr": 3e-3}, default=False,
         faithful="no (dropout, lr)", why="no dropout and the higher learning rate"),
+    "dropout_0_lr_3e-3_8ep": dict(
+        overrides={"model.dropout": 0.0, "train.lr": 3e-3, "train.epochs": 8}, default=False,
+        faithful="no (dropout, lr)",
+        why="no dropout, lr 3e-3, 8 epochs: its curve gives 5 to 8 epochs (what fits in 3 minutes)"),
+    "lr_3e-3_8ep": dict(
+        overrides={"train.lr": 3e-3, "train.epochs": 8}, default=False, faithful="no (lr)",
+        why="lr 3e-3, 8 epochs: its curve gives 5 (= lr_3e-3) to 8 epochs (what fits in 3 minutes)"),
     "lr_3e-3_abar_0.99": dict(
         overrides={"train.lr": 3e-3, "schedule.alpha_bar_max": 0.99}, default=False,
         faithful="no (lr)", why="the two changes together"),
