@@ -2,8 +2,8 @@
 
 Each named setting below is the ``demo`` preset (MNIST subset 4,000 / 1,000, ``small`` block,
 T = 10, one-hot, 5 epochs) plus the overrides it lists, trained in this process
-(``noprop_dist.local.train_local``, 2 torch threads, ``--eval.every 1`` so that one run gives
-the whole epoch curve). For each run the script records the final chain accuracy with and
+(``noprop_dist.local.train_local``, ``--threads`` torch threads, default 2, ``--eval.every 1``
+so that one run gives the whole epoch curve). For each run the script records the final chain accuracy with and
 without the Eq. 3 noise, the best block alone (fed fresh N(0, I) noise), every block's
 accuracy inside the chain (block t's own prediction from the chain's z_{t-1}, i.e. the chain
 stopped after t blocks), the training seconds and the epoch curve; then it analyses the
@@ -15,14 +15,19 @@ finished chain (script-level only, nothing in the package changes):
   *sample* from its predictive distribution) beside its argmax accuracy, and the majority vote
   of K noisy chains (an inference-side diagnostic, not the paper's predictor);
 * ``batchnorm``: the chain with BatchNorm using batch statistics, and with running statistics
-  recomputed on the training set (dropout off) from (a) ``q(z_{t-1} | y)`` samples, as in
-  training, and (b) the chain's own z_{t-1}. (b) - (a) isolates the shift between the z that
-  blocks were trained on and the z the chain feeds them.
+  recomputed on training images (dropout off) from (a) ``q(z_{t-1} | y)`` samples, as in
+  training, and (b) the chain's own z_{t-1}; (b) - (a) isolates the shift between the z that
+  blocks were trained on and the z the chain feeds them. (c) = (a) with dropout on separates
+  dropout's variance shift from the running average's lag. (b) and (c) run for BN_DETAIL only.
+
+docs/chain_gap.md is the account these runs support (run there with ``--threads 1``: with
+another process on a 2-core machine, two torch threads per run are 10-20x slower).
 
 Results are written after every run (``DIR/results.json``, ``DIR/results.md``), so partial
 results survive; a run directory that already holds a finished run is read, not retrained.
 
     python benchmarks/chain_gap.py --out benchmarks/results/chain_gap              # default list
+    python benchmarks/chain_gap.py --out DIR --threads 1 --only dropout_0_10ep     # one thread
     python benchmarks/chain_gap.py --out DIR --only baseline lr_3e-3               # a subset
     python benchmarks/chain_gap.py --out DIR --only baseline --epochs 10           # other epochs
     python benchmarks/chain_gap.py --out DIR --list                                # the settings
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import time
@@ -111,6 +117,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "dropout_0_epochs_20": dict(
         overrides={"model.dropout": 0.0, "train.epochs": 20}, default=False,
         faithful="no (dropout)", why="no dropout, 20 epochs: its curve gives 5, 10 and 20 epochs"),
+    "dropout_0_10ep": dict(
+        overrides={"model.dropout": 0.0, "train.epochs": 10}, default=False, faithful="no (dropout)",
+        why="no dropout, 10 epochs: its curve gives 5 (= dropout_0) to 10 epochs; a block-epoch "
+            "without dropout is 15-25% shorter, so 10 epochs fit in 3 minutes; the recommended demo "
+            "setting (docs/chain_gap.md)"),
     "dropout_0_lr_3e-3": dict(
         overrides={"model.dropout": 0.0, "train.lr": 3e-3}, default=False,
         faithful="no (dropout, lr)", why="no dropout and the higher learning rate"),
@@ -353,6 +364,11 @@ def _point(epoch: int, rec: dict[str, Any]) -> dict[str, Any]:
             "block_alone_accuracy": rec["block_alone_accuracy"], "block_in_chain_accuracy": in_chain}
 
 
+def run_threads(run_dir: Path) -> int:
+    """train.threads of the run as it was trained (a finished run may be older than --threads)."""
+    return int(tomllib.loads((run_dir / "config.toml").read_text())["train"]["threads"])
+
+
 def run_setting(name: str, preset: str, overrides: dict[str, Any], runs_dir: Path) -> dict[str, Any]:
     cfg = config_mod.resolve(preset, {**FIXED, **overrides})
     run_dir = runs_dir / name
@@ -364,7 +380,8 @@ def run_setting(name: str, preset: str, overrides: dict[str, Any], runs_dir: Pat
     else:
         saved = config_mod.from_dict(tomllib.loads((run_dir / "config.toml").read_text()))
         if saved != cfg:
-            raise SystemExit(f"{run_dir} holds a run of another config; remove it or use another --out")
+            raise SystemExit(f"{run_dir} holds a run of another config (trained with another --threads?); "
+                             "pass the same options, remove it, or use another --out")
     out = read_run(run_dir)
     out["schedule"] = schedule_gaps(cfg.schedule)
     out["run_dir"] = str(run_dir)
@@ -392,19 +409,19 @@ def markdown(results: dict[str, Any]) -> str:
              f"{results['machine']}; every run with {', '.join(f'--{k}={v}' for k, v in FIXED.items())}.", "",
              "## Final figures", "",
              "| setting | overrides | faithful | chain noise | chain no noise | nearest noise | best block alone | "
-             "best block in chain | last block in chain | epochs | train s (net of evals) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "best block in chain | last block in chain | epochs | train s (net of evals) | threads |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if "error" in r:
-            lines.append(f"| {name} | | | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {name} | | | error: {r['error']} | | | | | | | | |")
             continue
-        ov = " ".join(f"{k}={v}" for k, v in SETTINGS.get(name, {}).get("overrides", {}).items()) or "-"
+        ov = " ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items()) or "-"
         last = list(r["block_in_chain_accuracy"].values())[-1]
         lines.append(
-            f"| {name} | {ov} | {SETTINGS.get(name, {}).get('faithful', '')} | **{_f(r['chain_accuracy_noise'])}** | "
+            f"| {name} | {ov} | {r.get('faithful', '')} | **{_f(r['chain_accuracy_noise'])}** | "
             f"{_f(r['chain_accuracy_no_noise'])} | {_f(r['nearest_accuracy_noise'])} | {_f(r['best_block_alone'])} "
             f"({r['best_block_alone_name'][-2:]}) | {_f(r['best_block_in_chain'])} ({r['best_block_in_chain_name'][-2:]}) | "
-            f"{_f(last)} | {r['epochs']} | {_f(r['train_seconds_net'], 1)} |")
+            f"{_f(last)} | {r['epochs']} | {_f(r['train_seconds_net'], 1)} | {r.get('threads', '-')} |")
     for key, title in (("block_in_chain_accuracy", "Each block inside the chain (the chain stopped after t blocks)"),
                        ("block_alone_accuracy", "Each block alone, fed fresh N(0, I) noise")):
         T = max(len(r[key]) for r in rows.values() if key in r)
@@ -474,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 1 epoch, two settings: seconds")
     parser.add_argument("--seeds", type=int, default=5, help="K inference seeds of the analysis")
     parser.add_argument("--threads", type=int, default=2, help="train.threads of every run (default 2)")
-    parser.add_argument("--no-analysis", action="store_true", help="skip the script-level analyses")
+    parser.add_argument("--no-analysis", action="store_true",
+                        help="skip the script-level analyses (a finished run read again keeps its earlier one)")
     parser.add_argument("--list", action="store_true", help="print the settings and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -498,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
     results.update({
         "preset": preset, "fixed": FIXED,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads at start, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "schedule_gaps": schedule_gaps(config_mod.resolve(preset, dict(FIXED)).schedule)})
     results.setdefault("settings", {})
     for name in names:
@@ -515,8 +533,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[chain_gap] {tag} failed: {exc}", flush=True)
             continue
         r["overrides"] = overrides
+        r["threads"] = run_threads(Path(r["run_dir"]))
         r["why"] = SETTINGS[name]["why"]
         r["faithful"] = SETTINGS[name]["faithful"]
+        old = results["settings"].get(tag) or {}
+        if args.no_analysis and r["wall_seconds"] is None and "analysis" in old:
+            r["analysis"] = old["analysis"]      # the same finished run: its earlier analysis holds
         results["settings"][tag] = r
         write_results(out, results)
         if not args.no_analysis:
