@@ -86,7 +86,8 @@ def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) 
     ``train.threads`` threads), the bare loop: no data loading, logging or accounting."""
     from noprop_dist import backprop, schedule
     from noprop_dist.models import denoised_embedding
-    from noprop_dist.units import build_module, dt_block_loss, make_setup
+    from noprop_dist.dt import DTObjective, HEAD, block, dt_block_loss
+    from noprop_dist.units import make_setup
 
     setup = make_setup(cfg, data)
     x_all = torch.randn(max(batch_sizes), *data.input_shape)
@@ -97,11 +98,11 @@ def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) 
     small: dict[str, int] = {}
     B = max(batch_sizes)
 
-    block = build_module(1, setup).train()
+    block = DTObjective().build_module(block(1), setup).train()
     opt = torch.optim.AdamW(block.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     emb = setup.embedding
     params["noprop_block"] = sum(p.numel() * 4 for p in block.parameters())
-    params["noprop_head"] = sum(p.numel() * 4 for p in build_module(0, setup).parameters())
+    params["noprop_head"] = sum(p.numel() * 4 for p in DTObjective().build_module(HEAD, setup).parameters())
     out["noprop_block"] = {}
     for b in batch_sizes:
         x, y = x_all[:b], y_all[:b]
@@ -142,10 +143,11 @@ def bare_block_epoch_seconds(cfg: config.Config, data) -> float:
     pre-normalised in memory, targets drawn inline): the floor a NoProp block-epoch is held to."""
     from noprop_dist import schedule
     from noprop_dist.data import normalize
-    from noprop_dist.units import build_module, dt_block_loss, make_setup
+    from noprop_dist.dt import DTObjective, HEAD, block, dt_block_loss
+    from noprop_dist.units import make_setup
 
     setup = make_setup(cfg, data)
-    block = build_module(2, setup).train()
+    block = DTObjective().build_module(block(2), setup).train()
     opt = torch.optim.AdamW(block.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     x_all = normalize(np.asarray(data.train.x), setup.mean, setup.std)
     y_all = torch.from_numpy(np.array(data.train.y))
@@ -166,13 +168,14 @@ def lean_loop(cfg: config.Config, data, repeats: int = 3) -> dict[str, float]:
     """The unit loop (UnitRunner.run_epoch: data gathering, closed-form targets, seeded
     dropout, memory accounting, metrics) against the bare step loop, in this process,
     alternated ``repeats`` times; the best of each."""
+    from noprop_dist.dt import block
     from noprop_dist.units import UnitRunner, make_setup
 
     setup = make_setup(cfg, data)
     bare, unit = [], []
     for _ in range(repeats):
         bare.append(bare_block_epoch_seconds(cfg, data))
-        runner = UnitRunner(2, setup, data.train)
+        runner = UnitRunner(block(2), setup, data.train)
         start = time.perf_counter()
         runner.run_epoch(1)
         unit.append(time.perf_counter() - start)

@@ -47,7 +47,8 @@ from . import schedule
 from .checkpoint import RunDir
 from .config import Config, EvalConfig, ModelConfig, TrainConfig
 from .data import ArraySplit, Dataset, normalize
-from .dt import example_images, load_module_state
+from .dt import example_images
+from .unit_runs import load_module_state
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run
 from .models import BLOCK_SIZES, BackpropChain, SingleTowerCNN
 from .preflight import StepProbe, check_unit, device_memory_budget

@@ -104,6 +104,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ContinuousConfig:
+    intervals: int = 1
+    """NoProp-CT/FM, time-partitioned: [0, 1] split into K intervals, each trained by its own network on its own worker (1 = one network)."""
+    steps: int = 1000
+    """NoProp-CT/FM inference: integration steps from t = 0 to 1 (the paper: 1000)."""
+    eta: float = 1.0
+    """NoProp-CT: weight eta of the SNR'(t)-weighted denoising loss (the paper: 1)."""
+    time_dim: int = 64
+    """Width of the sinusoidal time embedding of the CT/FM network (the paper: 64)."""
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     noise: bool = True
     """Include the sqrt(c_t) noise term of Eq. 3 in the reported chain accuracy (both are always recorded)."""
@@ -144,11 +156,12 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class Config:
     variant: str = "dt"
-    """What to train (registry in noprop_dist.variants): dt (NoProp-DT), backprop (structure-matched baseline), backprop_cnn."""
+    """What to train (registry in noprop_dist.variants): dt (NoProp-DT), ct (NoProp-CT), fm (NoProp-FM), backprop (structure-matched baseline), backprop_cnn."""
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    continuous: ContinuousConfig = field(default_factory=ContinuousConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -186,6 +199,8 @@ def validate(cfg: Config) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every, "train.log_every": cfg.train.log_every,
         "eval.batch_size": cfg.eval.batch_size, "model.embed_dim": cfg.model.embed_dim,
         "data.max_classes": cfg.data.max_classes,
+        "continuous.intervals": cfg.continuous.intervals, "continuous.steps": cfg.continuous.steps,
+        "continuous.eta": cfg.continuous.eta, "continuous.time_dim": cfg.continuous.time_dim,
         "cluster.threads_per_worker": cfg.cluster.threads_per_worker,
     }
     for key, value in positive.items():
@@ -200,10 +215,18 @@ def validate(cfg: Config) -> None:
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must not be negative")
-    caps = {"model.embed_dim": (cfg.model.embed_dim, MAX_EMBED_DIM), "train.head_passes": (cfg.train.head_passes, 1000)}
+    caps = {"model.embed_dim": (cfg.model.embed_dim, MAX_EMBED_DIM), "train.head_passes": (cfg.train.head_passes, 1000),
+            "continuous.intervals": (cfg.continuous.intervals, 64), "continuous.steps": (cfg.continuous.steps, 100_000),
+            "continuous.time_dim": (cfg.continuous.time_dim, 4096)}
     for key, (value, cap) in caps.items():
         if value > cap:
             raise ConfigError(f"{key}={value} is above its limit of {cap}; pass a smaller value")
+    if cfg.continuous.steps < cfg.continuous.intervals:
+        raise ConfigError(f"continuous.steps={cfg.continuous.steps} is fewer than continuous.intervals="
+                          f"{cfg.continuous.intervals}: some intervals' networks would never be used; pass "
+                          f"--continuous.steps={cfg.continuous.intervals} or more")
+    if cfg.continuous.time_dim % 2:
+        raise ConfigError(f"continuous.time_dim={cfg.continuous.time_dim} must be even (sine and cosine halves)")
     if cfg.train.batch_size < 2:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: BatchNorm needs at least 2 examples per "
                           "step; pass --train.batch_size=2 or more")

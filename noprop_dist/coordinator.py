@@ -9,7 +9,7 @@ This is the only module that imports Ray. The coordinator (the driver process):
   (named after their blocks, so the Ray dashboard shows them), plus one for the head;
 * owns the noisy targets: for every (unit, epoch) it hands out the closed-form sampling of
   ``z_{t-1} ~ q(z_{t-1} | y)`` either as a *recipe* (the seed of the unit's noise, from which
-  :func:`noprop_dist.units.epoch_noise` rebuilds the exact tensor on the worker) or as the
+  the variant's ``epoch_noise`` (:class:`noprop_dist.units.UnitObjective`) rebuilds the exact tensor on the worker) or as the
   *tensor* itself through the object store (``cluster.ship_targets``). Both give the same
   bits because both call the same function with the same seed; recipe is the default as it
   moves 8 bytes instead of N*d*4;
@@ -47,13 +47,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .checkpoint import RunDir
 from .config import ClusterConfig, Config
 from .data import ArraySplit, Dataset
-from .dt import EMBEDDING_FILE, all_units, embedding_owner, eval_due, evaluate_during_training, manifest_fields
 from .errors import ClusterError, TrainingDiverged
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
 from .ray_cluster import NAMESPACE, connect, first_line, worker_capacity
 from .preflight import StepEstimate, check_unit, worker_memory
-from .units import (HEAD, UnitRunner, UnitSetup, average_embeddings, block_step_probe, epoch_noise, make_setup,
-                    resolve_device, unit_name)
+from .unit_runs import EMBEDDING_FILE, embedding_owner, eval_due, evaluate_during_training, synchronise
+from .units import SHARED_EMBEDDING, UnitRunner, UnitSetup, UnitSpec, make_setup, resolve_device, shared_of
 
 PLACEMENT_TIMEOUT_S = 60.0
 POLL_S = 0.2
@@ -76,31 +75,31 @@ class UnitWorker:
         self.setup = setup
         self.train = ArraySplit(train_x, train_y)   # zero-copy views of the object store
         self.progress = progress
-        self.runners: dict[int, UnitRunner] = {}
+        self.runners: dict[str, UnitRunner] = {}
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "device": str(self.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
-    def start_unit(self, unit: int, state: dict[str, torch.Tensor] | None) -> int:
+    def start_unit(self, unit: UnitSpec, state: dict[str, torch.Tensor] | None) -> int:
         """Create a unit from its seed, or from its last checkpoint; returns its epochs done."""
         runner = UnitRunner(unit, self.setup, self.train, self.device)
         if state is not None:
             runner.load_state_tensors(state)
-        self.runners[unit] = runner
+        self.runners[unit.name] = runner
         if self.device.type == "cuda" and len(self.runners) > 1:
             for hosted in self.runners.values():
                 hosted.to("cpu")     # moved to the GPU for its own epochs only
         return runner.epochs_done
 
-    def run_epoch(self, unit: int, epoch: int, noise: np.ndarray | None,
-                  embedding: torch.Tensor | None, want_state: bool, want_embedding: bool) -> dict:
+    def run_epoch(self, unit: str, epoch: int, noise: np.ndarray | None,
+                  shared: dict[str, torch.Tensor] | None, want_state: bool, want_shared: bool) -> dict:
         runner = self.runners[unit]
         offload = self.device.type == "cuda" and len(self.runners) > 1
         if offload:
             runner.to(self.device)   # only the block being trained lives on the GPU
-        if embedding is not None:
-            runner.set_embedding(embedding)
+        if shared is not None:
+            runner.set_shared(shared)
         try:
             metrics = runner.run_epoch(epoch, None if noise is None else torch.from_numpy(noise),
                                        progress=self._report)
@@ -111,8 +110,8 @@ class UnitWorker:
         out: dict[str, Any] = {"metrics": metrics}
         if want_state:
             out["state"] = runner.state_tensors()
-        if want_embedding:
-            out["embedding"] = runner.embedding.detach().cpu().clone()
+        if want_shared:
+            out["shared"] = runner.shared_tensors()
             if runner.records_embedding_grads:
                 out["embedding_grads"] = runner.take_embedding_grads()   # (steps, m, d) since the last sync
         return out
@@ -132,15 +131,16 @@ class UnitWorker:
 class Layout:
     """Which worker hosts which blocks, and what each worker reserves."""
 
-    groups: list[list[int]]          # blocks per worker, e.g. [[1, 3, 5], [2, 4]]
+    groups: list[list[UnitSpec]]     # units per worker, e.g. blocks [[1, 3, 5], [2, 4]]
     cpus: int
     gpus: float
     note: str = ""
 
 
-def plan_layout(T: int, cluster: ClusterConfig, resources: dict[str, float]) -> Layout:
-    """One worker per block when the cluster has room; fewer (blocks queue) when asked or
-    when it has not; a clear error when even the request cannot be met."""
+def plan_layout(units: list[UnitSpec], cluster: ClusterConfig, resources: dict[str, float]) -> Layout:
+    """One worker per unit (block or time interval) when the cluster has room; fewer (units
+    queue) when asked or when it has not; a clear error when even the request cannot be met."""
+    T = len(units)
     have_cpu = resources.get("CPU", 0.0)
     have_gpu = resources.get("GPU", 0.0)
     cpus = cluster.threads_per_worker
@@ -162,13 +162,13 @@ def plan_layout(T: int, cluster: ClusterConfig, resources: dict[str, float]) -> 
         workers = min(T, fits)
         if workers < T:
             note = (f"the cluster fits {workers} workers of {cpus} CPU/{gpus:g} GPU: "
-                    f"{T} blocks queue on them")
-    groups = [list(range(1 + k, T + 1, workers)) for k in range(workers)]
+                    f"{T} units queue on them")
+    groups = [units[k::workers] for k in range(workers)]
     return Layout(groups=groups, cpus=cpus, gpus=gpus, note=note)
 
 
-def _worker_name(run_tag: str, units: list[int], attempt: int) -> str:
-    names = "+".join(unit_name(u) for u in units)
+def _worker_name(run_tag: str, units: list[UnitSpec], attempt: int) -> str:
+    names = "+".join(u.name for u in units)
     return f"{run_tag}/{names}" + (f"/restart{attempt}" if attempt else "")
 
 
@@ -177,7 +177,7 @@ def _worker_name(run_tag: str, units: list[int], attempt: int) -> str:
 # ---------------------------------------------------------------------------------------
 @dataclass
 class UnitTrack:
-    unit: int
+    unit: UnitSpec
     worker: int                     # index into Coordinator.workers
     epochs_done: int = 0
     inflight: Any = None            # ObjectRef of the running epoch
@@ -186,7 +186,7 @@ class UnitTrack:
 
 @dataclass
 class WorkerSlot:
-    units: list[int]
+    units: list[UnitSpec]
     bundle: int | None              # placement-group bundle index (None: the head, no bundle)
     handle: Any = None
     restarts: int = 0
@@ -203,7 +203,7 @@ class Coordinator:
         self.show_progress = show_progress
         self.traffic = Traffic()
         self.dispatch_seconds = 0.0
-        self.sync_history: dict[int, torch.Tensor] = {}
+        self.sync_history: dict[int, dict[str, torch.Tensor]] = {}   # epoch -> synchronised shared tensors
         self.restart_events: list[dict] = []
         self.test = test
         self.owner = embedding_owner(run, setup)    # summed_gradient: the one W_embed optimizer
@@ -213,7 +213,7 @@ class Coordinator:
         if self.owner is not None and run.manifest()["units"]:
             latest = max(e["epochs_done"] for e in run.manifest()["units"].values())
             self.owner_history[latest] = self.owner.state_tensors()
-        self.eval_states: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+        self.eval_states: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
         self.eval_seconds = 0.0
         put_start = time.perf_counter()
         self.train_refs = (ray.put(np.ascontiguousarray(train.x)), ray.put(np.ascontiguousarray(train.y)))
@@ -239,8 +239,10 @@ class Coordinator:
                 f"{PLACEMENT_TIMEOUT_S:.0f} s (resources: {ray.available_resources()}); lower "
                 "--cluster.workers/threads_per_worker/gpus_per_worker or add nodes")
         self.workers = [WorkerSlot(units=g, bundle=i) for i, g in enumerate(layout.groups)]
-        self.workers.append(WorkerSlot(units=[HEAD], bundle=None))
-        self.tracks = {u: UnitTrack(unit=u, worker=w) for w, slot in enumerate(self.workers)
+        heads = [u for u in self.setup.units if u.role == "head"]
+        if heads:
+            self.workers.append(WorkerSlot(units=heads, bundle=None))
+        self.tracks = {u.name: UnitTrack(unit=u, worker=w) for w, slot in enumerate(self.workers)
                        for u in slot.units}
         # Start every worker first, then wait: their process start-ups overlap.
         waits = [self._spawn(w) for w in range(len(self.workers))]
@@ -271,24 +273,25 @@ class Coordinator:
         starts = []
         for unit in slot.units:
             state = None
-            if unit_name(unit) in manifest_units:
-                state = self.run.load_unit(unit_name(unit))
+            if unit.name in manifest_units:
+                state = self.run.load_unit(unit.name)
                 self.traffic.add(0, "checkpoint_to_workers", serialized_bytes(state))
-                if self.setup.learnable_embedding:
-                    # Checkpoints of a shared embedding are written at sync points, with the
-                    # synchronised copy: after a resume that copy is the sync of its epoch.
-                    self.sync_history.setdefault(int(state["epochs_done"]), state["embedding"].clone())
+                if self.setup.syncs_shared:
+                    # Checkpoints of shared tensors are written at sync points, with the
+                    # synchronised copies: after a resume they are the sync of their epoch.
+                    self.sync_history.setdefault(int(state["epochs_done"]),
+                                                 {k: v.clone() for k, v in shared_of(state, self.setup).items()})
             starts.append(slot.handle.start_unit.remote(unit, state))
-            self.tracks[unit].inflight = None
+            self.tracks[unit.name].inflight = None
         return starts, slot.handle.info.remote()
 
     def _await_spawn(self, w: int, pending: tuple[list, Any]) -> None:
         slot = self.workers[w]
         starts, info = pending
         for unit, done in zip(slot.units, ray.get(starts)):
-            self.tracks[unit].epochs_done = done
+            self.tracks[unit.name].epochs_done = done
         slot.info = ray.get(info)
-        self.run.append_metrics({"event": "worker_started", "units": [unit_name(u) for u in slot.units],
+        self.run.append_metrics({"event": "worker_started", "units": [u.name for u in slot.units],
                                  "restart": slot.restarts, **slot.info})
 
     # ---- the loop ----------------------------------------------------------------------
@@ -297,25 +300,25 @@ class Coordinator:
         e = track.epochs_done
         if track.inflight is not None or track.pending_result is not None or e >= self.epochs:
             return False
-        return not (self.setup.learnable_embedding and e > 0 and self._sync_due(e)
+        return not (self.setup.syncs_shared and e > 0 and self._sync_due(e)
                     and e not in self.sync_history)
 
     def _sync_due(self, epoch: int) -> bool:
         return sync_due(self.cfg.train, epoch)
 
     def _checkpoint_due(self, epoch: int) -> bool:
-        return checkpoint_due(self.cfg.train, epoch, self.setup.learnable_embedding)
+        return checkpoint_due(self.cfg.train, epoch, self.setup.syncs_shared)
 
     def _dispatch(self, track: UnitTrack) -> None:
         start = time.perf_counter()
         epoch = track.epochs_done + 1
         noise = None
         if self.cfg.cluster.ship_targets == "tensors":
-            noise = epoch_noise(self.setup, track.unit, epoch, self.n).numpy()
-        embedding = self.sync_history.get(epoch - 1)
+            noise = self.setup.objective.epoch_noise(track.unit, self.setup, epoch, self.n).numpy()
+        shared = self.sync_history.get(epoch - 1)
         want_state = self._checkpoint_due(epoch) or eval_due(self.cfg.eval, epoch, self.epochs)
-        args = (track.unit, epoch, noise, embedding, want_state,
-                self.setup.learnable_embedding and self._sync_due(epoch))
+        args = (track.unit.name, epoch, noise, shared, want_state,
+                self.setup.syncs_shared and self._sync_due(epoch))
         self.traffic.add(epoch, "control_to_workers", serialized_bytes(args))
         slot = self.workers[track.worker]
         track.inflight = slot.handle.run_epoch.remote(*args)
@@ -323,7 +326,7 @@ class Coordinator:
 
     def _on_result(self, track: UnitTrack, result: dict) -> None:
         if "diverged" in result:
-            self.run.append_metrics({"event": "diverged", "unit": unit_name(track.unit),
+            self.run.append_metrics({"event": "diverged", "unit": track.unit.name,
                                      "epoch": track.epochs_done + 1, "reason": result["diverged"]})
             raise TrainingDiverged(result["diverged"])
         metrics = result["metrics"]
@@ -340,13 +343,13 @@ class Coordinator:
                   f"{metrics['samples_per_s']:.0f} samples/s", done=True)
         if "state" in result and eval_due(self.cfg.eval, epoch, self.epochs):
             self._maybe_evaluate(epoch, track.unit, result["state"])
-        if self.setup.learnable_embedding and self._sync_due(epoch) and epoch in self.sync_history:
+        if self.setup.syncs_shared and self._sync_due(epoch) and epoch in self.sync_history:
             # A replayed epoch whose sync already happened (a resume after a crash that left
             # units at different epochs): it takes the recorded sync, as it did the first time.
             if "state" in result:
-                result["state"]["embedding"] = self.sync_history[epoch].clone()
+                result["state"].update({k: v.clone() for k, v in self.sync_history[epoch].items()})
                 self._save(track, result["state"])
-        elif self.setup.learnable_embedding and self._sync_due(epoch):
+        elif self.setup.syncs_shared and self._sync_due(epoch):
             track.pending_result = result
             self._maybe_sync(epoch)
         elif "state" in result:
@@ -357,37 +360,35 @@ class Coordinator:
             self.run.append_metrics({"event": "communication", "epoch": epoch, **self.traffic.epoch(epoch)})
 
     def _maybe_sync(self, epoch: int) -> None:
-        """When every unit has finished a sync epoch: average the embedding copies, then
-        checkpoint all units with the synchronised embedding."""
+        """When every unit has finished a sync epoch: synchronise the shared tensors (average,
+        or the owner's summed-gradient step for W_embed), then checkpoint all units with them."""
         held = [t for t in self.tracks.values() if t.pending_result is not None]
         if len(held) < len(self.tracks):
             return
-        order = sorted(held, key=lambda t: all_units(self.setup.T).index(t.unit))
+        names = [u.name for u in self.setup.units]
+        order = sorted(held, key=lambda t: names.index(t.unit.name))
+        grads = [t.pending_result["embedding_grads"] for t in order] if self.owner is not None else None
+        shared = synchronise([t.pending_result["shared"] for t in order], grads, self.owner)
         if self.owner is not None:
-            shared = self.owner.apply([t.pending_result["embedding_grads"] for t in order])
             self.owner_history[epoch] = self.owner.state_tensors()
-        else:
-            shared = average_embeddings([t.pending_result["embedding"] for t in order])
         self.sync_history[epoch] = shared
         self.run.append_metrics({"event": "embedding_sync", "epoch": epoch})
         for track in order:
             state = track.pending_result.get("state")
             if state is not None:
-                state["embedding"] = shared.clone()
+                state.update({k: v.clone() for k, v in shared.items()})
                 self._save(track, state)
             track.pending_result = None
 
-    def _maybe_evaluate(self, epoch: int, unit: int, state: dict[str, torch.Tensor]) -> None:
+    def _maybe_evaluate(self, epoch: int, unit: UnitSpec, state: dict[str, torch.Tensor]) -> None:
         """``--eval.every``: keep each unit's weights after ``epoch``; once all are in, score the
-        chain here on the coordinator (the workers go on training meanwhile)."""
+        predictor here on the coordinator (the workers go on training meanwhile)."""
         held = self.eval_states.setdefault(epoch, {})
-        held[unit] = {k: v for k, v in state.items() if k.startswith("model/") or k == "embedding"}
+        held[unit.name] = {k: v for k, v in state.items() if k.startswith("model/") or k == SHARED_EMBEDDING}
         if len(held) < len(self.tracks):
             return
         del self.eval_states[epoch]
-        embedding = (average_embeddings([held[u]["embedding"] for u in all_units(self.setup.T)])
-                     if self.setup.learnable_embedding else self.setup.embedding)
-        record = evaluate_during_training(self.run, self.setup, held, embedding, self.test, self.cfg.eval, epoch,
+        record = evaluate_during_training(self.run, self.setup, held, self.test, self.cfg.eval, epoch,
                                           resolve_device(self.cfg.train.device))
         self.eval_seconds += record["eval_seconds"]
 
@@ -397,14 +398,14 @@ class Coordinator:
             return   # weights fetched for --eval.every only
         if epoch in self.owner_history:
             state.update({f"owner/{k}": v for k, v in self.owner_history[epoch].items()})
-        self.run.save_unit(unit_name(track.unit), state, int(state["epochs_done"]),
+        self.run.save_unit(track.unit.name, state, int(state["epochs_done"]),
                            finished=int(state["epochs_done"]) == self.epochs)
 
     def _on_failure(self, track: UnitTrack, exc: Exception) -> None:
         w = track.worker
         slot = self.workers[w]
         slot.restarts += 1
-        names = ", ".join(unit_name(u) for u in slot.units)
+        names = ", ".join(u.name for u in slot.units)
         reason = first_line(exc)
         self.restart_events.append({"worker": names, "restart": slot.restarts, "reason": reason[:300]})
         self.run.append_metrics({"event": "worker_died", "units": names, "restart": slot.restarts,
@@ -417,7 +418,7 @@ class Coordinator:
                 f"{len(finished)} finished units are kept in {self.run.path}; fix the cause and run "
                 f"`noprop-dist train --resume {self.run.path}`")
         for unit in slot.units:
-            t = self.tracks[unit]
+            t = self.tracks[unit.name]
             t.inflight = None
             t.pending_result = None
         self._bar(names, f"worker died; restart {slot.restarts}/{self.cfg.cluster.max_restarts} "
@@ -469,7 +470,7 @@ class Coordinator:
 
     def final_embedding(self) -> torch.Tensor:
         if self.setup.learnable_embedding:
-            return self.sync_history[self.epochs]
+            return self.sync_history[self.epochs][SHARED_EMBEDDING]
         return self.setup.embedding
 
     # ---- progress ----------------------------------------------------------------------
@@ -545,16 +546,19 @@ class Traffic:
 
 def train_ray(cfg: Config, run_dir: str | Path, resume: bool = False,
               show_progress: bool = True) -> dict[str, Any]:
-    """Train a DT run across Ray workers; returns the summary (as the in-process trainer)."""
+    """Train a NoProp run (any variant) across Ray workers; returns the summary (as the
+    in-process trainer)."""
     launched = time.time()
     data = load_data(cfg)
     setup = make_setup(cfg, data)
+    objective = setup.objective
     connect(cfg.cluster)
-    layout = plan_layout(setup.T, cfg.cluster, ray.available_resources())
-    step = check_unit(block_step_probe(setup, len(data.train)), min(cfg.train.batch_size, len(data.train)), data.input_shape,
+    layout = plan_layout([u for u in setup.units if u.role != "head"], cfg.cluster, ray.available_resources())
+    step = check_unit(objective.step_probe(setup, len(data.train)), min(cfg.train.batch_size, len(data.train)),
+                      data.input_shape,
                       *worker_memory(cfg.cluster, len(layout.groups), layout.gpus, ray.available_resources()),
                       units_held=max(len(g) for g in layout.groups))
-    with open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup)) as run:
+    with open_run(cfg, run_dir, resume, objective.manifest_fields(cfg, data, setup)) as run:
         return _train(run, cfg, data, setup, layout, step, launched, show_progress)
 
 
@@ -574,11 +578,11 @@ def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, layout: La
         coordinator.close()
     first = [t for t in coordinator.first_steps if t is not None]
     extra = {
-        "backend": "ray", "workers": len(layout.groups), "head_workers": 1,
+        "backend": "ray", "workers": len(layout.groups), "head_workers": len(coordinator.workers) - len(layout.groups),
         "threads_per_worker": layout.cpus, "gpus_per_worker": layout.gpus,
-        "worker_devices": {"+".join(unit_name(u) for u in s.units): s.info.get("device")
+        "worker_devices": {"+".join(u.name for u in s.units): s.info.get("device")
                            for s in coordinator.workers},
-        "worker_gpu_ids": {"+".join(unit_name(u) for u in s.units): s.info.get("gpu_ids")
+        "worker_gpu_ids": {"+".join(u.name for u in s.units): s.info.get("gpu_ids")
                            for s in coordinator.workers},
         "ship_targets": cfg.cluster.ship_targets,
         **{f"bytes_{kind}": coordinator.traffic.total(kind) for kind in Traffic.KINDS},

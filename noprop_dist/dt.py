@@ -1,40 +1,161 @@
-"""NoProp-DT's side of a run directory: its units, manifest fields, unit checkpoints, and
-its predictor (the Eq. 3 chain rebuilt from the run directory, evaluated and exported).
+"""NoProp-DT: its units (T blocks and the output head), each unit's module, targets and loss
+(the paper's Eq. 8), and its predictor (the Eq. 3 chain rebuilt from a run directory).
 
-The trainers (:mod:`~noprop_dist.local`, :mod:`~noprop_dist.coordinator`) write what this
-module reads back; ``eval``/``export`` reach it through :mod:`noprop_dist.variants`.
+The unit loop (:mod:`noprop_dist.units`) calls :class:`DTObjective`; the trainers
+(:mod:`~noprop_dist.local`, :mod:`~noprop_dist.coordinator`) and ``eval``/``export`` reach
+this module through the variant registry (:mod:`noprop_dist.variants`).
 """
 
 from __future__ import annotations
 
-import time
+import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from . import config as config_mod
+from . import schedule
 from .checkpoint import RunDir, is_numbers
 from .config import Config, EvalConfig
 from .data import ArraySplit, Dataset
-from .embedding_sync import EmbeddingOwner
-from .errors import CheckpointError
 from .inference import NoPropChain, RawImageChain, draw_noise, evaluate
-from .units import HEAD, UnitRunner, UnitSetup, build_module, unit_name
-
-EMBEDDING_FILE = "embedding"
-
-
-def all_units(T: int) -> list[int]:
-    """Unit ids of a DT run: blocks 1..T, then the head (0)."""
-    return list(range(1, T + 1)) + [HEAD]
+from .models import BLOCK_SIZES, DTBlock, OutputHead, denoised_embedding
+from .preflight import StepProbe
+from .units import NOISE, PASS_STRIDE, UnitObjective, UnitRunner, UnitSetup, UnitSpec, derive_seed, seeded_module
 
 
-def manifest_fields(cfg: Config, data: Dataset, setup: UnitSetup) -> dict[str, Any]:
+def block(t: int) -> UnitSpec:
+    """Block t (t = 1..T): u_hat_t(z_{t-1}, x), trained on z_{t-1} ~ q(z_{t-1} | y)."""
+    return UnitSpec(name=f"block_{t:02d}", seed_id=t, role="block", index=t)
+
+
+HEAD = UnitSpec(name="head", seed_id=0, role="head")
+"""The output head p_out(y | z_T), trained on z_T ~ q(z_T | y) (never on a block output)."""
+
+
+def unit_names(T: int) -> list[str]:
+    return [block(t).name for t in range(1, T + 1)] + [HEAD.name]
+
+
+@functools.lru_cache(maxsize=64)
+def block_loss_weight(alpha_bar: tuple[float, ...], eta: float, t: int) -> float:
+    """Block t's weight (T/2) eta (SNR(t) - SNR(t-1)) of Eq. 8 (positive, asserted)."""
+    weight = float(schedule.dt_loss_weights(np.array(alpha_bar), eta)[t])
+    assert weight > 0, f"block {t}: non-positive loss weight {weight} (schedule reversed?)"
+    return weight
+
+
+def dt_block_loss(logits: torch.Tensor, embedding: torch.Tensor, u_y: torch.Tensor, weight: float) -> torch.Tensor:
+    """Block t's term of Eq. 8: ``weight * ||u_hat_t - u_y||^2`` averaged over the batch, with
+    ``u_hat_t = softmax(logits) @ W_embed`` and ``weight = (T/2) eta (SNR(t) - SNR(t-1))``."""
+    u_hat = denoised_embedding(logits.float(), embedding)                        # (B, d)
+    return weight * ((u_hat - u_y) ** 2).sum(-1).mean()
+
+
+def dt_head_loss(logits: torch.Tensor, y: torch.Tensor, u_y: torch.Tensor, ab_0: float,
+                 learnable_embedding: bool) -> torch.Tensor:
+    """The head's terms of Eq. 8: cross-entropy of p_out(y | z_T), plus KL(q(z_0|y) || N(0, I))
+    when the embedding is learned (with a fixed one it is a constant)."""
+    loss = F.cross_entropy(logits, y)
+    if learnable_embedding:
+        loss = loss + schedule.kl_prior(u_y, ab_0).mean()
+    return loss
+
+
+class DTObjective(UnitObjective):
+    name = "dt"
+
+    def units(self, setup: UnitSetup) -> list[UnitSpec]:
+        return [block(t) for t in range(1, setup.T + 1)] + [HEAD]
+
+    def build_module(self, unit: UnitSpec, setup: UnitSetup) -> nn.Module:
+        d = setup.embedding.shape[1]
+        if unit.role == "head":
+            return seeded_module(unit, setup, lambda: OutputHead(d, setup.num_classes))
+        return seeded_module(unit, setup, lambda: DTBlock(setup.input_shape, d, setup.num_classes,
+                                                          BLOCK_SIZES[setup.model.block], setup.model.dropout))
+
+    def passes(self, unit: UnitSpec, setup: UnitSetup) -> list[int]:
+        # The head is cheap and independent: head_passes passes over the labels per epoch.
+        return list(range(setup.train.head_passes)) if unit.role == "head" else [-1]
+
+    def needs_images(self, unit: UnitSpec) -> bool:
+        return unit.role != "head"
+
+    def epoch_noise(self, unit: UnitSpec, setup: UnitSetup, epoch: int, n: int) -> torch.Tensor:
+        """Blocks: (n, d), row i is the noise of training example i's z_{t-1}.
+        Head: (head_passes, n, d), the noise of z_T for each pass over the labels."""
+        d = setup.embedding.shape[1]
+        seed = setup.train.seed
+        if unit.role == "head":
+            return torch.stack([
+                schedule.marginal_noise(n, d, derive_seed(seed, unit.seed_id, epoch, PASS_STRIDE * (p + 1) + NOISE))
+                for p in range(setup.train.head_passes)])
+        return schedule.marginal_noise(n, d, derive_seed(seed, unit.seed_id, epoch, NOISE))
+
+    def batch_loss(self, runner: UnitRunner, x: torch.Tensor | None, y: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+        setup, unit = runner.setup, runner.unit
+        u_y = runner.embedding[y]                                                # (B, d)
+        if unit.role == "head":
+            z_T = schedule.sample_marginal(u_y, setup.alpha_bar[-1], rows)       # (B, d)
+            return dt_head_loss(runner.module(z_T), y, u_y, setup.alpha_bar[0], setup.learnable_embedding)
+        z_prev = schedule.sample_marginal(u_y, setup.alpha_bar[unit.index - 1], rows)   # (B, d)
+        logits = runner.module(z_prev, x)                                        # (B, m)
+        weight = block_loss_weight(setup.alpha_bar, setup.train.eta, unit.index)
+        return dt_block_loss(logits, runner.embedding, u_y, weight)
+
+    def step_probe(self, setup: UnitSetup, n_train: int) -> StepProbe:
+        """Every block has the same shapes. Per-epoch tensors: the target noise, ``n_train x d``
+        for a block and ``head_passes`` times that for the head; the larger is counted."""
+        d = setup.embedding.shape[1]
+
+        def forward(module: nn.Module, batch: int) -> torch.Tensor:
+            z = torch.zeros(batch, d)                                             # (B, d)
+            x = torch.zeros(batch, *setup.input_shape)                            # (B, C, H, W)
+            return dt_block_loss(module(z, x), torch.zeros(setup.num_classes, d), z, 1.0)
+
+        return StepProbe(name=f"the {setup.model.block} DT block", build=lambda: self.build_module(block(1), setup),
+                         forward=forward, fixed_bytes=n_train * d * 4 * max(1, setup.train.head_passes))
+
+    # ---- the run directory's side ---------------------------------------------------
+    def manifest_fields(self, cfg: Config, data: Dataset, setup: UnitSetup) -> dict[str, Any]:
+        return {
+            "T": setup.T,
+            "schedule": {**config_mod.to_dict(cfg)["schedule"], "alpha_bar": list(setup.alpha_bar)},
+            **common_manifest_fields(cfg, data, setup),
+        }
+
+    def chain(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]], embedding: torch.Tensor,
+              where: Path | str = "") -> NoPropChain:
+        """The Eq. 3 chain of units whose ``model/...`` tensors are ``states`` (by unit name)."""
+        from .unit_runs import load_module_state
+
+        modules = {u.name: load_module_state(self.build_module(u, setup), states[u.name], u.name, Path(where))
+                   for u in self.units(setup)}
+        chain = NoPropChain([modules[block(t).name] for t in range(1, setup.T + 1)], modules[HEAD.name], embedding,
+                            np.array(setup.alpha_bar), setup.mean, setup.std)
+        return chain.eval()
+
+    def progress_scores(self, chain: NoPropChain, test: ArraySplit, eval_cfg: EvalConfig,
+                        device: torch.device | str) -> dict[str, Any]:
+        """What an ``--eval.every`` point records (the keys the training plot reads)."""
+        scores = evaluate(chain, test, eval_cfg.batch_size, eval_cfg.seed, device)
+        key = "chain_accuracy_noise" if eval_cfg.noise else "chain_accuracy_no_noise"
+        return {"test_accuracy": scores[key], "chain_accuracy_noise": scores["chain_accuracy_noise"],
+                "chain_accuracy_no_noise": scores["chain_accuracy_no_noise"],
+                "best_block_alone": max(scores["block_alone_accuracy"].values()),
+                "block_alone_accuracy": scores["block_alone_accuracy"],
+                "block_in_chain_accuracy": scores["block_in_chain_accuracy"]}
+
+
+def common_manifest_fields(cfg: Config, data: Dataset, setup: UnitSetup) -> dict[str, Any]:
+    """The manifest fields every NoProp variant writes (data, embedding, block size)."""
     return {
-        "T": setup.T,
-        "schedule": {**config_mod.to_dict(cfg)["schedule"], "alpha_bar": list(setup.alpha_bar)},
         "dataset": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
         "input_dtype": str(data.train.x.dtype),
         "embedding": cfg.model.embedding, "embedding_dim": int(setup.embedding.shape[1]),
@@ -42,106 +163,31 @@ def manifest_fields(cfg: Config, data: Dataset, setup: UnitSetup) -> dict[str, A
     }
 
 
+COMMON_SCHEMA = {
+    "dataset": "a string", "num_classes": "a positive integer", "input_shape": "3 positive integers (C, H, W)",
+    "input_dtype": '"uint8" or "float32"', "embedding": "a string", "embedding_dim": "a positive integer",
+    "block": "a string",
+    "normalization": {"mean": "C numbers (C = input_shape[0])", "std": "C positive numbers (C = input_shape[0])"},
+}
+
 MANIFEST_SCHEMA = {
     # What manifest_fields writes, checked on every read of the manifest (the vocabulary is
     # noprop_dist.checkpoint's; a check may read the keys above it).
     "T": "a positive integer",
     "schedule": {"alpha_bar": (lambda v, m: is_numbers(v, m["T"] + 1) and all(0 < a < 1 for a in v),
                                "T + 1 numbers in (0, 1)")},
-    "dataset": "a string", "num_classes": "a positive integer", "input_shape": "3 positive integers (C, H, W)",
-    "input_dtype": '"uint8" or "float32"', "embedding": "a string", "embedding_dim": "a positive integer",
-    "block": "a string",
-    "normalization": {"mean": "C numbers (C = input_shape[0])", "std": "C positive numbers (C = input_shape[0])"},
-    "units": (lambda units, m: set(units) <= {unit_name(u) for u in all_units(m["T"])},
-              "units named block_01..block_T and head"),
+    **COMMON_SCHEMA,
+    "units": (lambda units, m: set(units) <= set(unit_names(m["T"])), "units named block_01..block_T and head"),
 }
-
-
-def embedding_owner(run: RunDir, setup: UnitSetup) -> EmbeddingOwner | None:
-    """The trainer's :class:`EmbeddingOwner` of a ``summed_gradient`` run (None otherwise).
-
-    Its state (W_embed and AdamW moments, ``owner/...``) travels in every unit checkpoint
-    written at a sync point, so a resume restores it from the most advanced unit: the state
-    after that unit's last sync, consistent with the sync history rebuilt from the units."""
-    if not (setup.learnable_embedding and setup.train.embed_sync == "summed_gradient"):
-        return None
-    owner = EmbeddingOwner(setup.embedding, setup.train)
-    units = run.manifest()["units"]
-    if units:
-        latest = max(units, key=lambda name: units[name]["epochs_done"])
-        tensors = run.load_unit(latest)
-        if any(k.startswith("owner/") for k in tensors):
-            owner.load_state_tensors({k[len("owner/"):]: v for k, v in tensors.items() if k.startswith("owner/")})
-    return owner
-
-
-def save_unit(run: RunDir, runner: UnitRunner, finished: bool, owner: EmbeddingOwner | None = None) -> int:
-    """Checkpoint one unit (with the embedding owner's state, if any); returns the bytes written."""
-    tensors = runner.state_tensors()
-    if owner is not None:
-        tensors.update({f"owner/{k}": v for k, v in owner.state_tensors().items()})
-    return run.save_unit(runner.name, tensors, runner.epochs_done, finished)["bytes"]
 
 
 def load_chain(run_dir: str | Path) -> tuple[NoPropChain, Config, dict[str, Any]]:
     """Rebuild the trained chain from a run directory (checksums verified, no code executed)."""
-    from .results import load_run_config
+    from .unit_runs import load_run_units
 
     run = RunDir(run_dir)
-    manifest = run.manifest()
-    cfg = load_run_config(run)
-    embedding = run.load_tensors(EMBEDDING_FILE)["embedding"]
-    setup = UnitSetup(model=cfg.model, train=cfg.train, alpha_bar=tuple(manifest["schedule"]["alpha_bar"]),
-                      num_classes=manifest["num_classes"], input_shape=tuple(manifest["input_shape"]),
-                      mean=tuple(manifest["normalization"]["mean"]), std=tuple(manifest["normalization"]["std"]),
-                      embedding=embedding)
-    states = {unit: run.load_unit(unit_name(unit)) for unit in all_units(setup.T)}
-    return chain_from_states(setup, states, embedding, run.path), cfg, manifest
-
-
-def chain_from_states(setup: UnitSetup, states: dict[int, dict[str, torch.Tensor]], embedding: torch.Tensor,
-                      where: Path | str = "") -> NoPropChain:
-    """The Eq. 3 chain of units whose ``model/...`` tensors are ``states`` (by unit id)."""
-    modules = {unit: load_module_state(build_module(unit, setup), states[unit], unit_name(unit), Path(where))
-               for unit in all_units(setup.T)}
-    chain = NoPropChain([modules[t] for t in range(1, setup.T + 1)], modules[HEAD], embedding,
-                        np.array(setup.alpha_bar), setup.mean, setup.std)
-    return chain.eval()
-
-
-def evaluate_during_training(run: RunDir, setup: UnitSetup, states: dict[int, dict[str, torch.Tensor]],
-                             embedding: torch.Tensor, test: ArraySplit, eval_cfg: EvalConfig, epoch: int,
-                             device: torch.device | str = "cpu") -> dict[str, Any]:
-    """``--eval.every``: score the chain of the units' weights after ``epoch`` on the test split
-    and record it (an ``eval`` event in metrics.jsonl, with what it cost)."""
-    start = time.perf_counter()
-    scores = evaluate(chain_from_states(setup, states, embedding, run.path), test, eval_cfg.batch_size,
-                      eval_cfg.seed, device)
-    record = {"event": "eval", "epoch": epoch, "chain_accuracy_noise": scores["chain_accuracy_noise"],
-              "chain_accuracy_no_noise": scores["chain_accuracy_no_noise"],
-              "best_block_alone": max(scores["block_alone_accuracy"].values()),
-              "block_alone_accuracy": scores["block_alone_accuracy"],
-              "block_in_chain_accuracy": scores["block_in_chain_accuracy"],
-              "eval_seconds": time.perf_counter() - start}
-    run.append_metrics(record)
-    return record
-
-
-def eval_due(eval_cfg: EvalConfig, epoch: int, last: int) -> bool:
-    """Is ``epoch`` an ``--eval.every`` point (never the last epoch: the final evaluation covers it)?"""
-    return eval_cfg.every > 0 and epoch % eval_cfg.every == 0 and epoch != last
-
-
-def load_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], name: str,
-                      where: Path) -> torch.nn.Module:
-    """Load the ``model/...`` tensors of a unit checkpoint into ``module`` (one-line error on mismatch)."""
-    state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"{name} in {where} does not fit its config ({first})") from None
-    return module
+    setup, cfg, manifest, states, embedding = load_run_units(run)
+    return DTObjective().chain(setup, states, embedding, run.path), cfg, manifest
 
 
 class ChainPredictor:

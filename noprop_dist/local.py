@@ -16,25 +16,25 @@ from tqdm import tqdm
 from .checkpoint import RunDir
 from .config import Config
 from .data import Dataset
-from .dt import (EMBEDDING_FILE, all_units, embedding_owner, eval_due, evaluate_during_training, manifest_fields,
-                 save_unit)
 from .errors import TrainingDiverged
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
 from .preflight import StepEstimate, check_unit, device_memory_budget
-from .units import UnitRunner, UnitSetup, average_embeddings, block_step_probe, make_setup, resolve_device
+from .unit_runs import EMBEDDING_FILE, embedding_owner, eval_due, evaluate_during_training, save_unit, synchronise
+from .units import UnitRunner, UnitSetup, make_setup, resolve_device
 
 
 def train_local(cfg: Config, run_dir: str | Path, resume: bool = False,
                 show_progress: bool = True) -> dict[str, Any]:
-    """Train all units of a DT run in this process; returns the summary."""
+    """Train all units of a NoProp run (any variant) in this process; returns the summary."""
     data = load_data(cfg)
     setup = make_setup(cfg, data)
     device = resolve_device(cfg.train.device)
+    objective = setup.objective
     # All units live in this process; one trains at a time.
-    step = check_unit(block_step_probe(setup, len(data.train)), min(cfg.train.batch_size, len(data.train)),
+    step = check_unit(objective.step_probe(setup, len(data.train)), min(cfg.train.batch_size, len(data.train)),
                       data.input_shape, device_memory_budget(device), 1, f"this machine ({device})",
-                      units_held=setup.T)
-    with open_run(cfg, run_dir, resume, manifest_fields(cfg, data, setup)) as run:
+                      units_held=sum(u.role != "head" for u in setup.units))  # the head is small
+    with open_run(cfg, run_dir, resume, objective.manifest_fields(cfg, data, setup)) as run:
         return _train(run, cfg, data, setup, device, step, show_progress)
 
 
@@ -44,7 +44,7 @@ def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, device: to
         return done
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    runners = [UnitRunner(u, setup, data.train, device) for u in all_units(setup.T)]
+    runners = [UnitRunner(u, setup, data.train, device) for u in setup.units]
     done_units = run.manifest()["units"]
     for runner in runners:
         if runner.name in done_units:
@@ -68,24 +68,20 @@ def _train(run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, device: to
             run.append_metrics({"event": "unit_epoch", **metrics})
             bar.set_postfix_str(f"{runner.name} loss {metrics['loss']:.4g}")
             bar.update(1)
-        if setup.learnable_embedding and sync_due(cfg.train, epoch):
-            if owner is not None:
-                shared = owner.apply([r.take_embedding_grads() for r in runners])
-            else:
-                shared = average_embeddings([r.embedding for r in runners])
+        if setup.syncs_shared and sync_due(cfg.train, epoch):
+            grads = [r.take_embedding_grads() for r in runners] if owner is not None else None
+            shared = synchronise([r.shared_tensors() for r in runners], grads, owner)
             for runner in runners:
-                runner.set_embedding(shared)
+                runner.set_shared(shared)
             run.append_metrics({"event": "embedding_sync", "epoch": epoch})
-        if checkpoint_due(cfg.train, epoch, setup.learnable_embedding):
+        if checkpoint_due(cfg.train, epoch, setup.syncs_shared):
             for runner in runners:
                 save_unit(run, runner, finished=runner.epochs_done == epochs, owner=owner)
         if eval_due(cfg.eval, epoch, epochs):
-            states = {r.unit: {f"model/{k}": v for k, v in r.module.state_dict().items()} for r in runners}
-            embedding = (average_embeddings([r.embedding for r in runners]) if setup.learnable_embedding
-                         else setup.embedding)
-            record = evaluate_during_training(run, setup, states, embedding, data.test, cfg.eval, epoch, device)
+            states = {r.name: r.state_tensors() for r in runners}
+            record = evaluate_during_training(run, setup, states, data.test, cfg.eval, epoch, device)
             eval_seconds += record["eval_seconds"]
-            bar.set_postfix_str(f"epoch {epoch} chain accuracy {record['chain_accuracy_noise']:.4f}")
+            bar.set_postfix_str(f"epoch {epoch} test accuracy {record['test_accuracy']:.4f}")
     bar.close()
     train_seconds = time.perf_counter() - start
     run.save_tensors(EMBEDDING_FILE, {"embedding": runners[-1].embedding.detach()})

@@ -1,21 +1,29 @@
-"""Training one unit: a NoProp-DT block t (t = 1..T) or the output head (unit 0).
+"""Training one unit, for every NoProp variant: the unit loop and the interface it calls.
 
-This is the only training code; the in-process trainer (:mod:`noprop_dist.local`) and the
-Ray workers (:mod:`noprop_dist.coordinator`) both run :class:`UnitRunner` unchanged. A unit
-needs the training split, the run's :class:`UnitSetup` and its own state, nothing from any
-other unit: block t's input ``z_{t-1}`` is sampled in closed form from ``q(z_{t-1} | y)``.
+A *unit* is what one worker trains on its own: NoProp-DT's block t or its output head,
+NoProp-CT/FM's network of one time interval (and CT's head). :class:`UnitSpec` names a unit;
+:class:`UnitObjective` is what a variant tells the loop (its units, each unit's module,
+optimiser, per-epoch target noise and loss, and the shared tensors to synchronise). The
+variants live in :mod:`noprop_dist.dt` and :mod:`noprop_dist.continuous_variants`; the
+in-process trainer (:mod:`noprop_dist.local`) and the Ray workers
+(:mod:`noprop_dist.coordinator`) both run :class:`UnitRunner` unchanged. A unit needs the
+training split, the run's :class:`UnitSetup` and its own state, nothing from any other
+unit: its noisy inputs are sampled in closed form from the label.
 
 Determinism: every random draw of a unit comes from a generator seeded by
-``derive_seed(run seed, unit, epoch, stream)``: never the global RNG (dropout runs under a
-forked, reseeded RNG) and never the identity of the worker. Bit-level equality also needs
-the same number of torch threads (reductions are split differently): the equivalence
-tests run both trainers with one thread per unit. So the same seed gives the same
-weights whether the units run in one process, on Ray workers, or after a restart.
+``derive_seed(run seed, unit.seed_id, epoch, stream)``: never the global RNG (dropout runs
+under a forked, reseeded RNG) and never the identity of the worker. Bit-level equality also
+needs the same number of torch threads (reductions are split differently): the equivalence
+tests run both trainers with one thread per unit. So the same seed gives the same weights
+whether the units run in one process, on Ray workers, or after a restart.
 
 Shared state: with a learned or prototype embedding each unit trains its own copy of W_embed
-(blocks through their L2 term, the head through cross-entropy and the KL term); the trainer
-averages the copies every ``train.embed_sync_every`` epochs (:func:`average_embeddings`).
-With a one-hot embedding the units are fully independent.
+and CT's units each train a copy of the learned schedule (the module state under
+``UnitObjective.shared_prefixes``); the trainer averages the copies every
+``train.embed_sync_every`` epochs (:func:`average_shared`), or, for W_embed with
+``train.embed_sync=summed_gradient``, applies the units' summed gradients
+(:mod:`noprop_dist.embedding_sync`). With a one-hot embedding and no learned schedule the
+units are fully independent.
 """
 
 from __future__ import annotations
@@ -29,33 +37,45 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import schedule
-from .config import Config, ModelConfig, TrainConfig
+from .config import Config, ContinuousConfig, ModelConfig, TrainConfig
 from .data import ArraySplit, Dataset, normalize
 from .errors import TrainingDiverged
-from .models import (BLOCK_SIZES, DTBlock, OutputHead, class_medoids, denoised_embedding,
-                     embedding_dim, initial_embedding)
+from .models import class_medoids, embedding_dim, initial_embedding
 from .preflight import StepProbe
 
-HEAD = 0
-# Streams of derive_seed; head pass p uses HEAD_PASS_STRIDE * (p + 1) + stream.
+# Streams of derive_seed; pass p of a multi-pass unit uses PASS_STRIDE * (p + 1) + stream.
 SHUFFLE, NOISE, DROPOUT, INIT = 0, 1, 2, 3
-HEAD_PASS_STRIDE = 10
+PASS_STRIDE = 10
 EMBED_SEED_UNIT = -1
 PROTOTYPE_MAX_PER_CLASS = 1000  # medoid search is quadratic in the class size
+SHARED_EMBEDDING = "embedding"
+"""The key of W_embed among a unit's shared tensors and in its checkpoint."""
 
 ProgressFn = Callable[[dict], None]
 
 
-def unit_name(unit: int) -> str:
-    return "head" if unit == HEAD else f"block_{unit:02d}"
+@dataclass(frozen=True)
+class UnitSpec:
+    """One independently trained unit of a run.
+
+    ``name`` names its checkpoint and progress bar; ``seed_id`` is the unit's id in
+    :func:`derive_seed` (DT: block t is t and the head 0, as before units had names);
+    ``role`` is ``block``, ``head`` or ``interval``; ``index`` is DT's block t or CT/FM's
+    interval k (1-based); ``t_range`` is the interval of times an ``interval`` unit trains on.
+    """
+
+    name: str
+    seed_id: int
+    role: str
+    index: int = 0
+    t_range: tuple[float, float] | None = None
 
 
 def derive_seed(run_seed: int, unit: int, epoch: int, stream: int) -> int:
-    """A 63-bit seed that depends only on (run seed, unit, epoch, stream)."""
+    """A 63-bit seed that depends only on (run seed, unit id, epoch, stream)."""
     seq = np.random.SeedSequence([run_seed, unit + 1, epoch, stream])
     return int(seq.generate_state(1, dtype=np.uint64)[0] & np.uint64(2**63 - 1))
 
@@ -72,20 +92,45 @@ class UnitSetup:
 
     model: ModelConfig
     train: TrainConfig
-    alpha_bar: tuple[float, ...]          # t = 0..T, float64 values
+    alpha_bar: tuple[float, ...]          # DT: t = 0..T; CT: its ends initialise the learned schedule
     num_classes: int
     input_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     embedding: torch.Tensor               # initial W_embed (m, d)
+    variant: str = "dt"
+    continuous: ContinuousConfig = ContinuousConfig()
 
     @property
     def T(self) -> int:
+        """DT's number of blocks (the length of its fixed schedule)."""
         return len(self.alpha_bar) - 1
 
     @property
     def learnable_embedding(self) -> bool:
         return self.model.embedding != "one_hot"
+
+    @property
+    def objective(self) -> "UnitObjective":
+        """The variant's side of the unit loop (looked up in :mod:`noprop_dist.variants`)."""
+        from .variants import get_variant
+
+        return get_variant(self.variant).objective()
+
+    @property
+    def units(self) -> list[UnitSpec]:
+        return self.objective.units(self)
+
+    def unit(self, name: str) -> UnitSpec:
+        for spec in self.units:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def syncs_shared(self) -> bool:
+        """Do the units hold copies of shared tensors that the trainer synchronises?"""
+        return self.learnable_embedding or bool(self.objective.shared_prefixes)
 
 
 def make_setup(cfg: Config, data: Dataset) -> UnitSetup:
@@ -94,7 +139,8 @@ def make_setup(cfg: Config, data: Dataset) -> UnitSetup:
     embedding = make_embedding(cfg, data)
     return UnitSetup(model=cfg.model, train=cfg.train, alpha_bar=tuple(float(v) for v in ab),
                      num_classes=data.num_classes, input_shape=data.input_shape,
-                     mean=data.mean, std=data.std, embedding=embedding)
+                     mean=data.mean, std=data.std, embedding=embedding, variant=cfg.variant,
+                     continuous=cfg.continuous)
 
 
 def make_embedding(cfg: Config, data: Dataset) -> torch.Tensor:
@@ -110,65 +156,80 @@ def make_embedding(cfg: Config, data: Dataset) -> torch.Tensor:
                              derive_seed(cfg.train.seed, EMBED_SEED_UNIT, 0, INIT), prototypes)
 
 
-def build_module(unit: int, setup: UnitSetup) -> nn.Module:
-    """The network of one unit, initialised from its own seed."""
-    d = setup.embedding.shape[1]
+def seeded_module(unit: UnitSpec, setup: UnitSetup, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` under the global RNG seeded from the unit's own init seed (restored after)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(setup.train.seed, unit, 0, INIT))
-        if unit == HEAD:
-            return OutputHead(d, setup.num_classes)
-        return DTBlock(setup.input_shape, d, setup.num_classes, BLOCK_SIZES[setup.model.block],
-                       setup.model.dropout)
+        torch.manual_seed(derive_seed(setup.train.seed, unit.seed_id, 0, INIT))
+        return build()
 
 
-def block_step_probe(setup: UnitSetup, n_train: int) -> StepProbe:
-    """The dry run of one block's training step (every block has the same shapes), for
-    :mod:`~noprop_dist.preflight`. Per-epoch tensors: the target noise, ``n_train x d`` for a
-    block and ``head_passes`` times that for the head; the larger is counted."""
-    d = setup.embedding.shape[1]
-
-    def forward(module: nn.Module, batch: int) -> torch.Tensor:
-        z = torch.zeros(batch, d)                                                 # (B, d)
-        x = torch.zeros(batch, *setup.input_shape)                                # (B, C, H, W)
-        return dt_block_loss(module(z, x), torch.zeros(setup.num_classes, d), z, 1.0)
-
-    return StepProbe(name=f"the {setup.model.block} DT block", build=lambda: build_module(1, setup),
-                     forward=forward, fixed_bytes=n_train * d * 4 * max(1, setup.train.head_passes))
-
-
-def epoch_noise(setup: UnitSetup, unit: int, epoch: int, n: int) -> torch.Tensor:
-    """The standard-normal noise of one unit's closed-form targets for one epoch.
-
-    Blocks: (n, d), row i is the noise of training example i's z_{t-1}.
-    Head: (head_passes, n, d), the noise of z_T for each pass over the labels.
-    The coordinator either ships this tensor or lets the worker call this same function.
-    """
-    d = setup.embedding.shape[1]
-    seed = setup.train.seed
-    if unit == HEAD:
-        return torch.stack([
-            schedule.marginal_noise(n, d, derive_seed(seed, unit, epoch, HEAD_PASS_STRIDE * (p + 1) + NOISE))
-            for p in range(setup.train.head_passes)])
-    return schedule.marginal_noise(n, d, derive_seed(seed, unit, epoch, NOISE))
-
-
-def epoch_order(setup: UnitSetup, unit: int, epoch: int, n: int, head_pass: int = -1) -> torch.Tensor:
-    stream = SHUFFLE if head_pass < 0 else HEAD_PASS_STRIDE * (head_pass + 1) + SHUFFLE
-    gen = torch.Generator().manual_seed(derive_seed(setup.train.seed, unit, epoch, stream))
+def epoch_order(setup: UnitSetup, unit: UnitSpec, epoch: int, n: int, stream: int = -1) -> torch.Tensor:
+    """The unit's shuffle of the n training examples for one epoch (pass ``stream`` of a
+    multi-pass unit, -1 for a single pass)."""
+    s = SHUFFLE if stream < 0 else PASS_STRIDE * (stream + 1) + SHUFFLE
+    gen = torch.Generator().manual_seed(derive_seed(setup.train.seed, unit.seed_id, epoch, s))
     return torch.randperm(n, generator=gen)
+
+
+class UnitObjective:
+    """What a NoProp variant tells the unit loop; one instance per variant, stateless.
+
+    The loop (:class:`UnitRunner`) owns the module, the optimiser, the embedding copy, the
+    batches, the seeds and the bookkeeping; the variant says everything that is its math.
+    """
+
+    name = ""
+    shared_prefixes: tuple[str, ...] = ()
+    """Module-state prefixes (e.g. ``"schedule."``) every unit holds a copy of, synchronised like W_embed."""
+
+    def units(self, setup: UnitSetup) -> list[UnitSpec]:
+        """Every unit of a run, in the trainers' fixed order."""
+        raise NotImplementedError
+
+    def build_module(self, unit: UnitSpec, setup: UnitSetup) -> nn.Module:
+        """The unit's network, initialised from its own seed (use :func:`seeded_module`)."""
+        raise NotImplementedError
+
+    def optimizer(self, params: list[torch.Tensor], train: TrainConfig) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+    def passes(self, unit: UnitSpec, setup: UnitSetup) -> list[int]:
+        """The passes over the data of one epoch: ``[-1]`` for one pass, ``[0..P-1]`` for P
+        passes, each with its own shuffle and a slice of the epoch noise (``noise[p]``)."""
+        return [-1]
+
+    def needs_images(self, unit: UnitSpec) -> bool:
+        return True
+
+    def epoch_noise(self, unit: UnitSpec, setup: UnitSetup, epoch: int, n: int) -> torch.Tensor:
+        """All randomness of the unit's closed-form targets for one epoch, row i for training
+        example i (with a leading pass axis for a multi-pass unit). The coordinator either
+        ships this tensor or lets the worker call this same function (the noise recipe)."""
+        raise NotImplementedError
+
+    def batch_loss(self, runner: "UnitRunner", x: torch.Tensor | None, y: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+        """The unit's loss on one batch: images ``x`` (normalised, or None), labels ``y`` and
+        the batch's rows of the epoch noise. Reads ``runner.module`` and ``runner.embedding``."""
+        raise NotImplementedError
+
+    def step_probe(self, setup: UnitSetup, n_train: int) -> StepProbe:
+        """The dry run of the largest unit's training step (:mod:`~noprop_dist.preflight`)."""
+        raise NotImplementedError
 
 
 class UnitRunner:
     """Trains one unit epoch by epoch; holds its module, optimizer and embedding copy."""
 
-    def __init__(self, unit: int, setup: UnitSetup, train: ArraySplit,
+    def __init__(self, unit: UnitSpec, setup: UnitSetup, train: ArraySplit,
                  device: torch.device | str = "cpu"):
         self.unit = unit
-        self.name = unit_name(unit)
+        self.name = unit.name
         self.setup = setup
+        self.objective = setup.objective
         self.train = train
         self.device = torch.device(device)
-        self.module = build_module(unit, setup).to(self.device)
+        self.module = self.objective.build_module(unit, setup).to(self.device)
         self.embedding = nn.Parameter(setup.embedding.clone().to(self.device),
                                       requires_grad=setup.learnable_embedding)
         params = list(self.module.parameters())
@@ -178,24 +239,17 @@ class UnitRunner:
         self._embedding_grads: list[torch.Tensor] = []
         if setup.learnable_embedding and not self.records_embedding_grads:
             params.append(self.embedding)
-        self.optimizer = torch.optim.AdamW(params, lr=setup.train.lr,
-                                           weight_decay=setup.train.weight_decay)
+        self.optimizer = self.objective.optimizer(params, setup.train)
         self.epochs_done = 0
         self.peak_memory_bytes = 0
         self.first_step_at: float | None = None
-        ab = setup.alpha_bar
-        if unit != HEAD:
-            # Block t is fed z_{t-1} ~ q(z_{t-1} | y) and weighted by (T/2) eta (SNR(t) - SNR(t-1)).
-            self.input_alpha_bar = ab[unit - 1]
-            self.loss_weight = float(schedule.dt_loss_weights(np.array(ab), setup.train.eta)[unit])
-            assert self.loss_weight > 0
 
     # ---- state ----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Flat tensors-only state: weights, BN buffers, optimizer moments, embedding copy."""
         out = {f"model/{k}": v for k, v in self.module.state_dict().items()}
         out.update(optimizer_state_tensors(self.optimizer))
-        out["embedding"] = self.embedding.detach()
+        out[SHARED_EMBEDDING] = self.embedding.detach()
         out["epochs_done"] = torch.tensor(self.epochs_done)
         return {k: v.detach().cpu().clone() for k, v in out.items()}
 
@@ -204,7 +258,7 @@ class UnitRunner:
         self.module.load_state_dict(model)
         load_optimizer_state(self.optimizer, tensors)
         with torch.no_grad():
-            self.embedding.copy_(tensors["embedding"].to(self.device))
+            self.embedding.copy_(tensors[SHARED_EMBEDDING].to(self.device))
         self.epochs_done = int(tensors["epochs_done"])
 
     def to(self, device: torch.device | str) -> "UnitRunner":
@@ -222,6 +276,21 @@ class UnitRunner:
                     state[key] = value.to(self.device)
         return self
 
+    def shared_tensors(self) -> dict[str, torch.Tensor]:
+        """This unit's copies of the run's shared tensors (CPU): W_embed when it is learned,
+        and the module state under the variant's shared prefixes (as ``model/<key>``)."""
+        return shared_of(self.state_tensors(), self.setup)
+
+    def set_shared(self, shared: dict[str, torch.Tensor]) -> None:
+        """Take the synchronised shared tensors (the optimizer's moments stay the unit's)."""
+        with torch.no_grad():
+            if SHARED_EMBEDDING in shared:
+                self.embedding.copy_(shared[SHARED_EMBEDDING].to(self.device))
+            params = dict(self.module.state_dict(keep_vars=True))
+            for key, value in shared.items():
+                if key.startswith("model/"):
+                    params[key[len("model/"):]].copy_(value.to(self.device))
+
     def take_embedding_grads(self) -> torch.Tensor:
         """The W_embed gradients recorded since the last call, one per optimiser step (S, m, d)."""
         grads = torch.stack(self._embedding_grads).cpu() if self._embedding_grads else torch.zeros(0)
@@ -237,35 +306,69 @@ class UnitRunner:
                   progress: ProgressFn | None = None) -> dict:
         """Train one epoch (1-based) and return its metrics.
 
-        ``noise`` is the epoch's target noise as made by :func:`epoch_noise`; when None the
-        runner makes it itself (the same tensor: the "noise recipe").
+        ``noise`` is the epoch's target noise as made by the variant's ``epoch_noise``; when
+        None the runner makes it itself (the same tensor: the "noise recipe").
         """
         if epoch != self.epochs_done + 1:
             raise RuntimeError(f"{self.name}: asked for epoch {epoch} after {self.epochs_done} epochs")
         n = len(self.train)
         start = time.perf_counter()
         if noise is None:
-            noise = epoch_noise(self.setup, self.unit, epoch, n)
+            noise = self.objective.epoch_noise(self.unit, self.setup, epoch, n)
         noise = noise.to(self.device)
         target_seconds = time.perf_counter() - start
         self.first_step_at = None
         self.module.train()
+        passes = self.objective.passes(self.unit, self.setup)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(derive_seed(self.setup.train.seed, self.unit, epoch, DROPOUT))
-            if self.unit == HEAD:
-                losses = self._head_epoch(epoch, noise, progress)
-            else:
-                losses = self._block_epoch(epoch, noise, progress)
+            torch.manual_seed(derive_seed(self.setup.train.seed, self.unit.seed_id, epoch, DROPOUT))
+            losses: list[torch.Tensor] = []
+            for p in passes:
+                losses += self._pass(epoch, p, len(passes), noise if p < 0 else noise[p], progress)
         # One host sync per epoch, not per step: the losses stay tensors until here.
         per_step = torch.stack(losses).double().cpu()
         check_finite(self.name, epoch, per_step, self.setup.train)
         self.epochs_done = epoch
         seconds = time.perf_counter() - start
-        samples = n * (self.setup.train.head_passes if self.unit == HEAD else 1)
+        samples = n * len(passes)
         return {"unit": self.name, "epoch": epoch, "loss": float(per_step.mean()),
                 "seconds": seconds, "samples_per_s": samples / seconds,
                 "target_seconds": target_seconds, "first_step_at": self.first_step_at,
                 "peak_memory_bytes": self.peak_memory_bytes, "rss_bytes": rss_bytes()}
+
+    def _pass(self, epoch: int, p: int, passes: int, noise: torch.Tensor,
+              progress: ProgressFn | None) -> list[torch.Tensor]:
+        """One pass over the training split in the unit's seeded order."""
+        order = epoch_order(self.setup, self.unit, epoch, len(self.train), stream=p)
+        images = self.objective.needs_images(self.unit)
+        losses: list[torch.Tensor] = []
+        steps = math.ceil(len(order) / self.setup.train.batch_size)
+        log_every = self.setup.train.log_every
+        tick = time.perf_counter()
+        for step, idx in enumerate(self._batches(order), start=1):
+            x = None
+            if images:
+                x = normalize(np.asarray(self.train.x[idx.numpy()]), self.setup.mean, self.setup.std).to(self.device)
+            y = self._labels(idx)
+            rows = noise[idx.to(noise.device)]
+            measure = step == 1 and p <= 0 and images
+            with self._autocast(), SavedTensorMeter(measure, self.module) as meter:
+                loss = self.objective.batch_loss(self, x, y, rows)
+            self._step(loss)
+            if measure:
+                self._record_memory(meter.bytes)
+            losses.append(loss.detach())
+            if progress and passes == 1 and (step % log_every == 0 or step == steps):
+                now = time.perf_counter()
+                progress({"unit": self.name, "epoch": epoch, "step": step, "steps": steps,
+                          "loss": losses[-1].item(), "samples_per_s": len(idx) * log_every / max(now - tick, 1e-9)})
+                tick = now
+        if progress and passes > 1:
+            progress({"unit": self.name, "epoch": epoch, "step": p + 1, "steps": passes,
+                      "loss": losses[-1].item(), "samples_per_s": 0.0})
+        if not images:
+            self._record_memory(0)
+        return losses
 
     def _batches(self, order: torch.Tensor):
         bs = self.setup.train.batch_size
@@ -292,57 +395,6 @@ class UnitRunner:
         if not (self.setup.train.bf16 and self.device.type == "cuda"):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-
-    def _block_epoch(self, epoch: int, noise: torch.Tensor, progress: ProgressFn | None) -> list[torch.Tensor]:
-        order = epoch_order(self.setup, self.unit, epoch, len(self.train))
-        x_all = self.train.x
-        losses: list[torch.Tensor] = []
-        steps = math.ceil(len(order) / self.setup.train.batch_size)
-        tick = time.perf_counter()
-        for step, idx in enumerate(self._batches(order), start=1):
-            x = normalize(np.asarray(x_all[idx.numpy()]), self.setup.mean, self.setup.std).to(self.device)
-            y = self._labels(idx)
-            u_y = self.embedding[y]                                               # (B, d)
-            z_prev = schedule.sample_marginal(u_y, self.input_alpha_bar, noise[idx.to(noise.device)])  # (B, d)
-            measure = step == 1
-            with self._autocast(), SavedTensorMeter(measure, self.module) as meter:
-                logits = self.module(z_prev, x)                                   # (B, m)
-                loss = dt_block_loss(logits, self.embedding, u_y, self.loss_weight)
-            self._step(loss)
-            if measure:
-                self._record_memory(meter.bytes)
-            losses.append(loss.detach())
-            if progress and (step % self.setup.train.log_every == 0 or step == steps):
-                now = time.perf_counter()
-                progress({"unit": self.name, "epoch": epoch, "step": step, "steps": steps,
-                          "loss": losses[-1].item(), "samples_per_s": len(idx) * self.setup.train.log_every / max(now - tick, 1e-9)})
-                tick = now
-        return losses
-
-    def _head_epoch(self, epoch: int, noise: torch.Tensor, progress: ProgressFn | None) -> list[torch.Tensor]:
-        """Cross-entropy of p_out(y | z_T) on z_T ~ q(z_T | y), plus the KL term (Eq. 8).
-
-        The head sees labels only (never a block output), so it trains in its own unit.
-        """
-        ab_T, ab_0 = self.setup.alpha_bar[-1], self.setup.alpha_bar[0]
-        losses: list[torch.Tensor] = []
-        passes = self.setup.train.head_passes
-        for p in range(passes):
-            order = epoch_order(self.setup, self.unit, epoch, len(self.train), head_pass=p)
-            for idx in self._batches(order):
-                y = self._labels(idx)
-                u_y = self.embedding[y]                                           # (B, d)
-                z_T = schedule.sample_marginal(u_y, ab_T, noise[p][idx.to(noise.device)])  # (B, d)
-                loss = F.cross_entropy(self.module(z_T), y)
-                if self.setup.learnable_embedding:
-                    loss = loss + schedule.kl_prior(u_y, ab_0).mean()
-                self._step(loss)
-                losses.append(loss.detach())
-            if progress:
-                progress({"unit": self.name, "epoch": epoch, "step": p + 1, "steps": passes,
-                          "loss": losses[-1].item(), "samples_per_s": 0.0})
-        self._record_memory(0)
-        return losses
 
     def _record_memory(self, activation_bytes: int) -> None:
         """Peak training memory: parameters + gradients + optimizer state + saved activations.
@@ -384,13 +436,6 @@ class SavedTensorMeter:
     def __exit__(self, *exc) -> None:
         if self._ctx is not None:
             self._ctx.__exit__(*exc)
-
-
-def dt_block_loss(logits: torch.Tensor, embedding: torch.Tensor, u_y: torch.Tensor, weight: float) -> torch.Tensor:
-    """Block t's term of Eq. 8: ``weight * ||u_hat_t - u_y||^2`` averaged over the batch, with
-    ``u_hat_t = softmax(logits) @ W_embed`` and ``weight = (T/2) eta (SNR(t) - SNR(t-1))``."""
-    u_hat = denoised_embedding(logits.float(), embedding)                        # (B, d)
-    return weight * ((u_hat - u_y) ** 2).sum(-1).mean()
 
 
 def check_finite(name: str, epoch: int, per_step: torch.Tensor, train: TrainConfig) -> None:
@@ -439,12 +484,31 @@ def rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def shared_of(state: dict[str, torch.Tensor], setup: UnitSetup) -> dict[str, torch.Tensor]:
+    """The shared tensors inside a unit's state (or checkpoint): ``embedding`` when the
+    embedding is learned, and ``model/<prefix>...`` for the variant's shared prefixes."""
+    prefixes = tuple(f"model/{p}" for p in setup.objective.shared_prefixes)
+    out = {k: v for k, v in state.items() if prefixes and k.startswith(prefixes)}
+    if setup.learnable_embedding:
+        out[SHARED_EMBEDDING] = state[SHARED_EMBEDDING]
+    return out
+
+
+def average_shared(copies: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The synchronised shared tensors: per key, the mean of the units' copies (units in the
+    trainers' fixed order, so every trainer computes the same float sums)."""
+    keys = set(copies[0])
+    if any(set(c) != keys for c in copies):
+        raise ValueError("units hold different shared tensors")
+    return {k: average_embeddings([c[k] for c in copies]) for k in sorted(keys)}
+
+
 def average_embeddings(copies: list[torch.Tensor]) -> torch.Tensor:
-    """The synchronised embedding: the mean of the units' copies (same order everywhere)."""
+    """The mean of the units' copies of one shared tensor (same order everywhere)."""
     return torch.stack([c.detach().cpu().float() for c in copies]).mean(0)
 
 
-def train_unit(unit: int, setup: UnitSetup, train: ArraySplit, epochs: int,
+def train_unit(unit: UnitSpec, setup: UnitSetup, train: ArraySplit, epochs: int,
                device: torch.device | str = "cpu", progress: ProgressFn | None = None) -> UnitRunner:
     """Train one unit alone for ``epochs`` epochs from its seed (no other unit involved)."""
     runner = UnitRunner(unit, setup, train, device)

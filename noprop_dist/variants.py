@@ -10,6 +10,14 @@ Variants:
 
 * ``dt``: NoProp-DT, T blocks each trained alone on closed-form noisy targets (the paper's
   Eq. 8), chained only at inference (Eq. 3).
+* ``ct``: NoProp-CT, one time-conditioned network with a learned noise schedule (Eq. 9),
+  integrated from t = 0 to 1 at inference; distributed by time interval
+  (``continuous.intervals``: K networks, one per interval and worker) or data-parallel.
+* ``fm``: NoProp-FM, a time-conditioned velocity field trained by flow matching
+  (Eqs. 10-13), Euler-integrated at inference; distributed as CT.
+
+A NoProp variant also names its *objective*, the :class:`~noprop_dist.units.UnitObjective`
+that the unit loop calls (its units, modules, targets, losses, shared tensors and chain).
 * ``backprop``: the paper's structure-matched baseline (Eqs. 17-19): the same T blocks
   chained end to end, ``z_t = (1 - alpha_t) z_{t-1} + alpha_t u_hat_t(z_{t-1}, x)`` with
   ``alpha_t = tanh(w_t)`` learnable, cross-entropy through all blocks.
@@ -32,9 +40,19 @@ class Variant:
     doc: str
     predictor: str     # "module:Class", built from a RunDir
     manifest_schema: str   # "module:NAME" of the schema of the fields its trainers add to the manifest
+    objective_class: str = ""   # NoProp variants: "module:Class" of its UnitObjective
 
     def load(self, run):
         return load_target(self.predictor)(run)
+
+    def objective(self):
+        """The variant's :class:`~noprop_dist.units.UnitObjective` (one shared instance)."""
+        if self.objective_class not in _OBJECTIVES:
+            _OBJECTIVES[self.objective_class] = load_target(self.objective_class)()
+        return _OBJECTIVES[self.objective_class]
+
+
+_OBJECTIVES: dict[str, object] = {}
 
 
 def load_target(target: str):
@@ -45,7 +63,13 @@ def load_target(target: str):
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("dt", "noprop", "NoProp-DT: T blocks, each trained alone (Eq. 8), chained at inference (Eq. 3)",
-            "noprop_dist.dt:ChainPredictor", "noprop_dist.dt:MANIFEST_SCHEMA"),
+            "noprop_dist.dt:ChainPredictor", "noprop_dist.dt:MANIFEST_SCHEMA", "noprop_dist.dt:DTObjective"),
+    Variant("ct", "noprop", "NoProp-CT: time-conditioned network, learned schedule (Eq. 9), integrated at inference",
+            "noprop_dist.continuous_variants:ContinuousPredictor", "noprop_dist.continuous_variants:CT_MANIFEST_SCHEMA",
+            "noprop_dist.continuous_variants:CTObjective"),
+    Variant("fm", "noprop", "NoProp-FM: flow-matching velocity field (Eqs. 10-13), Euler-integrated at inference",
+            "noprop_dist.continuous_variants:ContinuousPredictor", "noprop_dist.continuous_variants:FM_MANIFEST_SCHEMA",
+            "noprop_dist.continuous_variants:FMObjective"),
     Variant("backprop", "backprop", "structure-matched back-propagation baseline (Eqs. 17-19)",
             "noprop_dist.backprop:NetworkPredictor", "noprop_dist.backprop:MANIFEST_SCHEMA"),
     Variant("backprop_cnn", "backprop", "single-tower CNN (Figure-6 image path + linear head), back-propagation",

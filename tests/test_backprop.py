@@ -220,8 +220,8 @@ def test_backprop_variant_on_the_ray_backend_is_a_one_line_config_error(capsys):
 
 
 def test_unknown_variant_is_a_config_error(capsys):
-    assert main(["train", "--config", "tiny", "--variant=ct"]) == 2
-    assert "variant='ct' is not one of" in capsys.readouterr().err
+    assert main(["train", "--config", "tiny", "--variant=nope"]) == 2
+    assert "variant='nope' is not one of" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -26,7 +26,9 @@ from noprop_dist.checkpoint import RunDir
 from noprop_dist.cli import main
 from noprop_dist.config import from_dict, resolve, to_toml
 from noprop_dist.errors import ConfigError, NoPropError
-from noprop_dist.units import SavedTensorMeter, block_step_probe, build_module, make_setup
+from noprop_dist.dt import DTObjective
+from noprop_dist.dt import block as dt_block
+from noprop_dist.units import SavedTensorMeter, make_setup
 
 
 def _train(run_dir: Path, data_cache: str, *extra: str) -> int:
@@ -141,7 +143,7 @@ def test_when_a_smaller_batch_fits_the_message_says_which(tmp_path, capsys, data
 
     data = load_data(cfg)
     setup = make_setup(cfg, data)
-    estimate = preflight.estimate_step(block_step_probe(setup, len(data.train)), 32, "images")
+    estimate = preflight.estimate_step(DTObjective().step_probe(setup, len(data.train)), 32, "images")
     room = (setup.T - 1) * estimate.state_bytes + estimate.total - 21.5 * estimate.per_example_bytes
     monkeypatch.setattr(preflight, "host_memory_budget", lambda: int(room / preflight.MEMORY_HEADROOM))
     line = _refused(tmp_path, capsys, data_cache, ["--data.name=file", f"--data.path={path}"],
@@ -159,8 +161,8 @@ def test_the_dry_run_estimate_bounds_the_measured_activations(block, shape, tiny
     data = dataclasses.replace(digits, input_shape=shape, mean=(0.5,) * shape[0], std=(0.25,) * shape[0])
     setup = make_setup(cfg, data)
     batch = 64
-    estimate = preflight.estimate_step(block_step_probe(setup, 1000), batch, "test images")
-    module = build_module(1, setup).train()
+    estimate = preflight.estimate_step(DTObjective().step_probe(setup, 1000), batch, "test images")
+    module = DTObjective().build_module(dt_block(1), setup).train()
     z = torch.randn(batch, setup.embedding.shape[1])
     x = torch.randn(batch, *shape)
     with SavedTensorMeter(True, module) as meter:
@@ -233,15 +235,15 @@ def test_divergence_after_a_finite_epoch_keeps_that_epochs_checkpoint(tmp_path, 
     """The last finite checkpoint stays: epoch 1 is finite and saved, epoch 2 turns NaN."""
     from noprop_dist import units
 
-    real = units.UnitRunner._block_epoch
+    real = units.UnitRunner._pass
 
-    def poisoned(self, epoch, noise, progress):
-        losses = real(self, epoch, noise, progress)
-        if epoch == 2 and self.unit == 2:
+    def poisoned(self, epoch, *args):
+        losses = real(self, epoch, *args)
+        if epoch == 2 and self.unit == dt_block(2):
             losses[-1] = torch.tensor(float("inf"))
         return losses
 
-    monkeypatch.setattr(units.UnitRunner, "_block_epoch", poisoned)
+    monkeypatch.setattr(units.UnitRunner, "_pass", poisoned)
     run_dir = tmp_path / "run"
     code = _train(run_dir, data_cache, "--train.epochs=3")
     line = one_error_line(capsys.readouterr().err)

@@ -14,7 +14,8 @@ from noprop_dist.checkpoint import RunDir
 from noprop_dist.config import TrainConfig
 from noprop_dist.embedding_sync import EmbeddingOwner, per_step
 from noprop_dist.local import train_local
-from noprop_dist.units import HEAD, UnitRunner, make_setup
+from noprop_dist.dt import HEAD, block
+from noprop_dist.units import UnitRunner, make_setup
 
 
 class SimulatedCrash(Exception):
@@ -55,7 +56,7 @@ def test_owner_state_round_trips():
     assert torch.equal(owner.apply(grads), copy.apply(grads))
 
 
-@pytest.mark.parametrize("unit", [1, HEAD])
+@pytest.mark.parametrize("unit", [block(1), HEAD], ids=["block", "head"])
 def test_summed_gradient_units_record_one_gradient_per_step_and_keep_their_copy(unit, tiny_config, digits):
     cfg = tiny_config({"model.embedding": "learned", "train.embed_sync": "summed_gradient"})
     setup = make_setup(cfg, digits)
@@ -82,7 +83,7 @@ def test_summed_gradient_run_resumes_exactly(tiny_config, tmp_path, monkeypatch)
     original = UnitRunner.run_epoch
 
     def crashing(self, epoch, *args, **kwargs):
-        if (self.unit, epoch) == (2, 3):
+        if (self.unit, epoch) == (block(2), 3):
             raise SimulatedCrash
         return original(self, epoch, *args, **kwargs)
 

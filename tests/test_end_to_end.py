@@ -87,7 +87,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(trained_run, tiny_cfg,
     original = UnitRunner.run_epoch
 
     def crashing(self, epoch, *args, **kwargs):
-        if (self.unit, epoch) == crash_at:
+        if (self.unit.index, epoch) == crash_at:
             raise SimulatedCrash
         return original(self, epoch, *args, **kwargs)
 

@@ -22,7 +22,8 @@ from noprop_dist import schedule
 from noprop_dist.data import load_dataset
 from noprop_dist.inference import NoPropChain
 from noprop_dist.models import class_medoids, denoised_embedding, initial_embedding
-from noprop_dist.units import HEAD, UnitRunner, make_setup
+from noprop_dist.dt import HEAD, block
+from noprop_dist.units import UnitRunner, make_setup
 
 # softmax of (ORACLE_LOGIT, 0, ...) in float32 is exactly one-hot: exp(-1e4) underflows to 0.
 ORACLE_LOGIT = 1e4
@@ -223,7 +224,7 @@ def test_block_t_trains_on_z_t_minus_1(small, unit):
     data, setup = small
     assert setup.T == 4
     ab = np.array(setup.alpha_bar)
-    runner = UnitRunner(unit, setup, data.train)
+    runner = UnitRunner(block(unit), setup, data.train)
     z = recorded_inputs(runner, torch.ones(len(data.train), data.num_classes))
     assert_sampled_with(z, ab[unit - 1], 1.0, np.asarray(data.train.y))
 

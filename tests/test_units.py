@@ -18,8 +18,14 @@ from noprop_dist.checkpoint import tensors_from_bytes, tensors_to_bytes
 from noprop_dist.config import apply_overrides, validate
 from noprop_dist.data import load_dataset, normalize
 from noprop_dist.models import BLOCK_SIZES, DTBlock, denoised_embedding
-from noprop_dist.units import (DROPOUT, HEAD, UnitRunner, average_embeddings, derive_seed,
-                               epoch_noise, epoch_order, make_setup, train_unit)
+from noprop_dist.dt import HEAD, block
+from noprop_dist.units import (DROPOUT, UnitRunner, average_embeddings, derive_seed, epoch_order, make_setup,
+                               train_unit)
+
+
+def epoch_noise(setup, unit, epoch, n):
+    """The variant's noise recipe of ``unit`` (a block index or a UnitSpec) for one epoch."""
+    return setup.objective.epoch_noise(block(unit) if isinstance(unit, int) else unit, setup, epoch, n)
 
 LIMIT = 256  # training examples used by the unit tests: enough to learn, fast to run
 
@@ -56,9 +62,9 @@ def block_loss(runner: UnitRunner, idx: torch.Tensor, noise: torch.Tensor) -> to
     x = normalize(np.asarray(train.x[idx.numpy()]), setup.mean, setup.std)       # (B, C, H, W)
     y = torch.from_numpy(np.asarray(train.y)[idx.numpy()])                        # (B,)
     u_y = runner.embedding[y]                                                     # (B, d)
-    z_prev = schedule.sample_marginal(u_y, setup.alpha_bar[runner.unit - 1], noise[idx])  # (B, d)
+    z_prev = schedule.sample_marginal(u_y, setup.alpha_bar[runner.unit.index - 1], noise[idx])  # (B, d)
     u_hat = denoised_embedding(runner.module(z_prev, x), runner.embedding)       # (B, d)
-    weight = schedule.dt_loss_weights(np.array(setup.alpha_bar), setup.train.eta)[runner.unit]
+    weight = schedule.dt_loss_weights(np.array(setup.alpha_bar), setup.train.eta)[runner.unit.index]
     return weight * ((u_hat - u_y) ** 2).sum(-1).mean()
 
 
@@ -83,10 +89,10 @@ def test_block_loss_reproduction_is_the_training_step(small):
     equals one epoch of run_epoch. This makes the gradient-locality test meaningful."""
     _, data, setup0 = small
     setup = dataclasses.replace(setup0, train=dataclasses.replace(setup0.train, batch_size=LIMIT))
-    by_hand, reference = UnitRunner(2, setup, data.train), UnitRunner(2, setup, data.train)
+    by_hand, reference = UnitRunner(block(2), setup, data.train), UnitRunner(block(2), setup, data.train)
     reference.run_epoch(1)
     by_hand.module.train()
-    order = epoch_order(setup, 2, 1, LIMIT)
+    order = epoch_order(setup, block(2), 1, LIMIT)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(setup.train.seed, 2, 1, DROPOUT))
         loss = block_loss(by_hand, order, epoch_noise(setup, 2, 1, LIMIT))
@@ -103,7 +109,7 @@ def test_block_gradient_reaches_only_its_own_block(small):
     nor anything its input z_0 is built from (it is sampled from the label) requires grad.
     Other units' states are checked untouched by test_training_one_block_leaves_other_units_untouched."""
     _, data, setup = small
-    block1 = UnitRunner(1, setup, data.train)
+    block1 = UnitRunner(block(1), setup, data.train)
     idx = torch.arange(64)
     loss = block_loss(block1, idx, epoch_noise(setup, 1, 1, LIMIT))
     assert graph_leaves(loss) == {id(p) for p in block1.module.parameters()}
@@ -118,7 +124,7 @@ def test_training_one_block_leaves_other_units_untouched(small):
     """Epochs of block 1 change block 1 only: block 2's and the head's weights and optimizer
     state, and the one-hot embedding, stay bit-identical."""
     _, data, setup = small
-    block1, block2, head = (UnitRunner(u, setup, data.train) for u in (1, 2, HEAD))
+    block1, block2, head = (UnitRunner(u, setup, data.train) for u in (block(1), block(2), HEAD))
     block2.run_epoch(1)  # so that block 2 has optimizer state that could be disturbed
     before1, before2, before_head = block1.state_tensors(), block2.state_tensors(), head.state_tensors()
     block1.run_epoch(1)
@@ -136,7 +142,7 @@ def test_learned_embedding_gets_gradient_and_is_averaged(small):
     _, data, _ = small
     setup = setup_for(small, **{"model.embedding": "learned"})
     assert setup.embedding.shape == (data.num_classes, 20)
-    block1, head = UnitRunner(1, setup, data.train), UnitRunner(HEAD, setup, data.train)
+    block1, head = UnitRunner(block(1), setup, data.train), UnitRunner(HEAD, setup, data.train)
     loss = block_loss(block1, torch.arange(64), epoch_noise(setup, 1, 1, LIMIT))
     assert graph_leaves(loss) == {id(p) for p in block1.module.parameters()} | {id(block1.embedding)}
     loss.backward()
@@ -170,7 +176,7 @@ def test_prototype_embedding_is_a_training_image_of_each_class(small):
 def test_block_loss_falls(small):
     """Block 1's weighted denoising loss falls over six epochs on 256 digits."""
     _, data, setup = small
-    runner = UnitRunner(1, setup, data.train)
+    runner = UnitRunner(block(1), setup, data.train)
     losses = [runner.run_epoch(e)["loss"] for e in range(1, 7)]
     assert losses[-1] < 0.85 * losses[0], losses
 
@@ -186,7 +192,7 @@ def test_head_cross_entropy_falls(small):
 
 # ------------------------------------------------------------------ determinism and resume
 
-@pytest.mark.parametrize("unit", [1, HEAD], ids=["block", "head"])
+@pytest.mark.parametrize("unit", [block(1), HEAD], ids=["block", "head"])
 def test_same_seed_same_weights_other_seed_other_weights(small, unit):
     """train_unit is a pure function of (seed, unit, epochs): bit-identical state twice."""
     _, data, setup = small
@@ -201,14 +207,14 @@ def test_units_do_not_depend_on_the_global_rng(small):
     """Reseeding or consuming the global torch RNG between runs changes nothing."""
     _, data, setup = small
     torch.manual_seed(0)
-    first = train_unit(2, setup, data.train, epochs=1).state_tensors()
+    first = train_unit(block(2), setup, data.train, epochs=1).state_tensors()
     torch.manual_seed(999)
     torch.rand(1000)
-    second = train_unit(2, setup, data.train, epochs=1).state_tensors()
+    second = train_unit(block(2), setup, data.train, epochs=1).state_tensors()
     assert_same_state(first, second)
 
 
-@pytest.mark.parametrize("unit", [1, HEAD], ids=["block", "head"])
+@pytest.mark.parametrize("unit", [block(1), HEAD], ids=["block", "head"])
 def test_resume_from_state_tensors_is_exact(small, unit):
     """Save after epoch 1 (through safetensors bytes), load into a fresh runner, train epoch 2:
     bit-identical to two uninterrupted epochs (weights, optimizer moments, epochs_done)."""
@@ -229,12 +235,12 @@ def test_resume_from_state_tensors_is_exact(small, unit):
 
 def test_run_epoch_rejects_out_of_order_epochs(small):
     _, data, setup = small
-    runner = UnitRunner(1, setup, data.train)
+    runner = UnitRunner(block(1), setup, data.train)
     with pytest.raises(RuntimeError):
         runner.run_epoch(2)
 
 
-@pytest.mark.parametrize("unit", [2, HEAD], ids=["block", "head"])
+@pytest.mark.parametrize("unit", [block(2), HEAD], ids=["block", "head"])
 def test_epoch_noise_is_the_noise_run_epoch_uses(small, unit):
     """The noise recipe: run_epoch(noise=epoch_noise(...)) equals run_epoch() bit for bit, and
     other noise gives other weights (so the argument is really used)."""

@@ -1,0 +1,302 @@
+"""NoProp-CT and NoProp-FM as variants: their units, targets, losses, shared tensors, and
+their predictors (the integrators of :mod:`noprop_dist.continuous` rebuilt from a run).
+
+Both train one time-conditioned network u(z_t, x, t). Distributed **by time interval**
+(``continuous.intervals = K``): [0, 1] is split into K equal intervals, and interval k's
+network is its own unit, trained on its own worker with t drawn only inside its interval;
+there is no traffic between workers. At inference z passes from one interval's network to
+the next (:class:`~noprop_dist.continuous.CTChain`, :class:`~noprop_dist.continuous.FMChain`).
+K = 1 is the paper's single network.
+
+* **CT** (Eq. 9): units ``interval_01..interval_K`` and ``head``. An interval unit samples
+  ``z_t ~ q(z_t | y)`` with the learned ``alpha_bar(t)`` and minimises
+  ``0.5 eta SNR'(t) ||softmax(u(z_t, x, t)) @ W_embed - u_y||^2``; the head unit trains
+  ``p_out(y | z_1)`` on ``z_1 ~ q(z_1 | y)`` plus ``KL(q(z_0 | y) || N(0, I))`` (both depend
+  on the schedule's endpoints). Every unit holds a copy of the learned schedule
+  (``schedule.*``, shared like W_embed: averaged at each sync point; the average of
+  positive-weight monotone schedules is again one, so monotonicity survives the sync).
+* **FM** (Eqs. 10-13): units ``interval_01..interval_K`` only (prediction is the nearest
+  class embedding, no head). ``z_t = t u_y + (1 - t) z_0``, loss
+  ``||u(z_t, x, t) @ W_embed - (u_y - z_0)||^2`` plus, with a learned embedding, the anchor
+  term of :func:`~noprop_dist.continuous.fm_anchor_loss`.
+
+Optimiser: Adam (the paper's, for CT and FM), with ``train.weight_decay`` as its L2 term.
+Seeds: interval k is ``seed_id`` k, the head 0 (as DT's block k and head); the learned
+schedule starts from one seed shared by all units (:data:`SCHEDULE_SEED_UNIT`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import config as config_mod
+from . import schedule
+from .checkpoint import RunDir, is_numbers
+from .config import Config, EvalConfig, TrainConfig
+from .continuous import (CTChain, FMChain, LearnedSchedule, TimeConditionedNet, chain_noise, ct_denoise_loss,
+                         ct_head_loss, evaluate_continuous, fm_anchor_loss, fm_interpolate, fm_loss, fm_target,
+                         fm_velocity, interval_bounds, kl_prior_continuous, sample_ct_marginal)
+from .data import ArraySplit, Dataset
+from .dt import COMMON_SCHEMA, HEAD, common_manifest_fields, example_images
+from .inference import RawImageChain
+from .models import BLOCK_SIZES, OutputHead
+from .preflight import StepProbe
+from .units import (NOISE, PASS_STRIDE, UnitObjective, UnitRunner, UnitSetup, UnitSpec, derive_seed,
+                    seeded_module)
+
+TIME = 4
+"""derive_seed stream of the uniform draws that place each example's t inside its interval."""
+SCHEDULE_SEED_UNIT = 2_000_000
+"""Unit id of the learned schedule's initialisation (one seed: every unit starts from the same copy)."""
+
+
+def interval(k: int, K: int) -> UnitSpec:
+    """Interval k of K (1-based): the network trained on t in [(k-1)/K, k/K)."""
+    return UnitSpec(name=f"interval_{k:02d}", seed_id=k, role="interval", index=k,
+                    t_range=interval_bounds(K)[k - 1])
+
+
+class IntervalModule(nn.Module):
+    """An interval unit's module: the time-conditioned network (and CT's schedule copy)."""
+
+    def __init__(self, net: nn.Module, schedule_copy: LearnedSchedule | None = None):
+        super().__init__()
+        self.net = net
+        if schedule_copy is not None:
+            self.schedule = schedule_copy
+
+
+class HeadModule(nn.Module):
+    """CT's head unit: p_out(y | z_1) and its schedule copy."""
+
+    def __init__(self, head: nn.Module, schedule_copy: LearnedSchedule):
+        super().__init__()
+        self.head = head
+        self.schedule = schedule_copy
+
+
+def time_noise(unit: UnitSpec, setup: UnitSetup, epoch: int, n: int) -> torch.Tensor:
+    """(n, d + 1): columns 0..d-1 the Gaussian noise of example i's target (CT: eps of z_t;
+    FM: z_0), column d a uniform draw in [0, 1) that places its t inside the unit's interval."""
+    d = setup.embedding.shape[1]
+    seed = setup.train.seed
+    eps = schedule.marginal_noise(n, d, derive_seed(seed, unit.seed_id, epoch, NOISE))         # (n, d)
+    gen = torch.Generator().manual_seed(derive_seed(seed, unit.seed_id, epoch, TIME))
+    return torch.cat([eps, torch.rand(n, 1, generator=gen)], dim=1)                           # (n, d + 1)
+
+
+def split_time_noise(rows: torch.Tensor, unit: UnitSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise (B, d), t (B,)) of a batch of :func:`time_noise` rows, t inside the unit's interval."""
+    lo, hi = unit.t_range
+    return rows[:, :-1], lo + (hi - lo) * rows[:, -1]
+
+
+class ContinuousObjective(UnitObjective):
+    """What CT and FM share: interval units, the time-conditioned network, Adam."""
+
+    def intervals(self, setup: UnitSetup) -> list[UnitSpec]:
+        K = setup.continuous.intervals
+        return [interval(k, K) for k in range(1, K + 1)]
+
+    def network(self, setup: UnitSetup) -> TimeConditionedNet:
+        return TimeConditionedNet(setup.input_shape, setup.embedding.shape[1], setup.num_classes,
+                                  BLOCK_SIZES[setup.model.block], setup.model.dropout, setup.continuous.time_dim)
+
+    def optimizer(self, params: list[torch.Tensor], train: TrainConfig) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+
+    def epoch_noise(self, unit: UnitSpec, setup: UnitSetup, epoch: int, n: int) -> torch.Tensor:
+        return time_noise(unit, setup, epoch, n)
+
+    def step_probe(self, setup: UnitSetup, n_train: int) -> StepProbe:
+        d = setup.embedding.shape[1]
+        first = self.intervals(setup)[0]
+
+        def forward(module: nn.Module, batch: int) -> torch.Tensor:
+            runner = _ProbeRunner(module, first, setup)
+            x = torch.zeros(batch, *setup.input_shape)                            # (B, C, H, W)
+            rows = torch.full((batch, d + 1), 0.5)                                # (B, d + 1)
+            return self.batch_loss(runner, x, torch.zeros(batch, dtype=torch.long), rows)
+
+        return StepProbe(name=f"the {setup.model.block} {self.name.upper()} network",
+                         build=lambda: self.build_module(first, setup), forward=forward,
+                         fixed_bytes=n_train * (d + 1) * 4 * max(1, setup.train.head_passes))
+
+    def manifest_fields(self, cfg: Config, data: Dataset, setup: UnitSetup) -> dict[str, Any]:
+        return {
+            "T": cfg.schedule.T, "intervals": setup.continuous.intervals,
+            "schedule": {**config_mod.to_dict(cfg)["schedule"], "alpha_bar": list(setup.alpha_bar)},
+            **common_manifest_fields(cfg, data, setup),
+        }
+
+    def nets(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]], where: Path | str) -> list[nn.Module]:
+        from .unit_runs import load_module_state
+
+        return [load_module_state(self.build_module(u, setup), states[u.name], u.name, Path(where)).net.eval()
+                for u in self.intervals(setup)]
+
+    def progress_scores(self, chain: nn.Module, test: ArraySplit, eval_cfg: EvalConfig,
+                        device: torch.device | str) -> dict[str, Any]:
+        return chain_scores(chain, test, eval_cfg, device)
+
+
+class CTObjective(ContinuousObjective):
+    name = "ct"
+    shared_prefixes = ("schedule.",)
+
+    def units(self, setup: UnitSetup) -> list[UnitSpec]:
+        return self.intervals(setup) + [HEAD]
+
+    def learned_schedule(self, setup: UnitSetup) -> LearnedSchedule:
+        """The schedule every unit starts from (one seed, the ends of the config's schedule)."""
+        spec = UnitSpec(name="schedule", seed_id=SCHEDULE_SEED_UNIT, role="schedule")
+        return seeded_module(spec, setup, lambda: LearnedSchedule(setup.alpha_bar[0], setup.alpha_bar[-1]))
+
+    def build_module(self, unit: UnitSpec, setup: UnitSetup) -> nn.Module:
+        copy = self.learned_schedule(setup)
+        if unit.role == "head":
+            return HeadModule(seeded_module(unit, setup, lambda: OutputHead(setup.embedding.shape[1], setup.num_classes)),
+                              copy)
+        return IntervalModule(seeded_module(unit, setup, lambda: self.network(setup)), copy)
+
+    def passes(self, unit: UnitSpec, setup: UnitSetup) -> list[int]:
+        return list(range(setup.train.head_passes)) if unit.role == "head" else [-1]
+
+    def needs_images(self, unit: UnitSpec) -> bool:
+        return unit.role != "head"
+
+    def epoch_noise(self, unit: UnitSpec, setup: UnitSetup, epoch: int, n: int) -> torch.Tensor:
+        if unit.role == "head":   # (head_passes, n, d): the noise of z_1 for each pass
+            d = setup.embedding.shape[1]
+            return torch.stack([
+                schedule.marginal_noise(n, d, derive_seed(setup.train.seed, unit.seed_id, epoch,
+                                                          PASS_STRIDE * (p + 1) + NOISE))
+                for p in range(setup.train.head_passes)])
+        return time_noise(unit, setup, epoch, n)
+
+    def batch_loss(self, runner: UnitRunner, x: torch.Tensor | None, y: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+        module, embedding = runner.module, runner.embedding
+        sched: LearnedSchedule = module.schedule
+        u_y = embedding[y]                                                        # (B, d)
+        if runner.unit.role == "head":
+            ends = sched.alpha_bar(torch.tensor([0.0, 1.0], device=u_y.device))   # alpha_bar(0), alpha_bar(1)
+            z_1 = sample_ct_marginal(u_y, ends[1].expand(len(y)), rows)          # (B, d)
+            return ct_head_loss(module.head(z_1), y) + kl_prior_continuous(u_y, ends[0]).mean()
+        eps, t = split_time_noise(rows, runner.unit)                              # (B, d), (B,)
+        z_t = sample_ct_marginal(u_y, sched.alpha_bar(t), eps)                    # (B, d)
+        logits = module.net(z_t, x, t)                                            # (B, m)
+        return ct_denoise_loss(logits.float(), embedding, u_y, sched.snr_derivative(t), runner.setup.continuous.eta)
+
+    def averaged_schedule(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]]) -> LearnedSchedule:
+        """The learned schedule of a run: the mean of the units' copies (equal after a sync)."""
+        names = [u.name for u in self.units(setup)]
+        keys = [k for k in states[names[0]] if k.startswith("model/schedule.")]
+        sched = self.learned_schedule(setup)
+        sched.load_state_dict({k[len("model/schedule."):]: torch.stack([states[n][k].float() for n in names]).mean(0)
+                               for k in keys})
+        return sched
+
+    def chain(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]], embedding: torch.Tensor,
+              where: Path | str = "") -> CTChain:
+        from .unit_runs import load_module_state
+
+        head = load_module_state(self.build_module(HEAD, setup), states[HEAD.name], HEAD.name, Path(where)).head
+        grid = self.averaged_schedule(setup, states).alpha_bar_grid(setup.continuous.steps)
+        return CTChain(self.nets(setup, states, where), head.eval(), embedding, grid, setup.mean, setup.std).eval()
+
+
+class FMObjective(ContinuousObjective):
+    name = "fm"
+
+    def units(self, setup: UnitSetup) -> list[UnitSpec]:
+        return self.intervals(setup)
+
+    def build_module(self, unit: UnitSpec, setup: UnitSetup) -> nn.Module:
+        return IntervalModule(seeded_module(unit, setup, lambda: self.network(setup)))
+
+    def batch_loss(self, runner: UnitRunner, x: torch.Tensor | None, y: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+        embedding = runner.embedding
+        u_y = embedding[y]                                                        # (B, d)
+        z_0, t = split_time_noise(rows, runner.unit)                              # (B, d), (B,)
+        z_t = fm_interpolate(z_0, u_y, t)                                         # (B, d)
+        v = fm_velocity(runner.module.net(z_t, x, t).float(), embedding)          # (B, d)
+        loss = fm_loss(v, fm_target(z_0, u_y))
+        if runner.setup.learnable_embedding:
+            loss = loss + fm_anchor_loss(z_t, v, t, embedding, y)
+        return loss
+
+    def chain(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]], embedding: torch.Tensor,
+              where: Path | str = "") -> FMChain:
+        return FMChain(self.nets(setup, states, where), embedding, setup.continuous.steps,
+                       setup.mean, setup.std).eval()
+
+
+class _ProbeRunner:
+    """What ``batch_loss`` reads from a runner, for the preflight's dry run."""
+
+    def __init__(self, module: nn.Module, unit: UnitSpec, setup: UnitSetup):
+        self.module, self.unit, self.setup = module, unit, setup
+        self.embedding = torch.zeros(setup.num_classes, setup.embedding.shape[1])
+
+
+def chain_scores(chain: CTChain | FMChain, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str,
+                 max_batch: int | None = None) -> dict[str, Any]:
+    """Accuracy of a CT/FM chain: CT with and without the step noise (the headline follows
+    ``eval.noise``), FM (deterministic) once; plus the cost per 1,000 images."""
+    first = evaluate_continuous(chain, split, eval_cfg.batch_size, eval_cfg.seed, device, True, max_batch)
+    out = {"steps": chain.steps, "seconds_per_1000_images": 1000 * first["seconds"] / max(len(split), 1)}
+    if isinstance(chain, CTChain):
+        second = evaluate_continuous(chain, split, eval_cfg.batch_size, eval_cfg.seed, device, False, max_batch)
+        out.update(chain_accuracy_noise=first["accuracy"], chain_accuracy_no_noise=second["accuracy"],
+                   nearest_accuracy_noise=first["nearest_accuracy"], nearest_accuracy_no_noise=second["nearest_accuracy"],
+                   test_accuracy=first["accuracy"] if eval_cfg.noise else second["accuracy"])
+    else:
+        out.update(test_accuracy=first["accuracy"], nearest_accuracy=first["nearest_accuracy"])
+    return out
+
+
+CT_MANIFEST_SCHEMA = {
+    "T": "a positive integer", "intervals": "a positive integer",
+    "schedule": {"alpha_bar": (lambda v, m: is_numbers(v, m["T"] + 1) and all(0 < a < 1 for a in v),
+                               "T + 1 numbers in (0, 1)")},
+    **COMMON_SCHEMA,
+    "units": (lambda units, m: set(units) <= {f"interval_{k:02d}" for k in range(1, m["intervals"] + 1)} | {"head"},
+              "units named interval_01..interval_K and head"),
+}
+
+FM_MANIFEST_SCHEMA = {
+    **CT_MANIFEST_SCHEMA,
+    "units": (lambda units, m: set(units) <= {f"interval_{k:02d}" for k in range(1, m["intervals"] + 1)},
+              "units named interval_01..interval_K"),
+}
+
+
+class ContinuousPredictor:
+    """A finished CT or FM run as a predictor: integrate, evaluate, export."""
+
+    def __init__(self, run: RunDir):
+        from .unit_runs import load_run_units
+
+        setup, self.cfg, self.manifest, states, embedding = load_run_units(run)
+        self.chain = setup.objective.chain(setup, states, embedding, run.path)
+
+    def evaluate(self, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str = "cpu",
+                 max_batch: int | None = None) -> dict:
+        scores = chain_scores(self.chain, split, eval_cfg, device, max_batch)
+        return {**scores, "eval_noise": eval_cfg.noise if isinstance(self.chain, CTChain) else False}
+
+    def export_program(self):
+        """A torch.export program ``(images, noise) -> scores``: ``images`` raw (N, C, H, W) of
+        the training data's dtype, normalised inside; ``noise`` CT (S+1, N, d) (rows 1..S zero
+        to drop the step noise), FM (1, N, d). CT returns head logits, FM ``-||z_1 - u_c||^2``."""
+        model = RawImageChain(self.chain).eval()
+        images = example_images(self.manifest)
+        noise = chain_noise(self.chain, 4, torch.Generator().manual_seed(0))
+        batch = torch.export.Dim("batch", min=1)
+        return torch.export.export(model, (images, noise), dynamic_shapes=({0: batch}, {1: batch}))
