@@ -57,6 +57,19 @@ def test_paper_presets_follow_table_3():
                 cfg.train.eta, cfg.schedule.T, cfg.model.block) == (epochs, 128, 1e-3, 1e-3, 0.1, 10, "paper")
 
 
+def test_ct_fm_presets_follow_the_paper():
+    """CT/FM presets: the variant, one network, 1000 integration steps, CT's eta = 1, Table 3's
+    batch/lr/weight decay/epochs; the demo sizes train on the embedded data."""
+    for name, variant, epochs in (("mnist_ct", "ct", 100), ("mnist_fm", "fm", 100),
+                                  ("cifar10_ct", "ct", 150), ("cifar10_fm", "fm", 150)):
+        cfg = resolve(name)
+        assert (cfg.variant, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay,
+                cfg.continuous.steps, cfg.continuous.intervals, cfg.continuous.eta, cfg.model.block) == (
+                    variant, epochs, 128, 1e-3, 1e-3, 1000, 1, 1.0, "paper"), name
+    for name in ("demo_ct", "demo_fm"):
+        assert resolve(name).data.name == "mnist_subset" and resolve(name).variant == name[-2:]
+
+
 def test_round_trip_of_non_default_values():
     """Every type, awkward strings (quotes, backslashes) and tiny floats survive to_toml."""
     cfg = resolve("tiny", {
