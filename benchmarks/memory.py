@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from noprop_dist import config  # noqa: E402
 from noprop_dist.data import load_dataset  # noqa: E402
-from noprop_dist.dt import block  # noqa: E402
+from noprop_dist.dt import block as dt_block  # noqa: E402
 from noprop_dist.units import UnitRunner, make_setup, resolve_device  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main() -> int:
             device = resolve_device(cfg.train.device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            runner = UnitRunner(block(1), setup, data.train, device)
+            runner = UnitRunner(dt_block(1), setup, data.train, device)
             runner.run_epoch(1)
             params = sum(p.numel() for p in runner.module.parameters())
             row = {"block": block, "input_shape": list(data.input_shape), "batch_size": args.batch_size,

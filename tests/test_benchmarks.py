@@ -78,3 +78,21 @@ def test_noprop_vs_ddp_benchmark_smoke(tmp_path):
         assert (out / name).stat().st_size > 0
     assert "| noprop | 2 |" in (out / "results.md").read_text()
     assert "within 15%" in proc.stdout
+
+
+@pytest.mark.slow
+def test_variants_benchmark_smoke(tmp_path):
+    """benchmarks/variants.py end to end on the tiny preset: FM with one network on one Ray
+    worker, CT time-partitioned on two; each with its accuracy and the steps sweep."""
+    out = tmp_path / "variants"
+    proc = run(["benchmarks/variants.py", "--smoke", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"fm_time_K1", "ct_time_K2"}
+    assert results["ct_time_K2"]["summary"]["workers"] == 2 and results["fm_time_K1"]["summary"]["workers"] == 1
+    for r in results.values():
+        assert 0 <= r["summary"]["test_accuracy"] <= 1
+        assert [row["steps"] for row in r["steps"]] == [2, 4]
+        assert all(row["seconds_per_1000"] > 0 for row in r["steps"])
+    assert "accuracy_no_noise" in results["ct_time_K2"]["steps"][0]
+    assert "| ct_time_K2 |" in (out / "results.md").read_text()

@@ -503,7 +503,7 @@ BAD_VALUES = [   # (dotted key, value, what the message says)
     ("created", "yesterday", 'created is "yesterday", expected a number'),
     ("status", "done", 'status is "done", expected "running" or "finished"'),
     ("variant", 3, "variant is 3, expected a string"),
-    ("variant", "nope", "variant='nope' is not one of dt, backprop, backprop_cnn; use the noprop_dist release"),
+    ("variant", "nope", "variant='nope' is not one of dt, ct, fm, backprop, backprop_cnn; use the noprop_dist release"),
     ("versions", ["torch"], 'versions is ["torch"], expected an object'),
     ("versions.torch", 2, "versions.torch is 2, expected a string"),
     ("units", [], "units is [], expected an object"),

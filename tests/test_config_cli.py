@@ -129,7 +129,7 @@ def test_toml_file_as_config(tmp_path):
     ("data.name", "imagenet", "not one of"),
     ("schedule.kind", "quadratic", "not one of"),
     ("cluster.backend", "slurm", "not one of"),
-    ("variant", "ct", "not one of"),
+    ("variant", "nope", "not one of"),
     ("train.device", "tpu", "train.device"),
     ("cluster.gpus_per_worker", "-2", "gpus_per_worker"),
 ])
