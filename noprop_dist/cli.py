@@ -1,6 +1,6 @@
 """The ``noprop-dist`` command: parse, build, call. Work happens in the modules it calls.
 
-    noprop-dist train [--config demo] [--run-dir DIR] [--address ADDR] [--variant=dt] [--key.sub=value ...]
+    noprop-dist train [--config demo] [--run-dir DIR] [--address ADDR] [--variant=dt|ct|fm] [--key.sub=value ...]
     noprop-dist train --resume RUN_DIR [--cluster.key=value ...]
     noprop-dist eval RUN_DIR [--data FILE] [--json]
     noprop-dist export RUN_DIR OUT.pt2
@@ -54,7 +54,7 @@ def parse_overrides(extra: list[str]) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="noprop-dist", description="Distributed NoProp training.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a model (--variant=dt|backprop|backprop_cnn; overrides: --section.key=value)")
+    train = sub.add_parser("train", help="train a model (--variant=dt|ct|fm|backprop|backprop_cnn; overrides: --section.key=value)")
     train.add_argument("--config", default="demo",
                        help=f"preset ({', '.join(config_mod.preset_names())}) or a .toml file")
     train.add_argument("--run-dir", help="run directory to create (default runs/<preset>-<time>)")
@@ -102,8 +102,11 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"run directory: {run_dir}")
     print(f"train seconds: {summary['train_seconds']:.1f}")
     if "chain_accuracy_noise" in summary:
-        print(f"chain test accuracy: {summary['chain_accuracy_noise']:.4f} with the Eq. 3 noise, "
+        noise = "the Eq. 3 noise" if cfg.variant == "dt" else "the step noise"
+        print(f"chain test accuracy: {summary['chain_accuracy_noise']:.4f} with {noise}, "
               f"{summary['chain_accuracy_no_noise']:.4f} without")
+    if "steps" in summary:
+        print(f"integration steps: {summary['steps']} ({summary['seconds_per_1000_images']:.2f} s per 1,000 test images)")
     print(f"test accuracy: {summary['test_accuracy']:.4f}")
     return 0
 
@@ -121,9 +124,10 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(scores))
     else:
         print(f"examples: {scores['examples']}")
-        for key in ("chain_accuracy_noise", "chain_accuracy_no_noise", "nearest_accuracy_no_noise"):
+        for key in ("chain_accuracy_noise", "chain_accuracy_no_noise", "nearest_accuracy_no_noise",
+                    "nearest_accuracy", "steps"):
             if key in scores:
-                print(f"{key}: {scores[key]:.4f}")
+                print(f"{key}: {scores[key]:.4f}" if isinstance(scores[key], float) else f"{key}: {scores[key]}")
         for block, acc in scores.get("block_alone_accuracy", {}).items():
             print(f"{block} alone on fresh noise: {acc:.4f}")
         print(f"test accuracy: {scores['test_accuracy']:.4f}")
