@@ -31,7 +31,6 @@ clear message and every checkpoint written so far stays on disk; ``--resume`` co
 from __future__ import annotations
 
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +44,12 @@ from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .checkpoint import RunDir
-from .config import ClusterConfig, Config
+from .config import Config
 from .data import ArraySplit, Dataset
 from .errors import ClusterError, TrainingDiverged
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
-from .ray_cluster import NAMESPACE, connect, first_line, worker_capacity
+from .placement import Layout, Traffic, plan_layout, serialized_bytes, worker_name
+from .ray_cluster import connect, first_line
 from .preflight import StepEstimate, check_unit, worker_memory
 from .unit_runs import EMBEDDING_FILE, embedding_owner, eval_due, evaluate_during_training, synchronise
 from .units import SHARED_EMBEDDING, UnitRunner, UnitSetup, UnitSpec, make_setup, resolve_device, shared_of
@@ -122,54 +122,6 @@ class UnitWorker:
                 self.progress.put_nowait(event)
             except Exception:  # noqa: BLE001  progress is best-effort; training must not stop
                 pass
-
-
-# ---------------------------------------------------------------------------------------
-# Connection and placement.
-# ---------------------------------------------------------------------------------------
-@dataclass
-class Layout:
-    """Which worker hosts which blocks, and what each worker reserves."""
-
-    groups: list[list[UnitSpec]]     # units per worker, e.g. blocks [[1, 3, 5], [2, 4]]
-    cpus: int
-    gpus: float
-    note: str = ""
-
-
-def plan_layout(units: list[UnitSpec], cluster: ClusterConfig, resources: dict[str, float]) -> Layout:
-    """One worker per unit (block or time interval) when the cluster has room; fewer (units
-    queue) when asked or when it has not; a clear error when even the request cannot be met."""
-    T = len(units)
-    have_cpu = resources.get("CPU", 0.0)
-    have_gpu = resources.get("GPU", 0.0)
-    cpus = cluster.threads_per_worker
-    fits, gpus = worker_capacity(cluster, resources)
-    note = ""
-    if cluster.workers:
-        workers = min(cluster.workers, T)
-        if workers > fits:
-            raise ClusterError(
-                f"placement needs {workers} workers of {cpus} CPU and {gpus:g} GPU "
-                f"({workers * cpus} CPU, {workers * gpus:g} GPU) but the cluster has {have_cpu:g} CPU and "
-                f"{have_gpu:g} GPU; lower --cluster.workers or --cluster.threads_per_worker, pack blocks with "
-                "--cluster.gpus_per_worker=0.5, or add nodes")
-    else:
-        if fits < 1:
-            raise ClusterError(
-                f"one worker needs {cpus} CPU and {gpus:g} GPU but the cluster has {have_cpu:g} CPU and "
-                f"{have_gpu:g} GPU; lower --cluster.threads_per_worker or --cluster.gpus_per_worker")
-        workers = min(T, fits)
-        if workers < T:
-            note = (f"the cluster fits {workers} workers of {cpus} CPU/{gpus:g} GPU: "
-                    f"{T} units queue on them")
-    groups = [units[k::workers] for k in range(workers)]
-    return Layout(groups=groups, cpus=cpus, gpus=gpus, note=note)
-
-
-def _worker_name(run_tag: str, units: list[UnitSpec], attempt: int) -> str:
-    names = "+".join(u.name for u in units)
-    return f"{run_tag}/{names}" + (f"/restart{attempt}" if attempt else "")
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,7 +210,7 @@ class Coordinator:
 
         Returns the pending calls; :meth:`_await_spawn` collects them."""
         slot = self.workers[w]
-        options: dict[str, Any] = {"name": _worker_name(self.run_tag, slot.units, slot.restarts),
+        options: dict[str, Any] = {"name": worker_name(self.run_tag, slot.units, slot.restarts),
                                    "max_restarts": 0, "max_concurrency": 1}
         if slot.bundle is None:
             options.update(num_cpus=0, num_gpus=0)   # the head: a linear layer on d-dim vectors
@@ -517,31 +469,6 @@ def _quietly(fn, *args) -> None:
         fn(*args)
     except Exception:  # noqa: BLE001  cleanup must not hide the error that got us here
         pass
-
-
-def serialized_bytes(obj: Any) -> int:
-    """Bytes of ``obj`` as pickled for the wire (0 for None): counted, not estimated."""
-    if obj is None:
-        return 0
-    return len(pickle.dumps(obj, protocol=5))
-
-
-@dataclass
-class Traffic:
-    """Bytes between coordinator and workers, by kind and by epoch (0 = start-up)."""
-
-    KINDS = ("control_to_workers", "control_from_workers", "checkpoint_to_workers", "checkpoint_from_workers")
-    by_epoch: dict[int, dict[str, int]] = field(default_factory=dict)
-
-    def add(self, epoch: int, kind: str, nbytes: int) -> None:
-        counts = self.by_epoch.setdefault(epoch, dict.fromkeys(self.KINDS, 0))
-        counts[kind] += nbytes
-
-    def epoch(self, epoch: int) -> dict[str, int]:
-        return dict(self.by_epoch.get(epoch, dict.fromkeys(self.KINDS, 0)))
-
-    def total(self, kind: str) -> int:
-        return sum(c[kind] for c in self.by_epoch.values())
 
 
 def train_ray(cfg: Config, run_dir: str | Path, resume: bool = False,
