@@ -27,6 +27,7 @@ def report(run_dir: str) -> dict:
     blocks = {u: statistics.mean(s) for u, s in per_unit.items() if u != "head"}
     return {
         **worker_busy(run, summary),
+        "variant": summary.get("variant", "dt"), "intervals": summary.get("intervals"), "steps": summary.get("steps"),
         "dataset": summary["dataset"], "block": summary["block"], "T": summary["T"],
         "epochs": summary["epochs"], "backend": summary["backend"], "workers": summary["workers"],
         "test_accuracy": summary["test_accuracy"],
@@ -72,14 +73,18 @@ def main() -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"{r['dataset']}, block {r['block']}, T={r['T']}, {r['epochs']} epochs, "
+    shape = (f"T={r['T']}" if r.get("variant", "dt") == "dt"
+             else f"{r.get('intervals', 1)} interval network(s), {r.get('steps')} integration steps")
+    print(f"{r.get('variant', 'dt')}: {r['dataset']}, block {r['block']}, {shape}, {r['epochs']} epochs, "
           f"{r['backend']} backend, {r['workers']} worker(s)")
     print(f"test accuracy: {r['test_accuracy']:.4f}")
     if r["chain_accuracy_noise"] is not None:
-        print(f"test accuracy (chain, Eq. 3 noise): {r['chain_accuracy_noise']:.4f}")
+        noise = "Eq. 3 noise" if r.get("variant", "dt") == "dt" else "step noise "
+        print(f"test accuracy (chain, {noise}): {r['chain_accuracy_noise']:.4f}")
         print(f"test accuracy (chain, no noise):    {r['chain_accuracy_no_noise']:.4f}")
-        print("each block alone on fresh noise:    " + " ".join(
-            f"{v:.2f}" for _, v in sorted(r["block_alone_accuracy"].items())))
+        if r.get("block_alone_accuracy"):
+            print("each block alone on fresh noise:    " + " ".join(
+                f"{v:.2f}" for _, v in sorted(r["block_alone_accuracy"].items())))
     print(f"training phase: {r['train_seconds']:.1f} s; seconds per epoch per unit: "
           f"{r['seconds_per_epoch_per_block']:.2f}")
     if r["worker_busy_seconds"]:

@@ -289,7 +289,8 @@ class ContinuousPredictor:
     def evaluate(self, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str = "cpu",
                  max_batch: int | None = None) -> dict:
         scores = chain_scores(self.chain, split, eval_cfg, device, max_batch)
-        return {**scores, "eval_noise": eval_cfg.noise if isinstance(self.chain, CTChain) else False}
+        return {**scores, "intervals": len(self.chain.nets),
+                "eval_noise": eval_cfg.noise if isinstance(self.chain, CTChain) else False}
 
     def export_program(self):
         """A torch.export program ``(images, noise) -> scores``: ``images`` raw (N, C, H, W) of
