@@ -52,8 +52,9 @@ from .unit_runs import load_module_state
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run
 from .models import BLOCK_SIZES, BackpropChain, SingleTowerCNN
 from .preflight import StepProbe, check_unit, device_memory_budget
-from .units import (DROPOUT, INIT, NOISE, SHUFFLE, SavedTensorMeter, derive_seed, diverged, load_optimizer_state,
-                    make_embedding, optimizer_state_tensors, resolve_device, rss_bytes, training_state_bytes)
+from .units import (DROPOUT, INIT, NOISE, RANK_STREAM_STRIDE, SHUFFLE, ByteCounter, SavedTensorMeter,
+                    counting_allreduce, derive_seed, diverged, load_optimizer_state, make_embedding,
+                    optimizer_state_tensors, resolve_device, rss_bytes, shard, training_state_bytes)
 
 # The differentiable all-reduce's deprecation names a private replacement; keep the public one.
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
@@ -62,8 +63,6 @@ NETWORK = "network"
 """The one unit of a back-propagation run (its checkpoint is units/network.safetensors)."""
 NETWORK_SEED_UNIT = 1_000_000
 """Unit id of the network in derive_seed (far from any block index)."""
-RANK_STREAM_STRIDE = 10
-"""Dropout of rank r uses stream DROPOUT + RANK_STREAM_STRIDE * r: ranks draw different masks."""
 
 
 @dataclass(frozen=True)
@@ -190,34 +189,6 @@ def use_global_batchnorm(net: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 # The worker loop.
 # ---------------------------------------------------------------------------------------
-class _ByteCounter:
-    """DDP communication hook state: counts the gradient buckets it all-reduces, plus the
-    buffers DDP broadcasts before each forward (``per_step``, when it does)."""
-
-    def __init__(self):
-        self.bytes = 0
-        self.calls = 0
-        self.per_step = 0
-
-
-def _counting_allreduce(counter, bucket):  # no annotations: DDP checks them against real types
-    """All-reduce one gradient bucket (DDP's default) after counting its bytes."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    buffer = bucket.buffer()
-    counter.bytes += buffer.numel() * buffer.element_size()
-    counter.calls += 1
-    return allreduce_hook(None, bucket)
-
-
-def shard(global_idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Rank ``rank``'s contiguous share of one global batch (sizes differ by at most one)."""
-    n = len(global_idx)
-    base, extra = divmod(n, world)
-    lo = rank * base + min(rank, extra)
-    return global_idx[lo:lo + base + (1 if rank < extra else 0)]
-
-
 def state_bytes(net: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Parameters + gradients + optimizer state of ``net``, in bytes."""
     return training_state_bytes(list(net.parameters()), optimizer)
@@ -268,7 +239,7 @@ def train_worker(setup: NetworkSetup, train: ArraySplit, run_dir: str | Path, ra
     if NETWORK in run.manifest()["units"]:
         epochs_done = _load_network_state(net, optimizer, run.load_unit(NETWORK), run.path)
     model: nn.Module = net
-    counter = _ByteCounter()
+    counter = ByteCounter()
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -276,7 +247,7 @@ def train_worker(setup: NetworkSetup, train: ArraySplit, run_dir: str | Path, ra
         # broadcast. Without it DDP broadcasts rank 0's buffers at every forward (counted).
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                         broadcast_buffers=not setup.sync_batchnorm)
-        model.register_comm_hook(counter, _counting_allreduce)
+        model.register_comm_hook(counter, counting_allreduce)
         if not setup.sync_batchnorm:
             counter.per_step = sum(b.numel() * b.element_size() for b in net.buffers())
     n, batch, d = len(train), setup.train.batch_size, setup.embedding.shape[1]
@@ -337,7 +308,7 @@ def train_worker(setup: NetworkSetup, train: ArraySplit, run_dir: str | Path, ra
     return figures
 
 
-def _epoch_record(epoch: int, seconds: float, loss_sum: torch.Tensor, counter: _ByteCounter, n: int,
+def _epoch_record(epoch: int, seconds: float, loss_sum: torch.Tensor, counter: ByteCounter, n: int,
                   world: int, figures: dict, device: torch.device) -> dict:
     """One epoch's figures, gathered over ranks (outside the timed loop; on ``device``, since
     nccl reduces only CUDA tensors)."""

@@ -130,7 +130,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     backend: str = "ray"
-    """ray (NoProp: coordinator + one worker per block), ddp (backprop variants: DDP on Ray Train), or local (this process)."""
+    """ray (NoProp: coordinator + one worker per block or interval), ddp (DDP on Ray Train: backprop variants, and NoProp-CT/FM data-parallel), or local (this process)."""
     address: str = ""
     """Ray address: empty = start a private local Ray; 'auto' or host:port = join that cluster."""
     workers: int = 0

@@ -75,10 +75,12 @@ def accuracy_curve(records: list[dict], summary: dict) -> list[dict]:
     last = next((r for r in reversed(records) if r.get("event") == "evaluation"), None)
     points = [{**r, "at": r["time"] - t0} for r in evals]
     if last is not None:
-        points.append({"epoch": summary["epochs"], "at": last["time"] - t0,
-                       "chain_accuracy_noise": summary["chain_accuracy_noise"],
-                       "chain_accuracy_no_noise": summary["chain_accuracy_no_noise"],
-                       "best_block_alone": max(summary.get("block_alone_accuracy", {"": 0.0}).values())})
+        final = {"epoch": summary["epochs"], "at": last["time"] - t0,
+                 "chain_accuracy_noise": summary["chain_accuracy_noise"],
+                 "chain_accuracy_no_noise": summary["chain_accuracy_no_noise"]}
+        if "block_alone_accuracy" in summary:   # DT only (CT has no blocks to score alone)
+            final["best_block_alone"] = max(summary["block_alone_accuracy"].values())
+        points.append(final)
     return points
 
 
@@ -87,7 +89,8 @@ def _plot_curve(ax_epoch, ax_time, curve: list[dict]) -> None:
               ("best_block_alone", "best block alone")]
     for ax, x, label in ((ax_epoch, "epoch", "epoch"), (ax_time, "at", "seconds since training started")):
         for key, name in series:
-            ax.plot([p[x] for p in curve], [p[key] for p in curve], marker="o", label=name)
+            if all(key in p for p in curve):
+                ax.plot([p[x] for p in curve], [p[key] for p in curve], marker="o", label=name)
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
         ax.legend(fontsize=8)

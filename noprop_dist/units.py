@@ -4,18 +4,29 @@ A *unit* is what one worker trains on its own: NoProp-DT's block t or its output
 NoProp-CT/FM's network of one time interval (and CT's head). :class:`UnitSpec` names a unit;
 :class:`UnitObjective` is what a variant tells the loop (its units, each unit's module,
 optimiser, per-epoch target noise and loss, and the shared tensors to synchronise). The
-variants live in :mod:`noprop_dist.dt` and :mod:`noprop_dist.continuous_variants`; the
-in-process trainer (:mod:`noprop_dist.local`) and the Ray workers
-(:mod:`noprop_dist.coordinator`) both run :class:`UnitRunner` unchanged. A unit needs the
-training split, the run's :class:`UnitSetup` and its own state, nothing from any other
-unit: its noisy inputs are sampled in closed form from the label.
+variants live in :mod:`noprop_dist.dt` and :mod:`noprop_dist.continuous_variants`. What runs
+:class:`UnitRunner`, unchanged:
+
+* the in-process trainer (:mod:`noprop_dist.local`): every unit, one after another;
+* the Ray workers (:mod:`noprop_dist.coordinator`): one or more units each;
+* the ranks of a DDP run (:mod:`noprop_dist.ddp`, NoProp-CT/FM only): every rank holds every
+  unit, and an image-reading unit is trained *data-parallel* (``UnitRunner(..., rank,
+  world)``: this rank's share of every global batch, gradients averaged by DDP; see
+  :class:`UnitRunner`); CT's head runs in full on every rank.
+
+A unit needs the training split, the run's :class:`UnitSetup` and its own state, nothing
+from any other unit: its noisy inputs are sampled in closed form from the label.
 
 Determinism: every random draw of a unit comes from a generator seeded by
 ``derive_seed(run seed, unit.seed_id, epoch, stream)``: never the global RNG (dropout runs
 under a forked, reseeded RNG) and never the identity of the worker. Bit-level equality also
 needs the same number of torch threads (reductions are split differently): the equivalence
 tests run both trainers with one thread per unit. So the same seed gives the same weights
-whether the units run in one process, on Ray workers, or after a restart.
+whether the units run in one process, on Ray workers, or after a restart. Data-parallel
+units are the one exception to "never the worker": rank r draws its dropout masks from
+stream ``DROPOUT + RANK_STREAM_STRIDE * r`` (rank 0 that of a run without data parallelism);
+without dropout, N ranks give the weights of one up to float rounding (the gradient sums
+are split differently).
 
 Shared state: with a learned or prototype embedding each unit trains its own copy of W_embed
 and CT's units each train a copy of the learned schedule (the module state under
@@ -37,6 +48,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import schedule
@@ -49,6 +61,9 @@ from .preflight import StepProbe
 # Streams of derive_seed; pass p of a multi-pass unit uses PASS_STRIDE * (p + 1) + stream.
 SHUFFLE, NOISE, DROPOUT, INIT = 0, 1, 2, 3
 PASS_STRIDE = 10
+RANK_STREAM_STRIDE = 10
+"""Dropout of data-parallel rank r uses stream DROPOUT + RANK_STREAM_STRIDE * r: ranks draw
+different masks, and rank 0 draws the stream of a run without data parallelism."""
 EMBED_SEED_UNIT = -1
 PROTOTYPE_MAX_PER_CLASS = 1000  # medoid search is quadratic in the class size
 SHARED_EMBEDDING = "embedding"
@@ -219,10 +234,22 @@ class UnitObjective:
 
 
 class UnitRunner:
-    """Trains one unit epoch by epoch; holds its module, optimizer and embedding copy."""
+    """Trains one unit epoch by epoch; holds its module, optimizer and embedding copy.
+
+    ``rank``/``world``: with ``world > 1`` (a process group of that size must be open) a unit
+    that reads images is trained *data-parallel*: every rank walks the same seeded global
+    batches, computes the loss on its contiguous share (:func:`shard`), scaled by
+    ``len(share) * world / len(global batch)``, and the gradients are averaged over the ranks
+    (DDP for the module, one all-reduce for a learned W_embed), so every rank takes the
+    global batch's step and holds the same weights. Dropout masks differ per rank (stream
+    ``DROPOUT + RANK_STREAM_STRIDE * rank``). For BatchNorm-free modules only (CT/FM's
+    interval networks): a BatchNorm layer would normalise with its share's statistics.
+    A unit without images (CT's head: labels only) runs in full and identically on every rank,
+    with no communication. ``world == 1`` is the plain loop, bit for bit.
+    """
 
     def __init__(self, unit: UnitSpec, setup: UnitSetup, train: ArraySplit,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", rank: int = 0, world: int = 1):
         self.unit = unit
         self.name = unit.name
         self.setup = setup
@@ -243,6 +270,25 @@ class UnitRunner:
         self.epochs_done = 0
         self.peak_memory_bytes = 0
         self.first_step_at: float | None = None
+        self.rank, self.world = rank, world
+        self.data_parallel = world > 1 and self.objective.needs_images(unit)
+        self._counter = ByteCounter()
+        self._ddp: nn.Module | None = None
+        if self.data_parallel:
+            self._ddp = self._wrap_ddp()
+
+    def _wrap_ddp(self) -> nn.Module:
+        """The unit's loss as a DDP module: DDP all-reduces the gradients of ``self.module``'s
+        parameters (the optimizer's) in backward. Building it broadcasts rank 0's weights (the
+        same on every rank: one seed, or one checkpoint)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules()):
+            raise ValueError(f"{self.name}: data-parallel training needs a BatchNorm-free module")
+        ddp = DistributedDataParallel(_UnitLoss(self),
+                                      device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        ddp.register_comm_hook(self._counter, counting_allreduce)
+        return ddp
 
     # ---- state ----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -266,6 +312,8 @@ class UnitRunner:
 
         A worker that hosts several blocks keeps only the one it trains on its GPU.
         """
+        if self._ddp is not None and torch.device(device) != self.device:
+            raise RuntimeError(f"{self.name}: a data-parallel unit stays on its device")
         self.device = torch.device(device)
         self.module.to(self.device)
         with torch.no_grad():
@@ -319,22 +367,34 @@ class UnitRunner:
         target_seconds = time.perf_counter() - start
         self.first_step_at = None
         self.module.train()
+        self._counter.bytes = self._counter.calls = 0
         passes = self.objective.passes(self.unit, self.setup)
+        stream = DROPOUT + RANK_STREAM_STRIDE * self.rank if self.data_parallel else DROPOUT
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(derive_seed(self.setup.train.seed, self.unit.seed_id, epoch, DROPOUT))
+            torch.manual_seed(derive_seed(self.setup.train.seed, self.unit.seed_id, epoch, stream))
             losses: list[torch.Tensor] = []
             for p in passes:
                 losses += self._pass(epoch, p, len(passes), noise if p < 0 else noise[p], progress)
         # One host sync per epoch, not per step: the losses stay tensors until here.
-        per_step = torch.stack(losses).double().cpu()
+        per_step = torch.stack(losses).double()
+        if self.data_parallel:
+            # Each rank holds its share's part of every step's global-batch mean: the sum over
+            # ranks is that mean, the same on every rank (so all ranks stop at the same epoch).
+            dist.all_reduce(per_step)
+            self._counter.count(per_step)
+        per_step = per_step.cpu()
         check_finite(self.name, epoch, per_step, self.setup.train)
         self.epochs_done = epoch
         seconds = time.perf_counter() - start
         samples = n * len(passes)
-        return {"unit": self.name, "epoch": epoch, "loss": float(per_step.mean()),
-                "seconds": seconds, "samples_per_s": samples / seconds,
-                "target_seconds": target_seconds, "first_step_at": self.first_step_at,
-                "peak_memory_bytes": self.peak_memory_bytes, "rss_bytes": rss_bytes()}
+        metrics = {"unit": self.name, "epoch": epoch, "loss": float(per_step.mean()),
+                   "seconds": seconds, "samples_per_s": samples / seconds,
+                   "target_seconds": target_seconds, "first_step_at": self.first_step_at,
+                   "peak_memory_bytes": self.peak_memory_bytes, "rss_bytes": rss_bytes()}
+        if self.data_parallel:   # this rank's figures; the loss is the global batches' mean
+            metrics.update(workers=self.world, allreduce_bytes=self._counter.bytes,
+                           allreduce_calls=self._counter.calls)
+        return metrics
 
     def _pass(self, epoch: int, p: int, passes: int, noise: torch.Tensor,
               progress: ProgressFn | None) -> list[torch.Tensor]:
@@ -346,22 +406,32 @@ class UnitRunner:
         log_every = self.setup.train.log_every
         tick = time.perf_counter()
         for step, idx in enumerate(self._batches(order), start=1):
+            share = shard(idx, self.rank, self.world) if self.data_parallel else idx   # this rank's examples
             x = None
             if images:
-                x = normalize(np.asarray(self.train.x[idx.numpy()]), self.setup.mean, self.setup.std).to(self.device)
-            y = self._labels(idx)
-            rows = noise[idx.to(noise.device)]
+                x = normalize(np.asarray(self.train.x[share.numpy()]), self.setup.mean, self.setup.std).to(self.device)
+            y = self._labels(share)
+            rows = noise[share.to(noise.device)]
             measure = step == 1 and p <= 0 and images
             with self._autocast(), SavedTensorMeter(measure, self.module) as meter:
-                loss = self.objective.batch_loss(self, x, y, rows)
-            self._step(loss)
+                if self._ddp is None:
+                    loss = self.objective.batch_loss(self, x, y, rows)
+                else:
+                    loss = self._ddp(x, y, rows)
+            if self.data_parallel:
+                # DDP averages over ranks: this weight makes the average the global batch's mean gradient.
+                self._step(loss * (len(share) * self.world / len(idx)))
+                losses.append(loss.detach() * (len(share) / len(idx)))
+            else:
+                self._step(loss)
+                losses.append(loss.detach())
             if measure:
                 self._record_memory(meter.bytes)
-            losses.append(loss.detach())
             if progress and passes == 1 and (step % log_every == 0 or step == steps):
                 now = time.perf_counter()
                 progress({"unit": self.name, "epoch": epoch, "step": step, "steps": steps,
-                          "loss": losses[-1].item(), "samples_per_s": len(idx) * log_every / max(now - tick, 1e-9)})
+                          "loss": loss.detach().item(),
+                          "samples_per_s": len(idx) * log_every / max(now - tick, 1e-9)})
                 tick = now
         if progress and passes > 1:
             progress({"unit": self.name, "epoch": epoch, "step": p + 1, "steps": passes,
@@ -371,11 +441,13 @@ class UnitRunner:
         return losses
 
     def _batches(self, order: torch.Tensor):
+        """The global batches of one pass (data-parallel: every rank walks the same ones)."""
         bs = self.setup.train.batch_size
+        fewest = max(2, self.world) if self.data_parallel else 2
         for start in range(0, len(order), bs):
             idx = order[start:start + bs]
-            if len(idx) < 2:
-                continue  # BatchNorm needs at least two examples
+            if len(idx) < fewest:
+                continue  # BatchNorm needs at least two examples; every rank needs one
             yield idx
 
     def _labels(self, idx: torch.Tensor) -> torch.Tensor:
@@ -384,6 +456,13 @@ class UnitRunner:
     def _step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.data_parallel and self.embedding.grad is not None:
+            # W_embed is the runner's, outside the DDP module: average its gradient by hand
+            # (what is recorded for summed_gradient is this average, the global batch's).
+            grad = self.embedding.grad
+            dist.all_reduce(grad)
+            grad.div_(self.world)
+            self._counter.count(grad)
         self.optimizer.step()
         if self.records_embedding_grads:
             self._embedding_grads.append(self.embedding.grad.detach().clone())
@@ -406,6 +485,50 @@ class UnitRunner:
         if self.device.type == "cuda":
             total = max(total, torch.cuda.max_memory_allocated(self.device))
         self.peak_memory_bytes = max(self.peak_memory_bytes, total)
+
+
+class _UnitLoss(nn.Module):
+    """A runner's loss as a module (what DDP wraps): ``forward(x, y, rows)`` is the objective's
+    ``batch_loss``, which reads the runner's own module, registered here as a submodule."""
+
+    def __init__(self, runner: UnitRunner):
+        super().__init__()
+        self.unit_module = runner.module
+        self.runner = runner
+
+    def forward(self, x: torch.Tensor | None, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.runner.objective.batch_loss(self.runner, x, y, rows)
+
+
+def shard(global_idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous share of one global batch (sizes differ by at most one)."""
+    n = len(global_idx)
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return global_idx[lo:lo + base + (1 if rank < extra else 0)]
+
+
+class ByteCounter:
+    """What one rank all-reduces: DDP's gradient buckets (as its communication hook's state,
+    :func:`counting_allreduce`), what is reduced by hand (:meth:`count`), and the buffers
+    DDP broadcasts before each forward (``per_step``, when it does)."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.calls = 0
+        self.per_step = 0
+
+    def count(self, tensor: torch.Tensor) -> None:
+        self.bytes += tensor.numel() * tensor.element_size()
+        self.calls += 1
+
+
+def counting_allreduce(counter, bucket):  # no annotations: DDP checks them against real types
+    """All-reduce one gradient bucket (DDP's default) after counting its bytes."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    counter.count(bucket.buffer())
+    return allreduce_hook(None, bucket)
 
 
 class SavedTensorMeter:

@@ -1,7 +1,8 @@
 """The registry of variants: what a run trains, and how its finished run is read back.
 
 ``Config.variant`` names an entry. Each entry says which family it belongs to (the
-trainers of :mod:`noprop_dist.trainers` are registered per family) and how to rebuild a
+trainers of :mod:`noprop_dist.trainers` are registered per family; ``backends`` narrows them
+for one variant, with the reason the config error gives) and how to rebuild a
 predictor from a finished run directory; a predictor has ``evaluate(split, eval_cfg,
 device)`` returning at least ``test_accuracy`` and ``export_program()``. It also names the
 schema of its manifest fields (see :mod:`noprop_dist.checkpoint`), checked on every read.
@@ -12,7 +13,9 @@ Variants:
   Eq. 8), chained only at inference (Eq. 3).
 * ``ct``: NoProp-CT, one time-conditioned network with a learned noise schedule (Eq. 9),
   integrated from t = 0 to 1 at inference; distributed by time interval
-  (``continuous.intervals``: K networks, one per interval and worker) or data-parallel.
+  (``continuous.intervals``: K networks, one per interval and worker, ``cluster.backend=ray``)
+  or data-parallel (``cluster.backend=ddp``: each interval network trained with DDP across
+  the workers in turn), or both (K > 1 with ddp).
 * ``fm``: NoProp-FM, a time-conditioned velocity field trained by flow matching
   (Eqs. 10-13), Euler-integrated at inference; distributed as CT.
 
@@ -41,6 +44,10 @@ class Variant:
     predictor: str     # "module:Class", built from a RunDir
     manifest_schema: str   # "module:NAME" of the schema of the fields its trainers add to the manifest
     objective_class: str = ""   # NoProp variants: "module:Class" of its UnitObjective
+    backends: tuple[str, ...] = ()
+    """The cluster.backend values it may use among its family's trainers (empty: all of them)."""
+    backend_note: str = ""
+    """Why the others are refused and what to use instead (the config error's text)."""
 
     def load(self, run):
         return load_target(self.predictor)(run)
@@ -63,7 +70,10 @@ def load_target(target: str):
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("dt", "noprop", "NoProp-DT: T blocks, each trained alone (Eq. 8), chained at inference (Eq. 3)",
-            "noprop_dist.dt:ChainPredictor", "noprop_dist.dt:MANIFEST_SCHEMA", "noprop_dist.dt:DTObjective"),
+            "noprop_dist.dt:ChainPredictor", "noprop_dist.dt:MANIFEST_SCHEMA", "noprop_dist.dt:DTObjective",
+            backends=("ray", "local"),
+            backend_note="NoProp-DT is distributed by block, not data-parallel (its BatchNorm blocks are not "
+                         "DDP-ready); use --cluster.backend=ray (or local)"),
     Variant("ct", "noprop", "NoProp-CT: time-conditioned network, learned schedule (Eq. 9), integrated at inference",
             "noprop_dist.continuous_variants:ContinuousPredictor", "noprop_dist.continuous_variants:CT_MANIFEST_SCHEMA",
             "noprop_dist.continuous_variants:CTObjective"),

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 from noprop_dist import config  # noqa: E402
 from noprop_dist.checkpoint import RunDir  # noqa: E402
 from noprop_dist.config import ClusterConfig  # noqa: E402
-from noprop_dist.coordinator import Coordinator, plan_layout, train_ray  # noqa: E402
+from noprop_dist.coordinator import Coordinator, train_ray  # noqa: E402
+from noprop_dist.placement import plan_layout  # noqa: E402
 from noprop_dist.dt import block  # noqa: E402
 from noprop_dist.errors import ClusterError  # noqa: E402
 from noprop_dist.local import train_local  # noqa: E402
@@ -439,3 +440,56 @@ def test_time_partitioned_ct_fm_on_ray_equal_in_process(ray_session, cache, tmp_
     local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
     assert summary["test_accuracy"] == local_summary["test_accuracy"]
     assert summary["bytes_to_workers"] < 100_000
+
+
+# ---- NoProp-CT/FM data-parallel (DDP on Ray Train) ------------------------------------------
+def test_fm_ddp_on_two_workers_equals_in_process(ray_session, cache, tmp_path):
+    """Issue 9, item 4b: NoProp-FM data-parallel, each of K = 2 interval networks in turn with
+    DDP over 2 workers (gloo), a learned W_embed (its gradient all-reduced by hand): with
+    dropout off, the weights of the in-process trainer on the whole batch, up to float rounding."""
+    over = {"variant": "fm", "continuous.intervals": 2, "continuous.steps": 8, "train.epochs": 2,
+            "model.dropout": 0, "model.embedding": "learned", "model.embed_dim": 8}
+    local_summary = train_local(tiny(cache, **{**over, "cluster.backend": "local"}), tmp_path / "local",
+                                show_progress=False)
+    summary = train_ddp_noprop(tiny(cache, **{**over, "cluster.backend": "ddp", "cluster.workers": 2}),
+                               tmp_path / "ddp", show_progress=False)
+    assert max_weight_diff(tmp_path / "local", tmp_path / "ddp") <= 1e-5
+    emb = [RunDir(tmp_path / kind).load_tensors("embedding")["embedding"] for kind in ("local", "ddp")]
+    assert float((emb[0] - emb[1]).abs().max()) <= 1e-5
+    assert summary["test_accuracy"] == pytest.approx(local_summary["test_accuracy"], abs=0.01)
+    assert summary["backend"] == "ddp" and summary["workers"] == 2 and summary["threads_per_worker"] == 1
+    assert summary["device"] == "cpu" and len(summary["epoch_seconds"]) == 2
+    # Counted in the communication hook: every step all-reduces the network's gradients.
+    epochs = [r for r in RunDir(tmp_path / "ddp").read_metrics() if r.get("event") == "unit_epoch"]
+    assert unit_epochs(tmp_path / "ddp") == unit_epochs(tmp_path / "local")   # one record per unit-epoch (rank 0)
+    net_bytes = sum(v.numel() * 4 for k, v in unit_tensors(tmp_path / "ddp")["interval_01"].items()
+                    if k.startswith("model/"))
+    assert all(e["workers"] == 2 and e["allreduce_bytes"] > net_bytes for e in epochs)
+    assert summary["allreduce_bytes_per_worker_per_epoch"] == sum(e["allreduce_bytes"] for e in epochs[-2:])
+
+
+def test_ct_ddp_on_two_workers_trains_and_evaluates(ray_session, cache, tmp_path, capsys):
+    """NoProp-CT data-parallel on 2 workers (K = 2 intervals, head in full on every rank,
+    --eval.every on rank 0): the run finishes, every unit holds the synchronised schedule, and
+    `eval` of the run directory gives the summary's accuracy."""
+    from noprop_dist.cli import main
+
+    over = {"variant": "ct", "continuous.intervals": 2, "continuous.steps": 8, "train.epochs": 2,
+            "eval.every": 1, "cluster.backend": "ddp", "cluster.workers": 2}
+    run_dir = tmp_path / "ct"
+    summary = train_ddp_noprop(tiny(cache, **over), run_dir, show_progress=False)
+    units = unit_tensors(run_dir)
+    assert set(units) == {"interval_01", "interval_02", "head"}
+    assert all(e["finished"] for e in RunDir(run_dir).manifest()["units"].values())
+    keys = [k for k in units["head"] if k.startswith("model/schedule.")]
+    assert keys and all(torch.equal(units[n][k], units["head"][k]) for n in units for k in keys)
+    assert [r["epoch"] for r in RunDir(run_dir).read_metrics() if r.get("event") == "eval"] == [1]
+    assert summary["backend"] == "ddp" and summary["workers"] == 2 and summary["test_accuracy"] > 0.1
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == summary["test_accuracy"]
+
+
+def train_ddp_noprop(cfg, run_dir, show_progress=False):
+    from noprop_dist.ddp import train_noprop_ddp
+
+    return train_noprop_ddp(cfg, run_dir, show_progress=show_progress)

@@ -316,3 +316,16 @@ def test_paper_block_matches_figure_6():
         "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert sum(isinstance(l, nn.BatchNorm1d) for l in block.modules()) == 6
 
+
+
+@pytest.mark.parametrize("n, world", [(64, 2), (63, 2), (10, 3), (5, 4)])
+def test_data_parallel_shards_partition_each_global_batch(n, world):
+    """units.shard (one definition, also the backprop trainer's): contiguous shares, in rank
+    order, sizes differing by at most one."""
+    from noprop_dist import backprop, units
+
+    assert backprop.shard is units.shard and backprop.RANK_STREAM_STRIDE == units.RANK_STREAM_STRIDE
+    idx = torch.randperm(n)
+    parts = [units.shard(idx, r, world) for r in range(world)]
+    assert torch.equal(torch.cat(parts), idx)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1

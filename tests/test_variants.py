@@ -9,15 +9,18 @@ import json
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from noprop_dist import config
 from noprop_dist.checkpoint import RunDir
 from noprop_dist.cli import main
 from noprop_dist.continuous import CTChain, FMChain, LearnedSchedule
 from noprop_dist.continuous_variants import CTObjective, FMObjective, interval
-from noprop_dist.dt import DTObjective
+from noprop_dist.dt import HEAD, DTObjective
 from noprop_dist.errors import ConfigError
 from noprop_dist.local import train_local
+from noprop_dist.trainers import find_trainer
 from noprop_dist.units import UnitRunner, make_setup, train_unit
 from noprop_dist.variants import get_variant
 
@@ -168,11 +171,84 @@ def test_fm_with_a_learned_embedding_moves_it_and_stays_apart(tiny_config, tmp_p
     ({"variant": "ct", "continuous.intervals": "4", "continuous.steps": "2"}, "continuous.steps=2 is fewer than"),
     ({"variant": "fm", "continuous.intervals": "0"}, "continuous.intervals=0 must be positive"),
     ({"variant": "ct", "continuous.time_dim": "63"}, "continuous.time_dim=63 must be even"),
-    ({"variant": "ct", "cluster.backend": "ddp"}, "variant ct cannot train with cluster.backend=ddp"),
+    ({"variant": "dt", "cluster.backend": "ddp"},
+     r"variant dt cannot train with cluster.backend=ddp: NoProp-DT is distributed by block.*BatchNorm.*"
+     r"use --cluster.backend=ray"),
 ])
 def test_bad_continuous_settings_are_one_line_errors(overrides, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as err:
         config.resolve("tiny", overrides)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("variant, target", [("ct", "noprop_dist.ddp:train_noprop_ddp"),
+                                             ("fm", "noprop_dist.ddp:train_noprop_ddp"),
+                                             ("backprop", "noprop_dist.ddp:train_ddp")])
+def test_ct_and_fm_may_train_data_parallel_with_ddp(variant, target):
+    """Issue 9, item 4b: CT/FM (any K) take the NoProp DDP trainer; DT does not (above)."""
+    cfg = config.resolve("tiny", {"variant": variant, "cluster.backend": "ddp", "continuous.intervals": "2"})
+    assert find_trainer(cfg.cluster.backend, cfg.variant).target == target
+
+
+def _data_parallel_worker(rank: int, world: int, cfg_dict: dict, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
+    cfg = config.from_dict(cfg_dict)
+    data = _data(cfg)
+    setup = make_setup(cfg, data)
+    result = {}
+    for unit in setup.units:
+        runner = UnitRunner(unit, setup, data.train, "cpu", rank, world)
+        metrics = runner.run_epoch(1)
+        result[unit.name] = {"state": runner.state_tensors(), "grads": runner.take_embedding_grads(),
+                             "data_parallel": runner.data_parallel, "metrics": metrics}
+    torch.save(result, f"{out}.{rank}")
+    dist.barrier()   # nobody leaves while another rank still talks to the store
+    dist.destroy_process_group()
+
+
+def test_data_parallel_ct_runners_stay_in_lockstep_over_two_ranks(tiny_config, tmp_path):
+    """UnitRunner(rank, world=2) over gloo, CT with a learned W_embed (summed_gradient) and
+    dropout on: the interval network is data-parallel (each rank its share, its own dropout
+    masks) yet both ranks end with the same weights and record the same (all-reduced) W_embed
+    gradients; the head (labels only) runs in full on each rank and equals the plain runner's."""
+    cfg = tiny_config({"variant": "ct", "data.limit_train": "200", "model.embedding": "learned",
+                       "model.embed_dim": "8", "train.embed_sync": "summed_gradient", "train.head_passes": "2"})
+    data = _data(cfg)   # the cache is converted here, not by two ranks at once
+    mp.spawn(_data_parallel_worker, args=(2, config.to_dict(cfg), str(tmp_path / "dp")), nprocs=2)
+    ranks = [torch.load(f"{tmp_path / 'dp'}.{r}") for r in range(2)]
+    assert ranks[0]["interval_01"]["data_parallel"] and not ranks[0]["head"]["data_parallel"]
+    for name in ("interval_01", "head"):
+        a, b = ranks[0][name], ranks[1][name]
+        for key in a["state"]:
+            assert torch.equal(a["state"][key], b["state"][key]), (name, key)
+        assert torch.equal(a["grads"], b["grads"]) and len(a["grads"]) > 0
+        assert a["metrics"]["loss"] == b["metrics"]["loss"]   # the global batches' mean on every rank
+    interval_figures = ranks[0]["interval_01"]["metrics"]
+    assert interval_figures["workers"] == 2 and interval_figures["allreduce_bytes"] > 0
+    assert "allreduce_bytes" not in ranks[0]["head"]["metrics"]
+    torch.set_num_threads(1)
+    plain = UnitRunner(HEAD, make_setup(cfg, data), data.train)
+    plain.run_epoch(1)
+    for key, value in plain.state_tensors().items():
+        assert torch.equal(value, ranks[1]["head"]["state"][key]), key
+
+
+@pytest.mark.parametrize("variant, unit", [("fm", interval(1, 2)), ("ct", HEAD)], ids=["fm-interval", "ct-head"])
+def test_a_world_of_one_is_the_plain_runner(tiny_config, variant, unit):
+    """UnitRunner(rank=0, world=1): no process group, no DDP, the plain loop bit for bit
+    (same dropout stream, batches, loss and metrics)."""
+    torch.set_num_threads(1)
+    cfg = tiny_config({"variant": variant, "continuous.intervals": "2", "data.limit_train": "200",
+                       "train.head_passes": "2"})
+    data = _data(cfg)
+    setup = make_setup(cfg, data)
+    plain, one = UnitRunner(unit, setup, data.train), UnitRunner(unit, setup, data.train, "cpu", 0, 1)
+    assert not one.data_parallel
+    a, b = plain.run_epoch(1), one.run_epoch(1)
+    assert a["loss"] == b["loss"] and a.keys() == b.keys()
+    for key, value in plain.state_tensors().items():
+        assert torch.equal(value, one.state_tensors()[key]), key
 
 
 def test_variant_on_the_command_line(tmp_path, capsys, data_cache):
