@@ -136,6 +136,7 @@ def _grad_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> 
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # several seconds: full suite only (the fast tier stays near a minute)
 @pytest.mark.parametrize("variant", ["backprop", "backprop_cnn"])
 def test_ddp_gradient_of_two_ranks_equals_the_full_batch_gradient(variant, data_cache, tmp_path):
     """What DDP + global BatchNorm computes: the all-reduced gradient of 2 ranks (uneven

@@ -309,6 +309,7 @@ def _open_and_hold(cfg, run_dir, resume, start, hold_s, results):
         results.put(("refused", str(exc)))
 
 
+@pytest.mark.slow  # several seconds: full suite only (the fast tier stays near a minute)
 def test_two_processes_creating_the_same_run_at_once_one_is_refused(tmp_path, tiny_cfg):
     """Item 3: both used to succeed (20 of 20 tries). Ten races of two processes: exactly one
     creates the run each time, the other gets one line."""

@@ -395,6 +395,7 @@ def test_dockerfile_installs_only_what_constraints_txt_pins():
             assert pins.get(key) == version, f"{name}=={version} in the Dockerfile, constraints.txt: {pins.get(key)}"
 
 
+@pytest.mark.slow  # several seconds: full suite only (the fast tier stays near a minute)
 def test_the_build_fails_when_an_installed_version_is_not_as_pinned(tmp_path):
     """The build's last step compares every installed distribution with constraints.txt; run it
     on this environment, against constraints made to match it and then made to differ."""

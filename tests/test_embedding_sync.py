@@ -75,6 +75,7 @@ def test_summed_gradient_units_record_one_gradient_per_step_and_keep_their_copy(
     assert not torch.equal(averaging.embedding.detach(), before)   # the other mode moves its copy
 
 
+@pytest.mark.slow  # several seconds: full suite only (the fast tier stays near a minute)
 def test_summed_gradient_run_resumes_exactly(tiny_config, tmp_path, monkeypatch):
     """Crash in epoch 3 after the epoch-2 sync; the resumed run ends with the same unit files
     (owner state included) as the uninterrupted one."""

@@ -78,6 +78,7 @@ class SimulatedCrash(Exception):
     pass
 
 
+@pytest.mark.slow  # several seconds: full suite only (the fast tier stays near a minute)
 def test_resume_after_a_crash_equals_an_uninterrupted_run(trained_run, tiny_cfg, tmp_path, monkeypatch):
     """A run killed in epoch 4 (after blocks 1-2 trained it, before block 3) and resumed ends with
     the same unit files and scores as the uninterrupted run."""
@@ -144,6 +145,7 @@ def test_resume_of_a_finished_run_changes_nothing_in_the_run_directory(run_copy,
     assert after == before
 
 
+@pytest.mark.slow  # several seconds: full suite only (the fast tier stays near a minute)
 @pytest.mark.parametrize("embedding", ["one_hot", "learned"])
 def test_eval_every_scores_the_chain_of_that_epoch(embedding, tiny_config, tmp_path):
     """``--eval.every 1`` on a 2-epoch run records at epoch 1 exactly the scores of a 1-epoch run

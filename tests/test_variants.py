@@ -89,6 +89,7 @@ def test_unit_training_is_deterministic_and_the_loss_falls(tiny_config, digits, 
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow  # several seconds: full suite only (the fast tier stays near a minute)
 @pytest.mark.parametrize("variant, K", [("ct", 4), ("fm", 2)])
 def test_each_variant_trains_end_to_end_and_reads_back(tiny_config, tmp_path, capsys, variant, K):
     """The tiny preset trains CT and FM (K intervals) in process; the run directory evaluates
@@ -207,6 +208,7 @@ def _data_parallel_worker(rank: int, world: int, cfg_dict: dict, out: str) -> No
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # several seconds: full suite only (the fast tier stays near a minute)
 def test_data_parallel_ct_runners_stay_in_lockstep_over_two_ranks(tiny_config, tmp_path):
     """UnitRunner(rank, world=2) over gloo, CT with a learned W_embed (summed_gradient) and
     dropout on: the interval network is data-parallel (each rank its share, its own dropout
