@@ -12,6 +12,7 @@ The paper reports 0.49 GB (MNIST) for a whole NoProp-DT run on one GPU; here it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -19,10 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from noprop_dist import config  # noqa: E402
-from noprop_dist.data import load_dataset  # noqa: E402
+from noprop_dist.data import ArraySplit, load_dataset  # noqa: E402
 from noprop_dist.dt import block as dt_block  # noqa: E402
 from noprop_dist.units import UnitRunner, make_setup, resolve_device  # noqa: E402
 
@@ -33,15 +35,20 @@ def main() -> int:
     parser.add_argument("--blocks", nargs="+", default=["paper", "small", "tiny"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--smoke-test", action="store_true")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. model.dropout=0.2 (the demo preset's value before issue 10)")
     parser.add_argument("--out", default="benchmarks/results/memory.json")
     args = parser.parse_args()
     preset = "tiny" if args.smoke_test else args.config
     rows = []
     with tempfile.TemporaryDirectory():
         for block in args.blocks:
-            cfg = config.resolve(preset, {"model.block": block, "train.batch_size": args.batch_size,
-                                          "data.limit_train": 2 * args.batch_size})
-            data = load_dataset(cfg.data)
+            overrides = {"model.block": block, "train.batch_size": args.batch_size}
+            cfg = config.resolve(preset, {**overrides, **dict(kv.split("=", 1) for kv in args.override)})
+            full = load_dataset(cfg.data)
+            # Two batches drawn at random (the MNIST subset is stored by class: its first rows share one).
+            pick = np.sort(np.random.default_rng(0).permutation(len(full.train))[:2 * args.batch_size])
+            data = dataclasses.replace(full, train=ArraySplit(np.asarray(full.train.x[pick]), np.asarray(full.train.y[pick])))
             setup = make_setup(cfg, data)
             device = resolve_device(cfg.train.device)
             if device.type == "cuda":
