@@ -37,6 +37,8 @@ def main() -> int:
     parser.add_argument("--ship-targets", default="recipe", choices=["recipe", "tensors"])
     parser.add_argument("--address", default="", help="Ray cluster to use (default: a private local Ray)")
     parser.add_argument("--smoke-test", action="store_true", help="tiny preset, for CI")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. model.dropout=0.2 (the demo preset's value before issue 10)")
     parser.add_argument("--out", default="benchmarks/results/scaling.json")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -51,7 +53,7 @@ def main() -> int:
             cfg = config.resolve(preset, {
                 "cluster.backend": "ray", "cluster.workers": workers, "cluster.address": args.address,
                 "cluster.threads_per_worker": args.threads_per_worker, "cluster.ship_targets": args.ship_targets,
-                "train.epochs": args.epochs})
+                "train.epochs": args.epochs, **dict(kv.split("=", 1) for kv in args.override)})
             connect(cfg.cluster)
             start = time.perf_counter()
             summary = train_ray(cfg, Path(tmp) / f"w{workers}", show_progress=False)
