@@ -26,7 +26,8 @@ import torch  # noqa: E402
 from noprop_dist import config  # noqa: E402
 from noprop_dist.data import ArraySplit, load_dataset  # noqa: E402
 from noprop_dist.dt import block as dt_block  # noqa: E402
-from noprop_dist.units import UnitRunner, make_setup, resolve_device  # noqa: E402
+from noprop_dist.unit_spec import make_setup, resolve_device  # noqa: E402
+from noprop_dist.units import UnitRunner  # noqa: E402
 
 
 def main() -> int:

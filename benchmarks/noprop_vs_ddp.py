@@ -87,7 +87,7 @@ def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) 
     from noprop_dist import backprop, schedule
     from noprop_dist.models import denoised_embedding
     from noprop_dist.dt import DTObjective, HEAD, block, dt_block_loss
-    from noprop_dist.units import make_setup
+    from noprop_dist.unit_spec import make_setup
 
     setup = make_setup(cfg, data)
     x_all = torch.randn(max(batch_sizes), *data.input_shape)
@@ -143,8 +143,8 @@ def bare_block_epoch_seconds(cfg: config.Config, data) -> float:
     pre-normalised in memory, targets drawn inline): the floor a NoProp block-epoch is held to."""
     from noprop_dist import schedule
     from noprop_dist.data import normalize
-    from noprop_dist.dt import DTObjective, HEAD, block, dt_block_loss
-    from noprop_dist.units import make_setup
+    from noprop_dist.dt import DTObjective, block, dt_block_loss
+    from noprop_dist.unit_spec import make_setup
 
     setup = make_setup(cfg, data)
     block = DTObjective().build_module(block(2), setup).train()
@@ -169,7 +169,8 @@ def lean_loop(cfg: config.Config, data, repeats: int = 3) -> dict[str, float]:
     dropout, memory accounting, metrics) against the bare step loop, in this process,
     alternated ``repeats`` times; the best of each."""
     from noprop_dist.dt import block
-    from noprop_dist.units import UnitRunner, make_setup
+    from noprop_dist.unit_spec import make_setup
+    from noprop_dist.units import UnitRunner
 
     setup = make_setup(cfg, data)
     bare, unit = [], []

@@ -52,9 +52,9 @@ from .unit_runs import load_module_state
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run
 from .models import BLOCK_SIZES, BackpropChain, SingleTowerCNN
 from .preflight import StepProbe, check_unit, device_memory_budget
-from .units import (DROPOUT, INIT, NOISE, RANK_STREAM_STRIDE, SHUFFLE, ByteCounter, SavedTensorMeter,
-                    counting_allreduce, derive_seed, diverged, load_optimizer_state, make_embedding,
-                    optimizer_state_tensors, resolve_device, rss_bytes, shard, training_state_bytes)
+from .unit_spec import DROPOUT, INIT, NOISE, RANK_STREAM_STRIDE, SHUFFLE, derive_seed, make_embedding, resolve_device
+from .units import (ByteCounter, SavedTensorMeter, counting_allreduce, diverged, load_optimizer_state,
+                    optimizer_state_tensors, rss_bytes, shard, training_state_bytes)
 
 # The differentiable all-reduce's deprecation names a private replacement; keep the public one.
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")

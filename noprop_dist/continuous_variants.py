@@ -45,8 +45,8 @@ from .dt import COMMON_SCHEMA, HEAD, common_manifest_fields, example_images
 from .inference import RawImageChain
 from .models import BLOCK_SIZES, OutputHead
 from .preflight import StepProbe
-from .units import (NOISE, PASS_STRIDE, UnitObjective, UnitRunner, UnitSetup, UnitSpec, derive_seed,
-                    seeded_module)
+from .unit_spec import NOISE, PASS_STRIDE, UnitObjective, UnitSetup, UnitSpec, derive_seed, seeded_module
+from .units import UnitRunner
 
 TIME = 4
 """derive_seed stream of the uniform draws that place each example's t inside its interval."""

@@ -9,7 +9,7 @@ This is the only module that imports Ray. The coordinator (the driver process):
   (named after their blocks, so the Ray dashboard shows them), plus one for the head;
 * owns the noisy targets: for every (unit, epoch) it hands out the closed-form sampling of
   ``z_{t-1} ~ q(z_{t-1} | y)`` either as a *recipe* (the seed of the unit's noise, from which
-  the variant's ``epoch_noise`` (:class:`noprop_dist.units.UnitObjective`) rebuilds the exact tensor on the worker) or as the
+  the variant's ``epoch_noise`` (:class:`noprop_dist.unit_spec.UnitObjective`) rebuilds the exact tensor on the worker) or as the
   *tensor* itself through the object store (``cluster.ship_targets``). Both give the same
   bits because both call the same function with the same seed; recipe is the default as it
   moves 8 bytes instead of N*d*4;
@@ -52,7 +52,8 @@ from .placement import Layout, Traffic, plan_layout, serialized_bytes, worker_na
 from .ray_cluster import connect, first_line
 from .preflight import StepEstimate, check_unit, worker_memory
 from .unit_runs import EMBEDDING_FILE, embedding_owner, eval_due, evaluate_during_training, synchronise
-from .units import SHARED_EMBEDDING, UnitRunner, UnitSetup, UnitSpec, make_setup, resolve_device, shared_of
+from .unit_spec import SHARED_EMBEDDING, UnitSetup, UnitSpec, make_setup, resolve_device, shared_of
+from .units import UnitRunner
 
 PLACEMENT_TIMEOUT_S = 60.0
 POLL_S = 0.2

@@ -178,7 +178,7 @@ def train_noprop_ddp(cfg: Config, run_dir: str | Path, resume: bool = False,
 
     The config allows only the variants that declare ``ddp`` (:mod:`noprop_dist.variants`).
     """
-    from .units import make_setup
+    from .unit_spec import make_setup
 
     data = load_data(cfg)
     setup = make_setup(cfg, data)

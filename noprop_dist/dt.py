@@ -25,7 +25,8 @@ from .data import ArraySplit, Dataset
 from .inference import NoPropChain, RawImageChain, draw_noise, evaluate
 from .models import BLOCK_SIZES, DTBlock, OutputHead, denoised_embedding
 from .preflight import StepProbe
-from .units import NOISE, PASS_STRIDE, UnitObjective, UnitRunner, UnitSetup, UnitSpec, derive_seed, seeded_module
+from .unit_spec import NOISE, PASS_STRIDE, UnitObjective, UnitSetup, UnitSpec, derive_seed, seeded_module
+from .units import UnitRunner
 
 
 def block(t: int) -> UnitSpec:

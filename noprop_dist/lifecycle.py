@@ -131,7 +131,7 @@ def finish_run(run: RunDir, cfg: Config, data: Dataset, train_seconds: float,
     ``extra`` holds the trainer's own figures (backend, workers, bytes, memory).
     """
     from .plots import plot_run
-    from .units import resolve_device
+    from .unit_spec import resolve_device
     from .variants import get_variant
 
     train_seconds += run.manifest().get("train_seconds_done", 0.0)

@@ -28,7 +28,8 @@ from .errors import TrainingDiverged
 from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
 from .preflight import check_unit, device_memory_budget
 from .unit_runs import EMBEDDING_FILE, embedding_owner, eval_due, evaluate_during_training, save_unit, synchronise
-from .units import UnitRunner, UnitSetup, make_setup, resolve_device
+from .unit_spec import UnitSetup, make_setup, resolve_device
+from .units import UnitRunner
 
 
 def train_local(cfg: Config, run_dir: str | Path, resume: bool = False,

@@ -16,7 +16,7 @@ from typing import Any
 from .config import ClusterConfig
 from .errors import ClusterError
 from .ray_cluster import worker_capacity
-from .units import UnitSpec
+from .unit_spec import UnitSpec
 
 
 # ---------------------------------------------------------------------------------------

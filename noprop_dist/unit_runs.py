@@ -17,7 +17,8 @@ from .config import EvalConfig
 from .data import ArraySplit
 from .embedding_sync import EmbeddingOwner
 from .errors import CheckpointError
-from .units import SHARED_EMBEDDING, UnitRunner, UnitSetup, average_shared, shared_of
+from .unit_spec import SHARED_EMBEDDING, UnitSetup, average_shared, shared_of
+from .units import UnitRunner
 
 EMBEDDING_FILE = "embedding"
 """The run's final W_embed (``embedding.safetensors``)."""

@@ -19,7 +19,7 @@ Variants:
 * ``fm``: NoProp-FM, a time-conditioned velocity field trained by flow matching
   (Eqs. 10-13), Euler-integrated at inference; distributed as CT.
 
-A NoProp variant also names its *objective*, the :class:`~noprop_dist.units.UnitObjective`
+A NoProp variant also names its *objective*, the :class:`~noprop_dist.unit_spec.UnitObjective`
 that the unit loop calls (its units, modules, targets, losses, shared tensors and chain).
 * ``backprop``: the paper's structure-matched baseline (Eqs. 17-19): the same T blocks
   chained end to end, ``z_t = (1 - alpha_t) z_{t-1} + alpha_t u_hat_t(z_{t-1}, x)`` with
@@ -53,7 +53,7 @@ class Variant:
         return load_target(self.predictor)(run)
 
     def objective(self):
-        """The variant's :class:`~noprop_dist.units.UnitObjective` (one shared instance)."""
+        """The variant's :class:`~noprop_dist.unit_spec.UnitObjective` (one shared instance)."""
         if self.objective_class not in _OBJECTIVES:
             _OBJECTIVES[self.objective_class] = load_target(self.objective_class)()
         return _OBJECTIVES[self.objective_class]

@@ -28,7 +28,8 @@ from noprop_dist.config import from_dict, resolve, to_toml
 from noprop_dist.errors import ConfigError, NoPropError
 from noprop_dist.dt import DTObjective
 from noprop_dist.dt import block as dt_block
-from noprop_dist.units import SavedTensorMeter, make_setup
+from noprop_dist.unit_spec import make_setup
+from noprop_dist.units import SavedTensorMeter
 
 
 def _train(run_dir: Path, data_cache: str, *extra: str) -> int:

@@ -15,7 +15,8 @@ from noprop_dist.config import TrainConfig
 from noprop_dist.embedding_sync import EmbeddingOwner, per_step
 from noprop_dist.local import train_local
 from noprop_dist.dt import HEAD, block
-from noprop_dist.units import UnitRunner, make_setup
+from noprop_dist.unit_spec import make_setup
+from noprop_dist.units import UnitRunner
 
 
 class SimulatedCrash(Exception):

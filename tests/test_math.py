@@ -23,7 +23,8 @@ from noprop_dist.data import load_dataset
 from noprop_dist.inference import NoPropChain
 from noprop_dist.models import class_medoids, denoised_embedding, initial_embedding
 from noprop_dist.dt import HEAD, block
-from noprop_dist.units import UnitRunner, make_setup
+from noprop_dist.unit_spec import make_setup
+from noprop_dist.units import UnitRunner
 
 # softmax of (ORACLE_LOGIT, 0, ...) in float32 is exactly one-hot: exp(-1e4) underflows to 0.
 ORACLE_LOGIT = 1e4

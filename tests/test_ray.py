@@ -29,7 +29,7 @@ from noprop_dist.dt import block  # noqa: E402
 from noprop_dist.errors import ClusterError  # noqa: E402
 from noprop_dist.local import train_local  # noqa: E402
 from noprop_dist.models import initial_embedding  # noqa: E402
-from noprop_dist.units import EMBED_SEED_UNIT, INIT, derive_seed  # noqa: E402
+from noprop_dist.unit_spec import EMBED_SEED_UNIT, INIT, derive_seed  # noqa: E402
 
 LOGICAL_CPUS = 8
 LOGICAL_GPUS = 4

@@ -19,8 +19,8 @@ from noprop_dist.config import apply_overrides, validate
 from noprop_dist.data import load_dataset, normalize
 from noprop_dist.models import BLOCK_SIZES, DTBlock, denoised_embedding
 from noprop_dist.dt import HEAD, block
-from noprop_dist.units import (DROPOUT, UnitRunner, average_embeddings, derive_seed, epoch_order, make_setup,
-                               train_unit)
+from noprop_dist.unit_spec import DROPOUT, average_embeddings, derive_seed, epoch_order, make_setup
+from noprop_dist.units import UnitRunner, train_unit
 
 
 def epoch_noise(setup, unit, epoch, n):

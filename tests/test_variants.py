@@ -21,7 +21,8 @@ from noprop_dist.dt import HEAD, DTObjective
 from noprop_dist.errors import ConfigError
 from noprop_dist.local import train_local
 from noprop_dist.trainers import find_trainer
-from noprop_dist.units import UnitRunner, make_setup, train_unit
+from noprop_dist.unit_spec import make_setup
+from noprop_dist.units import UnitRunner, train_unit
 from noprop_dist.variants import get_variant
 
 FAST = {"continuous.steps": "16", "train.threads": "1"}

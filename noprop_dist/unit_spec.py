@@ -1,0 +1,224 @@
+"""What a NoProp run's units are, and what a variant tells the unit loop.
+
+* :class:`UnitSpec` names one independently trained unit (DT's block t or head, CT/FM's
+  time-interval network or CT's head); :class:`UnitSetup` is what all units of a run share.
+* :class:`UnitObjective` is the interface each variant implements (:mod:`noprop_dist.dt`,
+  :mod:`noprop_dist.continuous_variants`): its units, each unit's module, optimiser, target
+  noise and loss, and the shared tensors to synchronise. The loop that calls it is
+  :class:`noprop_dist.units.UnitRunner`.
+* Seeds: every random draw of a unit comes from ``derive_seed(run seed, unit.seed_id,
+  epoch, stream)``, never from the worker's identity.
+* Shared tensors: W_embed (when learned) and the module state under a variant's
+  ``shared_prefixes`` (CT's schedule), as a unit holds them and as the trainers average them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import schedule
+from .config import Config, ContinuousConfig, ModelConfig, TrainConfig
+from .data import Dataset, normalize
+from .models import class_medoids, embedding_dim, initial_embedding
+from .preflight import StepProbe
+
+# Streams of derive_seed; pass p of a multi-pass unit uses PASS_STRIDE * (p + 1) + stream.
+SHUFFLE, NOISE, DROPOUT, INIT = 0, 1, 2, 3
+PASS_STRIDE = 10
+RANK_STREAM_STRIDE = 10
+"""Dropout of data-parallel rank r uses stream DROPOUT + RANK_STREAM_STRIDE * r: ranks draw
+different masks, and rank 0 draws the stream of a run without data parallelism."""
+EMBED_SEED_UNIT = -1
+PROTOTYPE_MAX_PER_CLASS = 1000  # medoid search is quadratic in the class size
+SHARED_EMBEDDING = "embedding"
+"""The key of W_embed among a unit's shared tensors and in its checkpoint."""
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """One independently trained unit of a run.
+
+    ``name`` names its checkpoint and progress bar; ``seed_id`` is the unit's id in
+    :func:`derive_seed` (DT: block t is t and the head 0, as before units had names);
+    ``role`` is ``block``, ``head`` or ``interval``; ``index`` is DT's block t or CT/FM's
+    interval k (1-based); ``t_range`` is the interval of times an ``interval`` unit trains on.
+    """
+
+    name: str
+    seed_id: int
+    role: str
+    index: int = 0
+    t_range: tuple[float, float] | None = None
+
+
+def derive_seed(run_seed: int, unit: int, epoch: int, stream: int) -> int:
+    """A 63-bit seed that depends only on (run seed, unit id, epoch, stream)."""
+    seq = np.random.SeedSequence([run_seed, unit + 1, epoch, stream])
+    return int(seq.generate_state(1, dtype=np.uint64)[0] & np.uint64(2**63 - 1))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class UnitSetup:
+    """What all units of a run share; identical on every worker (the coordinator ships it)."""
+
+    model: ModelConfig
+    train: TrainConfig
+    alpha_bar: tuple[float, ...]          # DT: t = 0..T; CT: its ends initialise the learned schedule
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    embedding: torch.Tensor               # initial W_embed (m, d)
+    variant: str = "dt"
+    continuous: ContinuousConfig = ContinuousConfig()
+
+    @property
+    def T(self) -> int:
+        """DT's number of blocks (the length of its fixed schedule)."""
+        return len(self.alpha_bar) - 1
+
+    @property
+    def learnable_embedding(self) -> bool:
+        return self.model.embedding != "one_hot"
+
+    @property
+    def objective(self) -> "UnitObjective":
+        """The variant's side of the unit loop (looked up in :mod:`noprop_dist.variants`)."""
+        from .variants import get_variant
+
+        return get_variant(self.variant).objective()
+
+    @property
+    def units(self) -> list[UnitSpec]:
+        return self.objective.units(self)
+
+    def unit(self, name: str) -> UnitSpec:
+        for spec in self.units:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    @property
+    def syncs_shared(self) -> bool:
+        """Do the units hold copies of shared tensors that the trainer synchronises?"""
+        return self.learnable_embedding or bool(self.objective.shared_prefixes)
+
+
+def make_setup(cfg: Config, data: Dataset) -> UnitSetup:
+    """Schedule and initial embedding for a run."""
+    ab = schedule.alpha_bar_from_config(cfg.schedule)
+    embedding = make_embedding(cfg, data)
+    return UnitSetup(model=cfg.model, train=cfg.train, alpha_bar=tuple(float(v) for v in ab),
+                     num_classes=data.num_classes, input_shape=data.input_shape,
+                     mean=data.mean, std=data.std, embedding=embedding, variant=cfg.variant,
+                     continuous=cfg.continuous)
+
+
+def make_embedding(cfg: Config, data: Dataset) -> torch.Tensor:
+    """The run's initial W_embed (m, d), seeded (prototype: per-class medoids of the train set)."""
+    d = embedding_dim(cfg.model.embedding, data.num_classes, data.input_shape, cfg.model.embed_dim)
+    prototypes = None
+    if cfg.model.embedding == "prototype":
+        x = normalize(np.asarray(data.train.x), data.mean, data.std)
+        y = torch.from_numpy(np.array(data.train.y))
+        prototypes = class_medoids(x, y, data.num_classes, PROTOTYPE_MAX_PER_CLASS,
+                                   derive_seed(cfg.train.seed, EMBED_SEED_UNIT, 0, INIT))
+    return initial_embedding(cfg.model.embedding, data.num_classes, d,
+                             derive_seed(cfg.train.seed, EMBED_SEED_UNIT, 0, INIT), prototypes)
+
+
+def seeded_module(unit: UnitSpec, setup: UnitSetup, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` under the global RNG seeded from the unit's own init seed (restored after)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(setup.train.seed, unit.seed_id, 0, INIT))
+        return build()
+
+
+def epoch_order(setup: UnitSetup, unit: UnitSpec, epoch: int, n: int, stream: int = -1) -> torch.Tensor:
+    """The unit's shuffle of the n training examples for one epoch (pass ``stream`` of a
+    multi-pass unit, -1 for a single pass)."""
+    s = SHUFFLE if stream < 0 else PASS_STRIDE * (stream + 1) + SHUFFLE
+    gen = torch.Generator().manual_seed(derive_seed(setup.train.seed, unit.seed_id, epoch, s))
+    return torch.randperm(n, generator=gen)
+
+
+class UnitObjective:
+    """What a NoProp variant tells the unit loop; one instance per variant, stateless.
+
+    The loop (:class:`UnitRunner`) owns the module, the optimiser, the embedding copy, the
+    batches, the seeds and the bookkeeping; the variant says everything that is its math.
+    """
+
+    name = ""
+    shared_prefixes: tuple[str, ...] = ()
+    """Module-state prefixes (e.g. ``"schedule."``) every unit holds a copy of, synchronised like W_embed."""
+
+    def units(self, setup: UnitSetup) -> list[UnitSpec]:
+        """Every unit of a run, in the trainers' fixed order."""
+        raise NotImplementedError
+
+    def build_module(self, unit: UnitSpec, setup: UnitSetup) -> nn.Module:
+        """The unit's network, initialised from its own seed (use :func:`seeded_module`)."""
+        raise NotImplementedError
+
+    def optimizer(self, params: list[torch.Tensor], train: TrainConfig) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+    def passes(self, unit: UnitSpec, setup: UnitSetup) -> list[int]:
+        """The passes over the data of one epoch: ``[-1]`` for one pass, ``[0..P-1]`` for P
+        passes, each with its own shuffle and a slice of the epoch noise (``noise[p]``)."""
+        return [-1]
+
+    def needs_images(self, unit: UnitSpec) -> bool:
+        return True
+
+    def epoch_noise(self, unit: UnitSpec, setup: UnitSetup, epoch: int, n: int) -> torch.Tensor:
+        """All randomness of the unit's closed-form targets for one epoch, row i for training
+        example i (with a leading pass axis for a multi-pass unit). The coordinator either
+        ships this tensor or lets the worker call this same function (the noise recipe)."""
+        raise NotImplementedError
+
+    def batch_loss(self, runner: Any, x: torch.Tensor | None, y: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+        """The unit's loss on one batch: images ``x`` (normalised, or None), labels ``y`` and
+        the batch's rows of the epoch noise. Reads ``runner.module``, ``runner.embedding``, ``runner.unit`` and ``runner.setup`` (a :class:`noprop_dist.units.UnitRunner`)."""
+        raise NotImplementedError
+
+    def step_probe(self, setup: UnitSetup, n_train: int) -> StepProbe:
+        """The dry run of the largest unit's training step (:mod:`~noprop_dist.preflight`)."""
+        raise NotImplementedError
+
+
+def shared_of(state: dict[str, torch.Tensor], setup: UnitSetup) -> dict[str, torch.Tensor]:
+    """The shared tensors inside a unit's state (or checkpoint): ``embedding`` when the
+    embedding is learned, and ``model/<prefix>...`` for the variant's shared prefixes."""
+    prefixes = tuple(f"model/{p}" for p in setup.objective.shared_prefixes)
+    out = {k: v for k, v in state.items() if prefixes and k.startswith(prefixes)}
+    if setup.learnable_embedding:
+        out[SHARED_EMBEDDING] = state[SHARED_EMBEDDING]
+    return out
+
+
+def average_shared(copies: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The synchronised shared tensors: per key, the mean of the units' copies (units in the
+    trainers' fixed order, so every trainer computes the same float sums)."""
+    keys = set(copies[0])
+    if any(set(c) != keys for c in copies):
+        raise ValueError("units hold different shared tensors")
+    return {k: average_embeddings([c[k] for c in copies]) for k in sorted(keys)}
+
+
+def average_embeddings(copies: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of the units' copies of one shared tensor (same order everywhere)."""
+    return torch.stack([c.detach().cpu().float() for c in copies]).mean(0)
