@@ -192,7 +192,8 @@ class UnitObjective:
     def batch_loss(self, runner: Any, x: torch.Tensor | None, y: torch.Tensor,
                    rows: torch.Tensor) -> torch.Tensor:
         """The unit's loss on one batch: images ``x`` (normalised, or None), labels ``y`` and
-        the batch's rows of the epoch noise. Reads ``runner.module``, ``runner.embedding``, ``runner.unit`` and ``runner.setup`` (a :class:`noprop_dist.units.UnitRunner`)."""
+        the batch's rows of the epoch noise. Reads ``runner.module``, ``runner.embedding``,
+        ``runner.unit`` and ``runner.setup`` (a :class:`noprop_dist.units.UnitRunner`)."""
         raise NotImplementedError
 
     def step_probe(self, setup: UnitSetup, n_train: int) -> StepProbe:
