@@ -45,7 +45,7 @@ from .dt import COMMON_SCHEMA, HEAD, common_manifest_fields, example_images
 from .inference import RawImageChain
 from .models import BLOCK_SIZES, OutputHead
 from .preflight import StepProbe
-from .unit_spec import NOISE, PASS_STRIDE, UnitObjective, UnitSetup, UnitSpec, derive_seed, seeded_module
+from .unit_spec import NOISE, UnitObjective, UnitSetup, UnitSpec, derive_seed, head_noise, seeded_module
 from .units import UnitRunner
 
 TIME = 4
@@ -163,19 +163,9 @@ class CTObjective(ContinuousObjective):
                               copy)
         return IntervalModule(seeded_module(unit, setup, lambda: self.network(setup)), copy)
 
-    def passes(self, unit: UnitSpec, setup: UnitSetup) -> list[int]:
-        return list(range(setup.train.head_passes)) if unit.role == "head" else [-1]
-
-    def needs_images(self, unit: UnitSpec) -> bool:
-        return unit.role != "head"
-
     def epoch_noise(self, unit: UnitSpec, setup: UnitSetup, epoch: int, n: int) -> torch.Tensor:
         if unit.role == "head":   # (head_passes, n, d): the noise of z_1 for each pass
-            d = setup.embedding.shape[1]
-            return torch.stack([
-                schedule.marginal_noise(n, d, derive_seed(setup.train.seed, unit.seed_id, epoch,
-                                                          PASS_STRIDE * (p + 1) + NOISE))
-                for p in range(setup.train.head_passes)])
+            return head_noise(unit, setup, epoch, n)
         return time_noise(unit, setup, epoch, n)
 
     def batch_loss(self, runner: UnitRunner, x: torch.Tensor | None, y: torch.Tensor,

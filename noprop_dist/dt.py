@@ -25,7 +25,7 @@ from .data import ArraySplit, Dataset
 from .inference import NoPropChain, RawImageChain, draw_noise, evaluate
 from .models import BLOCK_SIZES, DTBlock, OutputHead, denoised_embedding
 from .preflight import StepProbe
-from .unit_spec import NOISE, PASS_STRIDE, UnitObjective, UnitSetup, UnitSpec, derive_seed, seeded_module
+from .unit_spec import NOISE, UnitObjective, UnitSetup, UnitSpec, derive_seed, head_noise, seeded_module
 from .units import UnitRunner
 
 
@@ -80,23 +80,13 @@ class DTObjective(UnitObjective):
         return seeded_module(unit, setup, lambda: DTBlock(setup.input_shape, d, setup.num_classes,
                                                           BLOCK_SIZES[setup.model.block], setup.model.dropout))
 
-    def passes(self, unit: UnitSpec, setup: UnitSetup) -> list[int]:
-        # The head is cheap and independent: head_passes passes over the labels per epoch.
-        return list(range(setup.train.head_passes)) if unit.role == "head" else [-1]
-
-    def needs_images(self, unit: UnitSpec) -> bool:
-        return unit.role != "head"
-
     def epoch_noise(self, unit: UnitSpec, setup: UnitSetup, epoch: int, n: int) -> torch.Tensor:
         """Blocks: (n, d), row i is the noise of training example i's z_{t-1}.
         Head: (head_passes, n, d), the noise of z_T for each pass over the labels."""
-        d = setup.embedding.shape[1]
-        seed = setup.train.seed
         if unit.role == "head":
-            return torch.stack([
-                schedule.marginal_noise(n, d, derive_seed(seed, unit.seed_id, epoch, PASS_STRIDE * (p + 1) + NOISE))
-                for p in range(setup.train.head_passes)])
-        return schedule.marginal_noise(n, d, derive_seed(seed, unit.seed_id, epoch, NOISE))
+            return head_noise(unit, setup, epoch, n)
+        seed = derive_seed(setup.train.seed, unit.seed_id, epoch, NOISE)
+        return schedule.marginal_noise(n, setup.embedding.shape[1], seed)
 
     def batch_loss(self, runner: UnitRunner, x: torch.Tensor | None, y: torch.Tensor,
                    rows: torch.Tensor) -> torch.Tensor:

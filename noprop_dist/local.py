@@ -105,7 +105,7 @@ def train_units(run: RunDir, cfg: Config, setup: UnitSetup, train: ArraySplit, t
             for runner in runners:
                 save_unit(run, runner, finished=runner.epochs_done == epochs, owner=owner)
         if writes and eval_due(cfg.eval, epoch, epochs):
-            states = {r.name: r.state_tensors() for r in runners}
+            states = {r.name: r.model_tensors() for r in runners}
             record = evaluate_during_training(run, setup, states, test, cfg.eval, epoch, device)
             eval_seconds += record["eval_seconds"]
             bar.set_postfix_str(f"epoch {epoch} test accuracy {record['test_accuracy']:.4f}")

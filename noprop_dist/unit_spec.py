@@ -177,11 +177,13 @@ class UnitObjective:
 
     def passes(self, unit: UnitSpec, setup: UnitSetup) -> list[int]:
         """The passes over the data of one epoch: ``[-1]`` for one pass, ``[0..P-1]`` for P
-        passes, each with its own shuffle and a slice of the epoch noise (``noise[p]``)."""
-        return [-1]
+        passes, each with its own shuffle and a slice of the epoch noise (``noise[p]``). A
+        head is cheap and independent: ``train.head_passes`` passes over the labels."""
+        return list(range(setup.train.head_passes)) if unit.role == "head" else [-1]
 
     def needs_images(self, unit: UnitSpec) -> bool:
-        return True
+        """A head reads labels only (its input is sampled from them); other units read images."""
+        return unit.role != "head"
 
     def epoch_noise(self, unit: UnitSpec, setup: UnitSetup, epoch: int, n: int) -> torch.Tensor:
         """All randomness of the unit's closed-form targets for one epoch, row i for training
@@ -223,3 +225,12 @@ def average_shared(copies: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
 def average_embeddings(copies: list[torch.Tensor]) -> torch.Tensor:
     """The mean of the units' copies of one shared tensor (same order everywhere)."""
     return torch.stack([c.detach().cpu().float() for c in copies]).mean(0)
+
+
+def head_noise(unit: UnitSpec, setup: UnitSetup, epoch: int, n: int) -> torch.Tensor:
+    """A head unit's epoch noise (head_passes, n, d): the noise of its closed-form input
+    (DT's z_T, CT's z_1) for each pass over the labels."""
+    d = setup.embedding.shape[1]
+    return torch.stack([
+        schedule.marginal_noise(n, d, derive_seed(setup.train.seed, unit.seed_id, epoch, PASS_STRIDE * (p + 1) + NOISE))
+        for p in range(setup.train.head_passes)])

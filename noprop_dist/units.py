@@ -151,10 +151,17 @@ class UnitRunner:
                     state[key] = value.to(self.device)
         return self
 
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """The unit's weights (``model/<key>``) and its W_embed copy, on the CPU: what a
+        predictor reads, without the optimizer state of :meth:`state_tensors`."""
+        out = {f"model/{k}": v for k, v in self.module.state_dict().items()}
+        out[SHARED_EMBEDDING] = self.embedding
+        return {k: v.detach().cpu().clone() for k, v in out.items()}
+
     def shared_tensors(self) -> dict[str, torch.Tensor]:
         """This unit's copies of the run's shared tensors (CPU): W_embed when it is learned,
         and the module state under the variant's shared prefixes (as ``model/<key>``)."""
-        return shared_of(self.state_tensors(), self.setup)
+        return shared_of(self.model_tensors(), self.setup)
 
     def set_shared(self, shared: dict[str, torch.Tensor]) -> None:
         """Take the synchronised shared tensors (the optimizer's moments stay the unit's)."""
