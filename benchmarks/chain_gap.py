@@ -3,7 +3,7 @@
 Each named setting below is the ``demo`` preset as it was when these runs were made (MNIST
 subset 4,000 / 1,000, ``small`` block, T = 10, one-hot, dropout 0.2, 5 epochs: ``BASE`` pins
 the two values the preset has since changed) plus the overrides it lists, trained in this process
-(``noprop_dist.local.train_local``, ``--threads`` torch threads, default 2, ``--eval.every 1``
+(``noprop_dist.trainers.local.train_local``, ``--threads`` torch threads, default 2, ``--eval.every 1``
 so that one run gives the whole epoch curve). For each run the script records the final chain accuracy with and
 without the Eq. 3 noise, the best block alone (fed fresh N(0, I) noise), every block's
 accuracy inside the chain (block t's own prediction from the chain's z_{t-1}, i.e. the chain
@@ -59,10 +59,10 @@ from torch import nn  # noqa: E402
 from noprop_dist import config as config_mod  # noqa: E402
 from noprop_dist import schedule  # noqa: E402
 from noprop_dist.data import ArraySplit, load_dataset, normalize  # noqa: E402
-from noprop_dist.dt import load_chain  # noqa: E402
-from noprop_dist.inference import NoPropChain, draw_noise  # noqa: E402
-from noprop_dist.local import train_local  # noqa: E402
-from noprop_dist.models import denoised_embedding  # noqa: E402
+from noprop_dist.variants.dt import load_chain  # noqa: E402
+from noprop_dist.nets.chain import NoPropChain, draw_noise  # noqa: E402
+from noprop_dist.trainers.local import train_local  # noqa: E402
+from noprop_dist.nets.blocks import denoised_embedding  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # The settings. Each: overrides of the preset, what it tests, whether it stays within the paper
@@ -196,7 +196,7 @@ def chain_outputs(chain: NoPropChain, split: ArraySplit, seed: int, batch_size: 
     """Predictions of the chain (head on z_T, with and without the Eq. 3 noise), each block's
     softmax inside the chain (with the noise) and each block's softmax alone on fresh noise.
 
-    The noise is drawn exactly as :func:`noprop_dist.inference.evaluate` draws it (same
+    The noise is drawn exactly as :func:`noprop_dist.nets.chain.evaluate` draws it (same
     generator, same order), so with ``bn_batch_stats=False`` the accuracies equal the run's
     summary. ``bn_batch_stats``: BatchNorm normalises with the statistics of each batch.
     ``full=False``: only the chain with the noise (the other entries are empty)."""

@@ -25,9 +25,9 @@ import torch  # noqa: E402
 
 from noprop_dist import config  # noqa: E402
 from noprop_dist.data import ArraySplit, load_dataset  # noqa: E402
-from noprop_dist.dt import block as dt_block  # noqa: E402
-from noprop_dist.unit_spec import make_setup, resolve_device  # noqa: E402
-from noprop_dist.units import UnitRunner  # noqa: E402
+from noprop_dist.variants.dt import block as dt_block  # noqa: E402
+from noprop_dist.variants.base import make_setup, resolve_device  # noqa: E402
+from noprop_dist.training.runner import UnitRunner  # noqa: E402
 
 
 def main() -> int:

@@ -70,8 +70,8 @@ def _timed_steps(step, batches: int, warmup: int = 2, repeats: int = 3) -> float
 def _memory(net, opt, forward) -> dict[str, int]:
     """Parameters + gradients + optimizer state, saved activations of one forward at batch B,
     and the resident (checkpointed) size: weights, buffers and optimizer state."""
-    from noprop_dist.backprop import state_bytes
-    from noprop_dist.units import SavedTensorMeter
+    from noprop_dist.variants.backprop import state_bytes
+    from noprop_dist.training.meters import SavedTensorMeter
 
     with SavedTensorMeter(True, net) as meter:
         forward()
@@ -84,10 +84,11 @@ def _memory(net, opt, forward) -> dict[str, int]:
 def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) -> dict[str, Any]:
     """Seconds per optimizer step of each network at each per-worker batch (this process,
     ``train.threads`` threads), the bare loop: no data loading, logging or accounting."""
-    from noprop_dist import backprop, schedule
-    from noprop_dist.models import denoised_embedding
-    from noprop_dist.dt import DTObjective, HEAD, block, dt_block_loss
-    from noprop_dist.unit_spec import make_setup
+    from noprop_dist.variants import backprop
+    from noprop_dist.core import schedule
+    from noprop_dist.nets.blocks import denoised_embedding
+    from noprop_dist.variants.dt import DTObjective, HEAD, block, dt_block_loss
+    from noprop_dist.variants.base import make_setup
 
     setup = make_setup(cfg, data)
     x_all = torch.randn(max(batch_sizes), *data.input_shape)
@@ -141,10 +142,10 @@ def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) 
 def bare_block_epoch_seconds(cfg: config.Config, data) -> float:
     """One epoch of the bare step loop of one block over the real training split (data
     pre-normalised in memory, targets drawn inline): the floor a NoProp block-epoch is held to."""
-    from noprop_dist import schedule
+    from noprop_dist.core import schedule
     from noprop_dist.data import normalize
-    from noprop_dist.dt import DTObjective, block, dt_block_loss
-    from noprop_dist.unit_spec import make_setup
+    from noprop_dist.variants.dt import DTObjective, block, dt_block_loss
+    from noprop_dist.variants.base import make_setup
 
     setup = make_setup(cfg, data)
     block = DTObjective().build_module(block(2), setup).train()
@@ -168,9 +169,9 @@ def lean_loop(cfg: config.Config, data, repeats: int = 3) -> dict[str, float]:
     """The unit loop (UnitRunner.run_epoch: data gathering, closed-form targets, seeded
     dropout, memory accounting, metrics) against the bare step loop, in this process,
     alternated ``repeats`` times; the best of each."""
-    from noprop_dist.dt import block
-    from noprop_dist.unit_spec import make_setup
-    from noprop_dist.units import UnitRunner
+    from noprop_dist.variants.dt import block
+    from noprop_dist.variants.base import make_setup
+    from noprop_dist.training.runner import UnitRunner
 
     setup = make_setup(cfg, data)
     bare, unit = [], []
@@ -186,7 +187,7 @@ def lean_loop(cfg: config.Config, data, repeats: int = 3) -> dict[str, float]:
 def _bare_epoch_process(cfg_dict: dict, start_at: float, queue) -> None:
     torch.set_num_threads(1)
     cfg = config.from_dict(cfg_dict)
-    from noprop_dist.lifecycle import load_data
+    from noprop_dist.run.lifecycle import load_data
 
     data = load_data(cfg)
     bare_block_epoch_seconds(cfg, data)   # warm up (allocator, caches) before the common start
@@ -266,7 +267,7 @@ def run_method(method: str, workers: int, cfg: config.Config, run_dir: Path) -> 
     """Train one (method, N) and return its record."""
     launched = time.perf_counter()
     if method == "noprop":
-        from noprop_dist.coordinator import train_ray
+        from noprop_dist.trainers.ray.coordinator import train_ray
 
         mcfg = config.apply_overrides(cfg, {"cluster.backend": "ray", "cluster.workers": workers}, "benchmark")
         summary = train_ray(mcfg, run_dir, show_progress=False)
@@ -275,11 +276,11 @@ def run_method(method: str, workers: int, cfg: config.Config, run_dir: Path) -> 
         mcfg = config.apply_overrides(cfg, {"variant": method, "cluster.backend": backend,
                                             "cluster.workers": workers}, "benchmark")
         if backend == "local":
-            from noprop_dist.backprop import train_backprop_local
+            from noprop_dist.variants.backprop import train_backprop_local
 
             summary = train_backprop_local(mcfg, run_dir, show_progress=False)
         else:
-            from noprop_dist.ddp import train_ddp
+            from noprop_dist.trainers.ddp import train_ddp
 
             summary = train_ddp(mcfg, run_dir, show_progress=False)
     wall = time.perf_counter() - launched
@@ -288,7 +289,7 @@ def run_method(method: str, workers: int, cfg: config.Config, run_dir: Path) -> 
 
 def make_record(method: str, workers: int, cfg: config.Config, summary: dict, run_dir: Path,
                 wall: float) -> dict[str, Any]:
-    from noprop_dist.checkpoint import RunDir
+    from noprop_dist.run.rundir import RunDir
 
     epochs = cfg.train.epochs
     n = summary["train_examples"]
@@ -442,8 +443,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from noprop_dist.lifecycle import load_data
-    from noprop_dist.ray_cluster import connect
+    from noprop_dist.run.lifecycle import load_data
+    from noprop_dist.trainers.ray.cluster import connect
 
     data = load_data(cfg)
     torch.set_num_threads(1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from noprop_dist.checkpoint import RunDir  # noqa: E402
+from noprop_dist.run.rundir import RunDir  # noqa: E402
 
 
 def report(run_dir: str) -> dict:

@@ -44,8 +44,8 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     preset = "tiny" if args.smoke_test else args.config
 
-    from noprop_dist.coordinator import connect
-    from noprop_dist.coordinator import train_ray
+    from noprop_dist.trainers.ray.coordinator import connect
+    from noprop_dist.trainers.ray.coordinator import train_ray
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="noprop-scaling-") as tmp:

@@ -97,9 +97,9 @@ def epoch_cost(summary: dict[str, Any]) -> float:
 
 def steps_sweep(run_dir: Path, steps: list[int]) -> list[dict[str, Any]]:
     """Accuracy and seconds per 1,000 images of a CT/FM run at each number of steps."""
-    from noprop_dist.checkpoint import RunDir
-    from noprop_dist.continuous import CTChain, evaluate_continuous
-    from noprop_dist.unit_runs import load_run_units
+    from noprop_dist.run.rundir import RunDir
+    from noprop_dist.nets.time_conditioned import CTChain, evaluate_continuous
+    from noprop_dist.training.common import load_run_units
 
     setup, cfg, _, states, embedding = load_run_units(RunDir(run_dir))
     from noprop_dist.data import load_dataset

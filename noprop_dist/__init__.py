@@ -1,17 +1,15 @@
 """noprop_dist: distributed training of NoProp (Li, Teh, Pascanu 2025) without back-propagation
 between blocks.
 
-Where things live:
+Where things live (each folder's ``__init__`` says more):
 
-* ``schedule``    the math (schedule, SNR weights, a_t/b_t/c_t, closed-form sampling, KL)
-* ``models``      the DT block (Figure 6), the head, label embeddings
-* ``data``        datasets, converted once to memory-mapped Arrow IPC
-* ``units``       training one unit (a block or the head); no Ray
-* ``local``       the in-process trainer
-* ``coordinator`` the Ray trainer (the only module that imports Ray)
-* ``inference``   the Eq. 3 chain and evaluation
-* ``results``     manifest, checkpoints of units, summary, export; ``checkpoint`` the run directory
-* ``config``      typed config, TOML presets in ``configs/``; ``cli`` the ``noprop-dist`` command
+* ``core/``      the math: schedules, SNR weights, a_t/b_t/c_t, closed-form sampling, CT/FM losses
+* ``nets/``      networks that only compute: DT block and head, baselines, CT/FM net, inference chains
+* ``variants/``  what a run trains: the unit interface, DT, CT/FM, the baselines, the registry
+* ``training/``  the unit loop and what surrounds it (meters, sync, preflight); no Ray
+* ``run/``       the run directory, the lifecycle every trainer follows, reading results back
+* ``trainers/``  in-process, DDP on Ray Train, torchrun, and ``ray/`` (coordinator, placement, cluster)
+* ``config``, ``data``, ``errors``, ``cli`` (the ``noprop-dist`` command), presets in ``configs/``
 """
 
 __version__ = "0.1.0"

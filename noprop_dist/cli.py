@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from .checkpoint import RunDir
-from .errors import CheckpointError, ConfigError, NoPropError
-from .ray_cluster import prepare_private_ray
-from .trainers import find_trainer
+from noprop_dist import config as config_mod
+from noprop_dist.run.rundir import RunDir
+from noprop_dist.errors import CheckpointError, ConfigError, NoPropError
+from noprop_dist.trainers.ray.cluster import prepare_private_ray
+from noprop_dist.trainers.registry import find_trainer
 
 # On --resume only these sections may change: how the run is executed, not what it computes.
 RESUME_OVERRIDABLE = ("cluster.", "train.device", "train.threads", "train.log_every")
@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.address is not None:
         overrides["cluster.address"] = args.address
     if args.resume:
-        from .results import load_run_config
+        from noprop_dist.run.results import load_run_config
 
         if not (Path(args.resume) / "manifest.json").exists():
             raise CheckpointError(f"{args.resume} is not a noprop_dist run directory (no manifest.json); "
@@ -112,11 +112,11 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .results import evaluate_run
+    from noprop_dist.run.results import evaluate_run
 
     split = None
     if args.data:
-        from .data import load_file
+        from noprop_dist.data import load_file
 
         split = load_file(args.data)
     scores = evaluate_run(args.run_dir, split)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "export":
-            from .results import export_run
+            from noprop_dist.run.results import export_run
 
             print(f"exported: {export_run(args.run_dir, args.out, force=args.force)}")
             return 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import ConfigError
+from noprop_dist.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -156,7 +156,7 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class Config:
     variant: str = "dt"
-    """What to train (registry in noprop_dist.variants): dt (NoProp-DT), ct (NoProp-CT), fm (NoProp-FM), backprop (structure-matched baseline), backprop_cnn."""
+    """What to train (registry in noprop_dist.variants.registry): dt (NoProp-DT), ct (NoProp-CT), fm (NoProp-FM), backprop (structure-matched baseline), backprop_cnn."""
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,7 +189,7 @@ def validate(cfg: Config) -> None:
             value = getattr(value, part)
         if value not in choices:
             raise ConfigError(f"{'.'.join(path)}={value!r} is not one of {', '.join(choices)}")
-    from .trainers import find_trainer  # lazy; the registries import neither torch nor Ray
+    from noprop_dist.trainers.registry import find_trainer  # lazy; the registries import neither torch nor Ray
 
     find_trainer(cfg.cluster.backend, cfg.variant)  # the variant exists and this backend trains it
     positive = {
@@ -237,7 +237,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"schedule.alpha_bar_min={s.alpha_bar_min} and alpha_bar_max={s.alpha_bar_max} "
             "must satisfy 0 < min < max < 1")
-    from .schedule import alpha_bar_from_config  # lazy: keeps `import config` light
+    from noprop_dist.core.schedule import alpha_bar_from_config  # lazy: keeps `import config` light
 
     try:
         alpha_bar_from_config(s)  # e.g. clips so tight that alpha_bar stops increasing

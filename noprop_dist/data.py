@@ -46,8 +46,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .config import DataConfig
-from .errors import DataError
+from noprop_dist.config import DataConfig
+from noprop_dist.errors import DataError
 
 CACHE_FORMAT = 1
 """Bump when the cache layout or a builtin conversion changes: old entries are then ignored."""

@@ -15,7 +15,7 @@ import torch
 
 from noprop_dist.config import Config, resolve
 from noprop_dist.data import Dataset, load_dataset
-from noprop_dist.local import train_local
+from noprop_dist.trainers.local import train_local
 
 
 DEFAULT_THREADS = torch.get_num_threads()

@@ -17,14 +17,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from noprop_dist import backprop, config
-from noprop_dist.backprop import (GlobalBatchNorm1d, NetworkPredictor, build_network, make_network_setup,
+from noprop_dist.variants import backprop
+
+from noprop_dist import config
+from noprop_dist.variants.backprop import (GlobalBatchNorm1d, NetworkPredictor, build_network, make_network_setup,
                                   shard, train_step, use_global_batchnorm)
-from noprop_dist.checkpoint import RunDir
+from noprop_dist.run.rundir import RunDir
 from noprop_dist.cli import main
 from noprop_dist.data import normalize
-from noprop_dist.lifecycle import load_data
-from noprop_dist.models import BLOCK_SIZES, BackpropChain, denoised_embedding
+from noprop_dist.run.lifecycle import load_data
+from noprop_dist.nets.blocks import BLOCK_SIZES, BackpropChain, denoised_embedding
 
 
 def _cfg(cache: str, variant: str, **overrides) -> config.Config:
@@ -231,7 +233,7 @@ def test_torchrun_two_processes_without_ray(data_cache, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-         "-m", "noprop_dist.backprop", "--config", "tiny", "--run-dir", str(run_dir), "--variant=backprop_cnn",
+         "-m", "noprop_dist.variants.backprop", "--config", "tiny", "--run-dir", str(run_dir), "--variant=backprop_cnn",
          f"--data.cache_dir={data_cache}", "--train.epochs=1"],
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -248,9 +250,9 @@ def test_core_and_a_local_backprop_run_import_neither_ray_nor_open_a_process_gro
     code = (
         "import sys\n"
         "import torch.distributed as dist\n"
-        "import noprop_dist.cli, noprop_dist.trainers, noprop_dist.variants, noprop_dist.lifecycle\n"
+        "import noprop_dist.cli, noprop_dist.trainers.registry, noprop_dist.variants.registry, noprop_dist.run.lifecycle\n"
         "from noprop_dist.config import resolve\n"
-        "from noprop_dist.backprop import train_backprop_local\n"
+        "from noprop_dist.variants.backprop import train_backprop_local\n"
         f"cfg = resolve('tiny', {{'data.cache_dir': {data_cache!r}, 'train.epochs': '1', 'variant': 'backprop',"
         " 'cluster.backend': 'local'})\n"
         f"train_backprop_local(cfg, {str(tmp_path / 'run')!r}, show_progress=False)\n"

@@ -21,15 +21,15 @@ import torch
 from test_config_cli import one_error_line
 
 from noprop_dist import config as config_mod
-from noprop_dist import preflight
-from noprop_dist.checkpoint import RunDir
+from noprop_dist.training import preflight
+from noprop_dist.run.rundir import RunDir
 from noprop_dist.cli import main
 from noprop_dist.config import from_dict, resolve, to_toml
 from noprop_dist.errors import ConfigError, NoPropError
-from noprop_dist.dt import DTObjective
-from noprop_dist.dt import block as dt_block
-from noprop_dist.unit_spec import make_setup
-from noprop_dist.units import SavedTensorMeter
+from noprop_dist.variants.dt import DTObjective
+from noprop_dist.variants.dt import block as dt_block
+from noprop_dist.variants.base import make_setup
+from noprop_dist.training.meters import SavedTensorMeter
 
 
 def _train(run_dir: Path, data_cache: str, *extra: str) -> int:
@@ -140,7 +140,7 @@ def test_a_step_larger_than_the_worker_memory_is_refused_with_the_estimate(tmp_p
 def test_when_a_smaller_batch_fits_the_message_says_which(tmp_path, capsys, data_cache, monkeypatch, tiny_config):
     path = _file(tmp_path, "big", _images(40, (1, 256, 256)), _labels(40))
     cfg = tiny_config({"data.name": "file", "data.path": path})
-    from noprop_dist.lifecycle import load_data
+    from noprop_dist.run.lifecycle import load_data
 
     data = load_data(cfg)
     setup = make_setup(cfg, data)
@@ -176,8 +176,8 @@ def test_the_dry_run_estimate_bounds_the_measured_activations(block, shape, tiny
 def test_evaluation_in_small_forward_passes_gives_the_same_scores(trained_run):
     """Item 8: the final evaluation runs in passes that fit; the noise is drawn per eval batch,
     so the scores do not depend on the pass size."""
-    from noprop_dist.dt import ChainPredictor
-    from noprop_dist.lifecycle import load_data
+    from noprop_dist.variants.dt import ChainPredictor
+    from noprop_dist.run.lifecycle import load_data
 
     run_dir, summary = trained_run
     predictor = ChainPredictor(RunDir(run_dir))
@@ -189,7 +189,7 @@ def test_evaluation_in_small_forward_passes_gives_the_same_scores(trained_run):
 
 
 def test_a_tight_memory_budget_shrinks_the_evaluation_passes(tmp_path, data_cache, monkeypatch):
-    from noprop_dist import lifecycle
+    from noprop_dist.run import lifecycle
 
     asked = []
 
@@ -234,7 +234,7 @@ def _refuse_constant(token: str):
 
 def test_divergence_after_a_finite_epoch_keeps_that_epochs_checkpoint(tmp_path, capsys, data_cache, monkeypatch):
     """The last finite checkpoint stays: epoch 1 is finite and saved, epoch 2 turns NaN."""
-    from noprop_dist import units
+    from noprop_dist.training import runner as units
 
     real = units.UnitRunner._pass
 
@@ -299,7 +299,7 @@ def test_values_that_cannot_be_written_back_are_refused(override, fragment):
 
 def _open_and_hold(cfg, run_dir, resume, start, hold_s, results):
     """Child process: wait for the start signal, open the run, hold it, report the outcome."""
-    from noprop_dist.lifecycle import open_run
+    from noprop_dist.run.lifecycle import open_run
 
     start.wait()
     try:

@@ -1,5 +1,5 @@
 """Tests of run directories, checkpoints, the summary and the export
-(noprop_dist.checkpoint, noprop_dist.results).
+(noprop_dist.run.rundir, noprop_dist.run.results).
 
 All tests share the session's trained tiny run; those that damage a run work on a copy.
 """
@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 import torch
 
-from noprop_dist import checkpoint
-from noprop_dist.checkpoint import SCHEMA_VERSION, RunDir, atomic_write, sha256
+from noprop_dist.run import rundir as checkpoint
+from noprop_dist.run.rundir import SCHEMA_VERSION, RunDir, atomic_write, sha256
 from noprop_dist.cli import main
 from noprop_dist.config import from_dict, to_toml
 from noprop_dist.data import normalize
 from noprop_dist.errors import CheckpointError
-from noprop_dist.inference import RawImageChain, draw_noise, predict
-from noprop_dist.local import train_local
-from noprop_dist.dt import load_chain
-from noprop_dist.results import evaluate_run, export_run
+from noprop_dist.nets.chain import RawImageChain, draw_noise, predict
+from noprop_dist.trainers.local import train_local
+from noprop_dist.variants.dt import load_chain
+from noprop_dist.run.results import evaluate_run, export_run
 from test_config_cli import one_error_line
 
 UNIT_NAMES = ["block_01", "block_02", "block_03", "block_04", "head"]
@@ -289,7 +289,7 @@ def test_a_local_run_does_not_import_ray(tmp_path, data_cache):
     code = (
         "import sys\n"
         "from noprop_dist.config import resolve\n"
-        "from noprop_dist.local import train_local\n"
+        "from noprop_dist.trainers.local import train_local\n"
         f"cfg = resolve('tiny', {{'data.cache_dir': {data_cache!r}, 'train.epochs': '1',"
         " 'train.head_passes': '1'})\n"
         f"train_local(cfg, {str(tmp_path / 'run')!r}, show_progress=False)\n"
@@ -404,7 +404,7 @@ UNIT_FILE_CASES = {
 IN_CHILD = {"dev_zero", "link_dev_zero", "fifo"}
 CHILD = """
 import resource, sys
-from noprop_dist.checkpoint import RunDir
+from noprop_dist.run.rundir import RunDir
 from noprop_dist.errors import CheckpointError
 resource.setrlimit(resource.RLIMIT_DATA, (2**31, resource.RLIM_INFINITY))
 try:

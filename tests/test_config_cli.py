@@ -368,7 +368,7 @@ def test_train_refuses_a_non_empty_directory_that_is_not_a_run_and_touches_nothi
 
 @pytest.mark.parametrize("kind", ["file", "under_a_file", "unwritable"])
 def test_train_refuses_a_run_dir_it_cannot_create_before_loading_data(kind, tmp_path, capsys, monkeypatch):
-    import noprop_dist.lifecycle as lifecycle
+    import noprop_dist.run.lifecycle as lifecycle
 
     monkeypatch.setattr(lifecycle, "load_data", lambda cfg: pytest.fail("data loaded before the check"))
     if kind == "file":

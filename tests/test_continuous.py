@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop_dist import continuous as C
-from noprop_dist import schedule
+from noprop_dist.core import continuous as C
+from noprop_dist.nets import time_conditioned as N
+from noprop_dist.core import schedule
 from noprop_dist.data import ArraySplit
-from noprop_dist.inference import RawImageChain
-from noprop_dist.models import BLOCK_SIZES
+from noprop_dist.nets.chain import RawImageChain
+from noprop_dist.nets.blocks import BLOCK_SIZES
 
 ORACLE_LOGIT = 1e4          # softmax of (1e4, 0, ...) is exactly one-hot in float32
 EMBEDDING = torch.tensor([[1.5, -1.0, 0.5, 0.0],
@@ -58,7 +59,8 @@ def test_gamma_strictly_decreasing_for_any_parameters(seed):
     assert torch.all(torch.diff(ab) > 0)
     assert torch.all(snr_prime > 0)
     assert sched.gamma_1() < sched.gamma_0
-    assert float(g[0]) == 0.0 and float(g[-1]) == pytest.approx(1.0, abs=1e-12)
+    # f(0) inside a batch and f(0) alone may round apart by an ulp (BLAS kernels by batch size)
+    assert float(g[0]) == pytest.approx(0.0, abs=1e-12) and float(g[-1]) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_gamma_strictly_decreasing_float32_default_init():
@@ -259,19 +261,19 @@ def test_interval_of_rejects_out_of_range():
 
 def test_sinusoidal_time_embedding():
     t = torch.tensor([0.0, 0.001, 0.5, 1.0])
-    e = C.sinusoidal_time_embedding(t, 64)
+    e = N.sinusoidal_time_embedding(t, 64)
     assert e.shape == (4, 64)
     torch.testing.assert_close(e[0], torch.cat([torch.zeros(32), torch.ones(32)]))
     # Nearby times are told apart (t is scaled before the sinusoids).
     assert (e[1] - e[0]).abs().max() > 0.5
     assert torch.cdist(e, e).fill_diagonal_(1.0).min() > 0.1
     with pytest.raises(ValueError):
-        C.sinusoidal_time_embedding(t, 63)
+        N.sinusoidal_time_embedding(t, 63)
 
 
 def test_time_conditioned_net_no_batchnorm_and_uses_all_inputs():
     torch.manual_seed(0)
-    net = C.TimeConditionedNet((1, 8, 8), 4, 3, BLOCK_SIZES["tiny"], dropout=0.0)
+    net = N.TimeConditionedNet((1, 8, 8), 4, 3, BLOCK_SIZES["tiny"], dropout=0.0)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
     gen = torch.Generator().manual_seed(0)
     z, x, t = torch.randn(2, 4, generator=gen), torch.randn(2, 1, 8, 8, generator=gen), torch.rand(2, generator=gen)
@@ -330,7 +332,7 @@ def test_ct_chain_with_oracle_denoisers_reproduces_marginals():
     ab = sched.alpha_bar_grid(S)
     assert ab[0] == pytest.approx(1e-3) and ab[-1] == pytest.approx(0.999)
     nets = [OracleCT(3) for _ in range(K)]
-    chain = C.CTChain(nets, nn.Identity(), EMBEDDING, ab, mean=(0.0,), std=(1.0,))
+    chain = N.CTChain(nets, nn.Identity(), EMBEDDING, ab, mean=(0.0,), std=(1.0,))
     gen = torch.Generator().manual_seed(1)
     y = torch.randint(0, 3, (n,), generator=gen)
     noise = torch.randn(S + 1, n, 4, generator=gen)
@@ -363,14 +365,14 @@ def test_ct_chain_with_oracle_denoisers_reproduces_marginals():
 
 def test_ct_chain_rejects_non_increasing_grid():
     with pytest.raises(ValueError):
-        C.CTChain([OracleCT(3)], nn.Identity(), EMBEDDING, np.array([0.5, 0.4, 0.9]), (0.0,), (1.0,))
+        N.CTChain([OracleCT(3)], nn.Identity(), EMBEDDING, np.array([0.5, 0.4, 0.9]), (0.0,), (1.0,))
 
 
 @pytest.mark.parametrize("S", [1, 2, 7, 50])
 def test_fm_chain_with_true_velocity_lands_on_embedding(S):
     K, m, n = 2, 4, 64
     nets = [OracleFM(m) for _ in range(K)]
-    chain = C.FMChain(nets, torch.eye(m), S, mean=(0.0,), std=(1.0,))
+    chain = N.FMChain(nets, torch.eye(m), S, mean=(0.0,), std=(1.0,))
     gen = torch.Generator().manual_seed(S)
     y = torch.randint(0, m, (n,), generator=gen)
     noise = torch.randn(1, n, m, generator=gen) * 3
@@ -393,7 +395,7 @@ def test_chains_with_networks_match_their_definition():
     """CTChain/FMChain with real nets (features cached per batch) against the loop written out."""
     torch.manual_seed(0)
     size, m, d = BLOCK_SIZES["tiny"], 3, 4
-    nets = [C.TimeConditionedNet((1, 8, 8), d, m, size, 0.2).eval() for _ in range(2)]
+    nets = [N.TimeConditionedNet((1, 8, 8), d, m, size, 0.2).eval() for _ in range(2)]
     head = nn.Linear(d, m)
     ab = np.linspace(0.01, 0.99, 5)
     gen = torch.Generator().manual_seed(0)
@@ -406,27 +408,27 @@ def test_chains_with_networks_match_their_definition():
             t = torch.full((6,), (s - 1) / 4)
             u = torch.softmax(nets[C.interval_of((s - 1) / 4, 2)](z, x, t), -1) @ EMBEDDING
             z = float(coef.a[s]) * u + float(coef.b[s]) * z + math.sqrt(coef.c[s]) * noise[s]
-        ct = C.CTChain(nets, head, EMBEDDING, ab, (0.0,), (1.0,))
+        ct = N.CTChain(nets, head, EMBEDDING, ab, (0.0,), (1.0,))
         torch.testing.assert_close(ct(x, noise), head(z), rtol=1e-5, atol=1e-5)
         z = noise[0]
         for s in range(3):
             t = torch.full((6,), s / 3)
             z = z + (1 / 3) * (nets[C.interval_of(s / 3, 2)](z, x, t) @ EMBEDDING)
-        fm = C.FMChain(nets, EMBEDDING, 3, (0.0,), (1.0,))
+        fm = N.FMChain(nets, EMBEDDING, 3, (0.0,), (1.0,))
         torch.testing.assert_close(fm.final_latent(x, noise[:1]), z, rtol=1e-5, atol=1e-5)
 
 
 def test_export_ct_and_fm_chains_with_dynamic_batch():
     torch.manual_seed(0)
     size, m, d = BLOCK_SIZES["tiny"], 3, 4
-    nets = [C.TimeConditionedNet((1, 8, 8), d, m, size, 0.2).eval() for _ in range(2)]
+    nets = [N.TimeConditionedNet((1, 8, 8), d, m, size, 0.2).eval() for _ in range(2)]
     images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
     gen = torch.Generator().manual_seed(0)
     raw = torch.randint(0, 256, (5, 1, 8, 8), generator=gen, dtype=torch.uint8)
     chains = {
-        "ct": (C.CTChain(nets, nn.Linear(d, m), EMBEDDING, np.linspace(0.01, 0.99, 4), (0.3,), (0.2,)), 4),
-        "fm": (C.FMChain(nets, EMBEDDING, 3, (0.3,), (0.2,)), 1),
+        "ct": (N.CTChain(nets, nn.Linear(d, m), EMBEDDING, np.linspace(0.01, 0.99, 4), (0.3,), (0.2,)), 4),
+        "fm": (N.FMChain(nets, EMBEDDING, 3, (0.3,), (0.2,)), 1),
     }
     for name, (chain, rows) in chains.items():
         model = RawImageChain(chain).eval()
@@ -459,17 +461,17 @@ def test_evaluate_continuous_reads_images_only():
     x = np.broadcast_to((60 * y).astype(np.uint8)[:, None, None, None], (n, 1, 8, 8)).copy()
     split = ArraySplit(x=x, y=y.astype(np.int64))
     mean, std = 0.35, 0.27
-    ct = C.CTChain([ImageReader(mean, std, m, fm=False)], nn.Identity(), torch.eye(m),
+    ct = N.CTChain([ImageReader(mean, std, m, fm=False)], nn.Identity(), torch.eye(m),
                    np.linspace(0.01, 0.999, 11), (mean,), (std,))
-    fm = C.FMChain([ImageReader(mean, std, m, fm=True)], torch.eye(m), 5, (mean,), (std,))
+    fm = N.FMChain([ImageReader(mean, std, m, fm=True)], torch.eye(m), 5, (mean,), (std,))
     for chain in (ct, fm):
         for with_noise in (True, False):
-            out = C.evaluate_continuous(chain, split, batch_size=16, seed=0, with_noise=with_noise, max_batch=5)
+            out = N.evaluate_continuous(chain, split, batch_size=16, seed=0, with_noise=with_noise, max_batch=5)
             assert out["accuracy"] == 1.0 and out["nearest_accuracy"] == 1.0
             assert out["seconds"] > 0 and out["images_per_s"] == pytest.approx(n / out["seconds"])
     # A net that ignores the image predicts one class: accuracy is that class's share.
-    const = C.FMChain([lambda_velocity(2, m)], torch.eye(m), 3, (mean,), (std,))
-    out = C.evaluate_continuous(const, split, batch_size=16, seed=0, with_noise=False)
+    const = N.FMChain([lambda_velocity(2, m)], torch.eye(m), 3, (mean,), (std,))
+    out = N.evaluate_continuous(const, split, batch_size=16, seed=0, with_noise=False)
     assert out["accuracy"] == pytest.approx(float(np.mean(y == 2)))
 
 
@@ -489,11 +491,11 @@ def test_evaluate_continuous_noise_depends_on_seed_only():
     gen = torch.Generator().manual_seed(0)
     split = ArraySplit(x=torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8).numpy(),
                        y=torch.randint(0, m, (n,), generator=gen).numpy())
-    net = C.TimeConditionedNet((1, 8, 8), d, m, BLOCK_SIZES["tiny"], 0.0)
-    chain = C.CTChain([net], nn.Linear(d, m), torch.randn(m, d, generator=gen), np.linspace(0.05, 0.9, 4),
+    net = N.TimeConditionedNet((1, 8, 8), d, m, BLOCK_SIZES["tiny"], 0.0)
+    chain = N.CTChain([net], nn.Linear(d, m), torch.randn(m, d, generator=gen), np.linspace(0.05, 0.9, 4),
                       (0.5,), (0.3,))
-    a = [C.evaluate_continuous(chain, split, 16, seed, with_noise=True) for seed in range(4)]
-    b = [C.evaluate_continuous(chain, split, 16, seed, with_noise=True, max_batch=3) for seed in range(4)]
+    a = [N.evaluate_continuous(chain, split, 16, seed, with_noise=True) for seed in range(4)]
+    b = [N.evaluate_continuous(chain, split, 16, seed, with_noise=True, max_batch=3) for seed in range(4)]
     assert [r["nearest_accuracy"] for r in a] == [r["nearest_accuracy"] for r in b]
     assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
     assert len({r["nearest_accuracy"] for r in a} | {r["accuracy"] for r in a}) > 1, "seed has no effect"
@@ -511,7 +513,7 @@ def _overfit(kind: str) -> tuple[float, float]:
     y = torch.randint(0, 4, (32,), generator=gen)
     emb = torch.eye(4)
     u = emb[y]
-    net = C.TimeConditionedNet((1, 8, 8), 4, 4, BLOCK_SIZES["tiny"], dropout=0.0)
+    net = N.TimeConditionedNet((1, 8, 8), 4, 4, BLOCK_SIZES["tiny"], dropout=0.0)
     sched = C.LearnedSchedule(1e-4, 0.9999)
     frozen = copy.deepcopy(sched)
     params = list(net.parameters()) + (list(sched.parameters()) if kind == "ct" else [])

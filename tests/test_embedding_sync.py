@@ -1,4 +1,4 @@
-"""The summed-gradient synchronisation of a learned embedding (noprop_dist.embedding_sync).
+"""The summed-gradient synchronisation of a learned embedding (noprop_dist.training.embedding_sync).
 
 Guards: the owner's update is joint AdamW on the step-by-step sum of the units' gradients;
 units in that mode record one W_embed gradient per optimiser step and never move their own
@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noprop_dist.checkpoint import RunDir
+from noprop_dist.run.rundir import RunDir
 from noprop_dist.config import TrainConfig
-from noprop_dist.embedding_sync import EmbeddingOwner, per_step
-from noprop_dist.local import train_local
-from noprop_dist.dt import HEAD, block
-from noprop_dist.unit_spec import make_setup
-from noprop_dist.units import UnitRunner
+from noprop_dist.training.embedding_sync import EmbeddingOwner, per_step
+from noprop_dist.trainers.local import train_local
+from noprop_dist.variants.dt import HEAD, block
+from noprop_dist.variants.base import make_setup
+from noprop_dist.training.runner import UnitRunner
 
 
 class SimulatedCrash(Exception):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from noprop_dist.checkpoint import RunDir
+from noprop_dist.run.rundir import RunDir
 from noprop_dist.cli import main
 from noprop_dist.data import ArraySplit
-from noprop_dist.local import train_local
-from noprop_dist.results import evaluate_run
-from noprop_dist.units import UnitRunner
+from noprop_dist.trainers.local import train_local
+from noprop_dist.run.results import evaluate_run
+from noprop_dist.training.runner import UnitRunner
 
 UNIT_NAMES = ["block_01", "block_02", "block_03", "block_04", "head"]
 CHANCE = 0.1  # 10 digit classes

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop_dist import schedule
+from noprop_dist.core import schedule
 from noprop_dist.data import load_dataset
-from noprop_dist.inference import NoPropChain
-from noprop_dist.models import class_medoids, denoised_embedding, initial_embedding
-from noprop_dist.dt import HEAD, block
-from noprop_dist.unit_spec import make_setup
-from noprop_dist.units import UnitRunner
+from noprop_dist.nets.chain import NoPropChain
+from noprop_dist.nets.blocks import class_medoids, denoised_embedding, initial_embedding
+from noprop_dist.variants.dt import HEAD, block
+from noprop_dist.variants.base import make_setup
+from noprop_dist.training.runner import UnitRunner
 
 # softmax of (ORACLE_LOGIT, 0, ...) in float32 is exactly one-hot: exp(-1e4) underflows to 0.
 ORACLE_LOGIT = 1e4

@@ -22,9 +22,9 @@ pytestmark = pytest.mark.slow
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from noprop_dist import config  # noqa: E402
-from noprop_dist.checkpoint import RunDir  # noqa: E402
-from noprop_dist.coordinator import train_ray  # noqa: E402
-from noprop_dist.local import train_local  # noqa: E402
+from noprop_dist.run.rundir import RunDir  # noqa: E402
+from noprop_dist.trainers.ray.coordinator import train_ray  # noqa: E402
+from noprop_dist.trainers.local import train_local  # noqa: E402
 
 NODES = 3
 CPUS_PER_NODE = 2

@@ -21,15 +21,15 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 from noprop_dist import config  # noqa: E402
-from noprop_dist.checkpoint import RunDir  # noqa: E402
+from noprop_dist.run.rundir import RunDir  # noqa: E402
 from noprop_dist.config import ClusterConfig  # noqa: E402
-from noprop_dist.coordinator import Coordinator, train_ray  # noqa: E402
-from noprop_dist.placement import plan_layout  # noqa: E402
-from noprop_dist.dt import block  # noqa: E402
+from noprop_dist.trainers.ray.coordinator import Coordinator, train_ray  # noqa: E402
+from noprop_dist.trainers.ray.placement import plan_layout  # noqa: E402
+from noprop_dist.variants.dt import block  # noqa: E402
 from noprop_dist.errors import ClusterError  # noqa: E402
-from noprop_dist.local import train_local  # noqa: E402
-from noprop_dist.models import initial_embedding  # noqa: E402
-from noprop_dist.unit_spec import EMBED_SEED_UNIT, INIT, derive_seed  # noqa: E402
+from noprop_dist.trainers.local import train_local  # noqa: E402
+from noprop_dist.nets.blocks import initial_embedding  # noqa: E402
+from noprop_dist.variants.base import EMBED_SEED_UNIT, INIT, derive_seed  # noqa: E402
 
 LOGICAL_CPUS = 8
 LOGICAL_GPUS = 4
@@ -324,9 +324,9 @@ def test_ddp_on_ray_matches_one_worker_on_the_full_batch(ray_session, cache, tmp
     are compared through train-mode outputs: Adam turns the rounding noise of directions
     BatchNorm cannot see (a bias in front of it, exact gradient 0) into steps of size lr,
     and those directions do not change the output."""
-    from noprop_dist.backprop import NetworkPredictor, train_backprop_local
+    from noprop_dist.variants.backprop import NetworkPredictor, train_backprop_local
     from noprop_dist.data import load_dataset, normalize
-    from noprop_dist.ddp import train_ddp
+    from noprop_dist.trainers.ddp import train_ddp
 
     over = {"data.cache_dir": cache, "variant": "backprop_cnn", "model.dropout": "0", "train.epochs": "2",
             "train.threads": "1"}
@@ -351,7 +351,7 @@ def test_ddp_on_ray_matches_one_worker_on_the_full_batch(ray_session, cache, tmp
 
 
 def test_ddp_asking_for_more_workers_than_the_cluster_has_fails_before_any_work(ray_session, cache, tmp_path):
-    from noprop_dist.ddp import train_ddp
+    from noprop_dist.trainers.ddp import train_ddp
 
     cfg = config.resolve("tiny", {"data.cache_dir": cache, "variant": "backprop", "cluster.backend": "ddp",
                                   "cluster.workers": str(LOGICAL_CPUS + 1)})
@@ -376,7 +376,7 @@ def test_a_diverging_block_on_a_ray_worker_stops_the_run_without_restarts(ray_se
 def test_a_diverging_ddp_run_stops_once_with_the_reason(ray_session, cache, tmp_path):
     """DDP on Ray Train: every rank stops at the same epoch (the loss is all-reduced); the
     driver raises the reason rank 0 recorded instead of letting Ray Train retry."""
-    from noprop_dist.ddp import train_ddp
+    from noprop_dist.trainers.ddp import train_ddp
     from noprop_dist.errors import TrainingDiverged
 
     cfg = config.resolve("tiny", {"data.cache_dir": cache, "variant": "backprop", "cluster.backend": "ddp",
@@ -490,6 +490,6 @@ def test_ct_ddp_on_two_workers_trains_and_evaluates(ray_session, cache, tmp_path
 
 
 def train_ddp_noprop(cfg, run_dir, show_progress=False):
-    from noprop_dist.ddp import train_noprop_ddp
+    from noprop_dist.trainers.ddp import train_noprop_ddp
 
     return train_noprop_ddp(cfg, run_dir, show_progress=show_progress)

@@ -26,15 +26,16 @@ from pathlib import Path
 
 import pytest
 
-from noprop_dist.ray_cluster import (AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH, LOOPBACK_NODE, is_loopback,
-                                     listening_sockets, private_ray_env, process_tree)
+from noprop_dist.trainers.ray.cluster import (AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH, LOOPBACK_NODE, is_loopback,
+                                              private_ray_env)
+from proc_sockets import listening_sockets, process_tree
 
 RAY_VARS = (AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH, LOOPBACK_NODE, "RAY_ADDRESS")
 
 SERVER = r"""
 import json, os, sys
 from noprop_dist.config import ClusterConfig
-from noprop_dist.ray_cluster import connect, prepare_private_ray
+from noprop_dist.trainers.ray.cluster import connect, prepare_private_ray
 cluster = ClusterConfig(local_cpus=1, local_gpus=0)
 names = prepare_private_ray(cluster)
 connect(cluster)

@@ -1,4 +1,4 @@
-"""Tests of noprop_dist.schedule, the one home of the NoProp math (NOPROP.md section 1).
+"""Tests of noprop_dist.core.schedule, the one home of the NoProp math (NOPROP.md section 1).
 
 Everything is float64; identities hold to 1e-12. A hard-coded table for cosine T=4 catches
 any future change of the schedule or of a_t, b_t, c_t.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from noprop_dist import schedule
+from noprop_dist.core import schedule
 
 TS = (2, 5, 10, 20, 50)
 KINDS = ("cosine", "linear")
@@ -168,7 +168,7 @@ def test_config_defaults_match_reference():
 def test_chain_coefficients_satisfy_identities(trained_run):
     """The inference chain's a, b, sqrt_c buffers are block t's own a_t, b_t, sqrt(c_t) for the
     run's schedule, not shifted by one step (mistake 9 of NOPROP.md)."""
-    from noprop_dist.dt import load_chain
+    from noprop_dist.variants.dt import load_chain
 
     chain, cfg, manifest = load_chain(trained_run[0])
     ab = np.array(manifest["schedule"]["alpha_bar"], dtype=np.float64)

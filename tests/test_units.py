@@ -1,4 +1,4 @@
-"""Tests of noprop_dist.units (training one unit) and of the networks in noprop_dist.models.
+"""Tests of noprop_dist.training.runner (training one unit) and of the networks in noprop_dist.nets.blocks.
 
 Guards the heart of NoProp-DT: block t learns from its own closed-form target only, training
 is a pure function of (seed, unit, epoch), and a checkpointed unit resumes bit-exactly.
@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from noprop_dist import schedule
-from noprop_dist.checkpoint import tensors_from_bytes, tensors_to_bytes
+from noprop_dist.core import schedule
+from noprop_dist.run.rundir import tensors_from_bytes, tensors_to_bytes
 from noprop_dist.config import apply_overrides, validate
 from noprop_dist.data import load_dataset, normalize
-from noprop_dist.models import BLOCK_SIZES, DTBlock, denoised_embedding
-from noprop_dist.dt import HEAD, block
-from noprop_dist.unit_spec import DROPOUT, average_embeddings, derive_seed, epoch_order, make_setup
-from noprop_dist.units import UnitRunner, train_unit
+from noprop_dist.nets.blocks import BLOCK_SIZES, DTBlock, denoised_embedding
+from noprop_dist.variants.dt import HEAD, block
+from noprop_dist.variants.base import DROPOUT, average_embeddings, derive_seed, epoch_order, make_setup
+from noprop_dist.training.runner import UnitRunner, train_unit
 
 
 def epoch_noise(setup, unit, epoch, n):
@@ -322,7 +322,8 @@ def test_paper_block_matches_figure_6():
 def test_data_parallel_shards_partition_each_global_batch(n, world):
     """units.shard (one definition, also the backprop trainer's): contiguous shares, in rank
     order, sizes differing by at most one."""
-    from noprop_dist import backprop, units
+    from noprop_dist.variants import backprop
+    from noprop_dist.training import runner as units
 
     assert backprop.shard is units.shard and backprop.RANK_STREAM_STRIDE == units.RANK_STREAM_STRIDE
     idx = torch.randperm(n)

@@ -13,17 +13,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from noprop_dist import config
-from noprop_dist.checkpoint import RunDir
+from noprop_dist.run.rundir import RunDir
 from noprop_dist.cli import main
-from noprop_dist.continuous import CTChain, FMChain, LearnedSchedule
-from noprop_dist.continuous_variants import CTObjective, FMObjective, interval
-from noprop_dist.dt import HEAD, DTObjective
+from noprop_dist.core.continuous import LearnedSchedule
+from noprop_dist.nets.time_conditioned import CTChain, FMChain
+from noprop_dist.variants.continuous import CTObjective, FMObjective, interval
+from noprop_dist.variants.dt import HEAD, DTObjective
 from noprop_dist.errors import ConfigError
-from noprop_dist.local import train_local
-from noprop_dist.trainers import find_trainer
-from noprop_dist.unit_spec import make_setup
-from noprop_dist.units import UnitRunner, train_unit
-from noprop_dist.variants import get_variant
+from noprop_dist.trainers.local import train_local
+from noprop_dist.trainers.registry import find_trainer
+from noprop_dist.variants.base import make_setup
+from noprop_dist.training.runner import UnitRunner, train_unit
+from noprop_dist.variants.registry import get_variant
 
 FAST = {"continuous.steps": "16", "train.threads": "1"}
 
@@ -113,15 +114,15 @@ def test_each_variant_trains_end_to_end_and_reads_back(tiny_config, tmp_path, ca
     out = tmp_path / f"{variant}.pt2"
     assert main(["export", str(run_dir), str(out)]) == 0
     program = torch.export.load(str(out))
-    from noprop_dist.results import load_predictor
+    from noprop_dist.run.results import load_predictor
 
     predictor = load_predictor(run_dir)
     chain = predictor.chain
     assert isinstance(chain, CTChain if variant == "ct" else FMChain)
     data = _data(cfg)
     images = torch.from_numpy(data.test.x[:7].copy())
-    from noprop_dist.continuous import chain_noise
-    from noprop_dist.inference import RawImageChain
+    from noprop_dist.nets.time_conditioned import chain_noise
+    from noprop_dist.nets.chain import RawImageChain
 
     noise = chain_noise(chain, 7, torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -183,9 +184,9 @@ def test_bad_continuous_settings_are_one_line_errors(overrides, message):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("variant, target", [("ct", "noprop_dist.ddp:train_noprop_ddp"),
-                                             ("fm", "noprop_dist.ddp:train_noprop_ddp"),
-                                             ("backprop", "noprop_dist.ddp:train_ddp")])
+@pytest.mark.parametrize("variant, target", [("ct", "noprop_dist.trainers.ddp:train_noprop_ddp"),
+                                             ("fm", "noprop_dist.trainers.ddp:train_noprop_ddp"),
+                                             ("backprop", "noprop_dist.trainers.ddp:train_ddp")])
 def test_ct_and_fm_may_train_data_parallel_with_ddp(variant, target):
     """Issue 9, item 4b: CT/FM (any K) take the NoProp DDP trainer; DT does not (above)."""
     cfg = config.resolve("tiny", {"variant": variant, "cluster.backend": "ddp", "continuous.intervals": "2"})

@@ -2,10 +2,10 @@
 workers (gloo on CPU, nccl on GPU).
 
 * Back-propagation baselines (:func:`train_ddp`): every worker runs
-  :func:`noprop_dist.backprop.train_worker`, the loop that also runs in-process and under
+  :func:`noprop_dist.variants.backprop.train_worker`, the loop that also runs in-process and under
   ``torchrun``.
 * NoProp-CT/FM, data-parallel (:func:`train_noprop_ddp`, issue 9 item 4b): every worker runs
-  :func:`noprop_dist.local.train_units`, the in-process trainer's loop, as one rank: each
+  :func:`noprop_dist.trainers.local.train_units`, the in-process trainer's loop, as one rank: each
   interval network (``continuous.intervals`` of them, one after another) is trained with
   DDP on shares of every global batch; CT's head (labels only, cheap) is trained in full on
   every rank. NoProp-DT is distributed by block instead (``--cluster.backend=ray``); its
@@ -29,14 +29,14 @@ import numpy as np
 import ray
 import torch
 
-from .backprop import build_network, ddp_summary, make_network_setup, manifest_fields, network_step_probe, train_worker
-from .checkpoint import RunDir
-from .data import ArraySplit
-from .preflight import check_unit, worker_memory
-from .config import ClusterConfig, Config
-from .errors import ClusterError, ConfigError, TrainingDiverged
-from .lifecycle import finish_run, finished_summary, load_data, open_run
-from .ray_cluster import connect, worker_capacity
+from noprop_dist.variants.backprop import build_network, ddp_summary, make_network_setup, manifest_fields, network_step_probe, train_worker
+from noprop_dist.run.rundir import RunDir
+from noprop_dist.data import ArraySplit
+from noprop_dist.training.preflight import check_unit, worker_memory
+from noprop_dist.config import ClusterConfig, Config
+from noprop_dist.errors import ClusterError, ConfigError, TrainingDiverged
+from noprop_dist.run.lifecycle import finish_run, finished_summary, load_data, open_run
+from noprop_dist.trainers.ray.cluster import connect, worker_capacity
 
 
 def plan_workers(cluster: ClusterConfig, batch_size: int, resources: dict[str, float]) -> tuple[int, float]:
@@ -104,7 +104,7 @@ def _backprop_body(config: dict[str, Any], train: ArraySplit, rank: int, world: 
 
 
 def _noprop_body(config: dict[str, Any], train: ArraySplit, rank: int, world: int, device: torch.device) -> None:
-    from .local import train_units
+    from noprop_dist.trainers.local import train_units
 
     test = ArraySplit(*ray.get(config["test_refs"])) if config["test_refs"] else None
     train_units(RunDir(config["run_dir"]), config["cfg"], config["setup"], train, test, device, rank, world)
@@ -176,9 +176,9 @@ def train_noprop_ddp(cfg: Config, run_dir: str | Path, resume: bool = False,
                      show_progress: bool = True) -> dict[str, Any]:
     """Train NoProp-CT/FM data-parallel with DDP on Ray Train workers; returns the summary.
 
-    The config allows only the variants that declare ``ddp`` (:mod:`noprop_dist.variants`).
+    The config allows only the variants that declare ``ddp`` (:mod:`noprop_dist.variants.registry`).
     """
-    from .unit_spec import make_setup
+    from noprop_dist.variants.base import make_setup
 
     data = load_data(cfg)
     setup = make_setup(cfg, data)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import TrainConfig
+from noprop_dist.config import TrainConfig
 
 MODES = ("average", "summed_gradient")
 

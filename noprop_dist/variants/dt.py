@@ -1,9 +1,9 @@
 """NoProp-DT: its units (T blocks and the output head), each unit's module, targets and loss
 (the paper's Eq. 8), and its predictor (the Eq. 3 chain rebuilt from a run directory).
 
-The unit loop (:mod:`noprop_dist.units`) calls :class:`DTObjective`; the trainers
-(:mod:`~noprop_dist.local`, :mod:`~noprop_dist.coordinator`) and ``eval``/``export`` reach
-this module through the variant registry (:mod:`noprop_dist.variants`).
+The unit loop (:mod:`noprop_dist.training.runner`) calls :class:`DTObjective`; the trainers
+(:mod:`~noprop_dist.trainers.local`, :mod:`~noprop_dist.trainers.ray.coordinator`) and ``eval``/``export`` reach
+this module through the variant registry (:mod:`noprop_dist.variants.registry`).
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import config as config_mod
-from . import schedule
-from .checkpoint import RunDir, is_numbers
-from .config import Config, EvalConfig
-from .data import ArraySplit, Dataset
-from .inference import NoPropChain, RawImageChain, draw_noise, evaluate
-from .models import BLOCK_SIZES, DTBlock, OutputHead, denoised_embedding
-from .preflight import StepProbe
-from .unit_spec import NOISE, UnitObjective, UnitSetup, UnitSpec, derive_seed, head_noise, seeded_module
-from .units import UnitRunner
+from noprop_dist import config as config_mod
+from noprop_dist.core import schedule
+from noprop_dist.run.rundir import RunDir, is_numbers
+from noprop_dist.config import Config, EvalConfig
+from noprop_dist.data import ArraySplit, Dataset
+from noprop_dist.nets.chain import NoPropChain, RawImageChain, draw_noise, evaluate
+from noprop_dist.nets.blocks import BLOCK_SIZES, DTBlock, OutputHead, denoised_embedding
+from noprop_dist.training.preflight import StepProbe
+from noprop_dist.variants.base import NOISE, UnitObjective, UnitSetup, UnitSpec, derive_seed, head_noise, seeded_module
+from noprop_dist.training.runner import UnitRunner
 
 
 def block(t: int) -> UnitSpec:
@@ -124,7 +124,7 @@ class DTObjective(UnitObjective):
     def chain(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]], embedding: torch.Tensor,
               where: Path | str = "") -> NoPropChain:
         """The Eq. 3 chain of units whose ``model/...`` tensors are ``states`` (by unit name)."""
-        from .unit_runs import load_module_state
+        from noprop_dist.training.common import load_module_state
 
         modules = {u.name: load_module_state(self.build_module(u, setup), states[u.name], u.name, Path(where))
                    for u in self.units(setup)}
@@ -163,7 +163,7 @@ COMMON_SCHEMA = {
 
 MANIFEST_SCHEMA = {
     # What manifest_fields writes, checked on every read of the manifest (the vocabulary is
-    # noprop_dist.checkpoint's; a check may read the keys above it).
+    # noprop_dist.run.rundir's; a check may read the keys above it).
     "T": "a positive integer",
     "schedule": {"alpha_bar": (lambda v, m: is_numbers(v, m["T"] + 1) and all(0 < a < 1 for a in v),
                                "T + 1 numbers in (0, 1)")},
@@ -174,7 +174,7 @@ MANIFEST_SCHEMA = {
 
 def load_chain(run_dir: str | Path) -> tuple[NoPropChain, Config, dict[str, Any]]:
     """Rebuild the trained chain from a run directory (checksums verified, no code executed)."""
-    from .unit_runs import load_run_units
+    from noprop_dist.training.common import load_run_units
 
     run = RunDir(run_dir)
     setup, cfg, manifest, states, embedding = load_run_units(run)
@@ -198,7 +198,7 @@ class ChainPredictor:
 
         ``images`` raw (N, C, H, W) of the training data's dtype (uint8 0..255 for the builtin
         datasets, float32 for float user files; torch.export fixes the dtype), normalised
-        inside; ``noise`` (T+1, N, d) as made by :func:`~noprop_dist.inference.draw_noise`.
+        inside; ``noise`` (T+1, N, d) as made by :func:`~noprop_dist.nets.chain.draw_noise`.
         """
         model = RawImageChain(self.chain).eval()
         images = example_images(self.manifest)

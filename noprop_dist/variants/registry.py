@@ -1,11 +1,11 @@
 """The registry of variants: what a run trains, and how its finished run is read back.
 
 ``Config.variant`` names an entry. Each entry says which family it belongs to (the
-trainers of :mod:`noprop_dist.trainers` are registered per family; ``backends`` narrows them
+trainers of :mod:`noprop_dist.trainers.registry` are registered per family; ``backends`` narrows them
 for one variant, with the reason the config error gives) and how to rebuild a
 predictor from a finished run directory; a predictor has ``evaluate(split, eval_cfg,
 device)`` returning at least ``test_accuracy`` and ``export_program()``. It also names the
-schema of its manifest fields (see :mod:`noprop_dist.checkpoint`), checked on every read.
+schema of its manifest fields (see :mod:`noprop_dist.run.rundir`), checked on every read.
 
 Variants:
 
@@ -19,7 +19,7 @@ Variants:
 * ``fm``: NoProp-FM, a time-conditioned velocity field trained by flow matching
   (Eqs. 10-13), Euler-integrated at inference; distributed as CT.
 
-A NoProp variant also names its *objective*, the :class:`~noprop_dist.unit_spec.UnitObjective`
+A NoProp variant also names its *objective*, the :class:`~noprop_dist.variants.base.UnitObjective`
 that the unit loop calls (its units, modules, targets, losses, shared tensors and chain).
 * ``backprop``: the paper's structure-matched baseline (Eqs. 17-19): the same T blocks
   chained end to end, ``z_t = (1 - alpha_t) z_{t-1} + alpha_t u_hat_t(z_{t-1}, x)`` with
@@ -33,7 +33,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from noprop_dist.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Variant:
         return load_target(self.predictor)(run)
 
     def objective(self):
-        """The variant's :class:`~noprop_dist.unit_spec.UnitObjective` (one shared instance)."""
+        """The variant's :class:`~noprop_dist.variants.base.UnitObjective` (one shared instance)."""
         if self.objective_class not in _OBJECTIVES:
             _OBJECTIVES[self.objective_class] = load_target(self.objective_class)()
         return _OBJECTIVES[self.objective_class]
@@ -70,20 +70,20 @@ def load_target(target: str):
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("dt", "noprop", "NoProp-DT: T blocks, each trained alone (Eq. 8), chained at inference (Eq. 3)",
-            "noprop_dist.dt:ChainPredictor", "noprop_dist.dt:MANIFEST_SCHEMA", "noprop_dist.dt:DTObjective",
+            "noprop_dist.variants.dt:ChainPredictor", "noprop_dist.variants.dt:MANIFEST_SCHEMA", "noprop_dist.variants.dt:DTObjective",
             backends=("ray", "local"),
             backend_note="NoProp-DT is distributed by block, not data-parallel (its BatchNorm blocks are not "
                          "DDP-ready); use --cluster.backend=ray (or local)"),
     Variant("ct", "noprop", "NoProp-CT: time-conditioned network, learned schedule (Eq. 9), integrated at inference",
-            "noprop_dist.continuous_variants:ContinuousPredictor", "noprop_dist.continuous_variants:CT_MANIFEST_SCHEMA",
-            "noprop_dist.continuous_variants:CTObjective"),
+            "noprop_dist.variants.continuous:ContinuousPredictor", "noprop_dist.variants.continuous:CT_MANIFEST_SCHEMA",
+            "noprop_dist.variants.continuous:CTObjective"),
     Variant("fm", "noprop", "NoProp-FM: flow-matching velocity field (Eqs. 10-13), Euler-integrated at inference",
-            "noprop_dist.continuous_variants:ContinuousPredictor", "noprop_dist.continuous_variants:FM_MANIFEST_SCHEMA",
-            "noprop_dist.continuous_variants:FMObjective"),
+            "noprop_dist.variants.continuous:ContinuousPredictor", "noprop_dist.variants.continuous:FM_MANIFEST_SCHEMA",
+            "noprop_dist.variants.continuous:FMObjective"),
     Variant("backprop", "backprop", "structure-matched back-propagation baseline (Eqs. 17-19)",
-            "noprop_dist.backprop:NetworkPredictor", "noprop_dist.backprop:MANIFEST_SCHEMA"),
+            "noprop_dist.variants.backprop:NetworkPredictor", "noprop_dist.variants.backprop:MANIFEST_SCHEMA"),
     Variant("backprop_cnn", "backprop", "single-tower CNN (Figure-6 image path + linear head), back-propagation",
-            "noprop_dist.backprop:NetworkPredictor", "noprop_dist.backprop:MANIFEST_SCHEMA"),
+            "noprop_dist.variants.backprop:NetworkPredictor", "noprop_dist.variants.backprop:MANIFEST_SCHEMA"),
 )}
 
 

@@ -1,7 +1,7 @@
 """Networks: the NoProp-DT block (paper Figure 6), the output head, and label embeddings.
 
-Modules here only compute; training lives in :mod:`noprop_dist.units`, the inference chain
-in :mod:`noprop_dist.inference`. The block returns class logits; the denoised embedding is
+Modules here only compute; training lives in :mod:`noprop_dist.training.runner`, the inference chain
+in :mod:`noprop_dist.nets.chain`. The block returns class logits; the denoised embedding is
 ``softmax(logits) @ W_embed`` (:func:`denoised_embedding`), computed by the caller because
 the embedding is shared state that the block does not own.
 """
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
+from noprop_dist.core.schedule import denoised_embedding
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,6 @@ def image_path(input_shape: tuple[int, int, int], size: BlockSize, dropout: floa
         nn.Flatten(),
         nn.Linear(c3 * (h // 4) * (w // 4), size.width), nn.BatchNorm1d(size.width),
     )
-
-
-def denoised_embedding(logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-    """u_hat = softmax(logits) @ W_embed: a convex mix of class embeddings."""
-    return torch.softmax(logits, dim=-1) @ embedding        # (B, d)
 
 
 class OutputHead(nn.Module):

@@ -16,7 +16,7 @@ Layout of a run directory::
 Every write is atomic (temp file in the same directory, fsync, rename), so a crash never
 leaves a half-written file under a final name. Reads trust nothing in the directory: the
 manifest is checked against its schema (:data:`MANIFEST_SCHEMA` plus the variant's own,
-named in :mod:`noprop_dist.variants`), a file is read only if it is a regular file inside
+named in :mod:`noprop_dist.variants.registry`), a file is read only if it is a regular file inside
 the run directory of the recorded size, its SHA-256 is verified, and no code is executed
 (safetensors holds tensors only). A failed read changes nothing on disk.
 """
@@ -40,12 +40,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import CheckpointError, ConfigError
+from noprop_dist.errors import CheckpointError, ConfigError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
-"""Held (flock) by the process training in the run: :class:`noprop_dist.lifecycle.RunLock`."""
+"""Held (flock) by the process training in the run: :class:`noprop_dist.run.lifecycle.RunLock`."""
 MAX_FILE_BYTES = 4 * 2**30
 """The largest tensors file a run may hold, checked before a file is read: far above the units
 of the paper's models with their optimizer state (~30 MiB for a CIFAR-100 block, ~300 MiB for
@@ -201,7 +201,7 @@ def package_versions() -> dict[str, str]:
     import pyarrow
     import safetensors
 
-    from . import __version__
+    from noprop_dist import __version__
 
     versions = {"noprop_dist": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
                 "pyarrow": pyarrow.__version__, "safetensors": safetensors.__version__,
@@ -254,7 +254,7 @@ class RunDir:
     def manifest(self) -> dict[str, Any]:
         """The manifest, checked against the common schema and its variant's (cheap: it is
         read before every checkpoint write too)."""
-        from .variants import get_variant, load_target
+        from noprop_dist.variants.registry import get_variant, load_target
 
         path = self.path / MANIFEST
         if not path.exists():

@@ -2,10 +2,10 @@
 
 * :class:`UnitSpec` names one independently trained unit (DT's block t or head, CT/FM's
   time-interval network or CT's head); :class:`UnitSetup` is what all units of a run share.
-* :class:`UnitObjective` is the interface each variant implements (:mod:`noprop_dist.dt`,
-  :mod:`noprop_dist.continuous_variants`): its units, each unit's module, optimiser, target
+* :class:`UnitObjective` is the interface each variant implements (:mod:`noprop_dist.variants.dt`,
+  :mod:`noprop_dist.variants.continuous`): its units, each unit's module, optimiser, target
   noise and loss, and the shared tensors to synchronise. The loop that calls it is
-  :class:`noprop_dist.units.UnitRunner`.
+  :class:`noprop_dist.training.runner.UnitRunner`.
 * Seeds: every random draw of a unit comes from ``derive_seed(run seed, unit.seed_id,
   epoch, stream)``, never from the worker's identity.
 * Shared tensors: W_embed (when learned) and the module state under a variant's
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import schedule
-from .config import Config, ContinuousConfig, ModelConfig, TrainConfig
-from .data import Dataset, normalize
-from .models import class_medoids, embedding_dim, initial_embedding
-from .preflight import StepProbe
+from noprop_dist.core import schedule
+from noprop_dist.config import Config, ContinuousConfig, ModelConfig, TrainConfig
+from noprop_dist.data import Dataset, normalize
+from noprop_dist.nets.blocks import class_medoids, embedding_dim, initial_embedding
+from noprop_dist.training.preflight import StepProbe
 
 # Streams of derive_seed; pass p of a multi-pass unit uses PASS_STRIDE * (p + 1) + stream.
 SHUFFLE, NOISE, DROPOUT, INIT = 0, 1, 2, 3
@@ -94,8 +94,8 @@ class UnitSetup:
 
     @property
     def objective(self) -> "UnitObjective":
-        """The variant's side of the unit loop (looked up in :mod:`noprop_dist.variants`)."""
-        from .variants import get_variant
+        """The variant's side of the unit loop (looked up in :mod:`noprop_dist.variants.registry`)."""
+        from noprop_dist.variants.registry import get_variant
 
         return get_variant(self.variant).objective()
 
@@ -195,11 +195,11 @@ class UnitObjective:
                    rows: torch.Tensor) -> torch.Tensor:
         """The unit's loss on one batch: images ``x`` (normalised, or None), labels ``y`` and
         the batch's rows of the epoch noise. Reads ``runner.module``, ``runner.embedding``,
-        ``runner.unit`` and ``runner.setup`` (a :class:`noprop_dist.units.UnitRunner`)."""
+        ``runner.unit`` and ``runner.setup`` (a :class:`noprop_dist.training.runner.UnitRunner`)."""
         raise NotImplementedError
 
     def step_probe(self, setup: UnitSetup, n_train: int) -> StepProbe:
-        """The dry run of the largest unit's training step (:mod:`~noprop_dist.preflight`)."""
+        """The dry run of the largest unit's training step (:mod:`~noprop_dist.training.preflight`)."""
         raise NotImplementedError
 
 

@@ -5,7 +5,7 @@ Both come from one dry run of the unit's forward pass on PyTorch's ``meta`` devi
 and tensors there have shapes and dtypes but no storage, so a 3x512x512 batch costs nothing
 to "run". A shape the network cannot take fails there (not after the run directory exists),
 and the tensors autograd saves for backward are counted from their shapes: the same quantity
-:class:`~noprop_dist.units.SavedTensorMeter` counts during real training (the estimate is
+:class:`~noprop_dist.training.runner.SavedTensorMeter` counts during real training (the estimate is
 about 10% above it: views that share storage are counted once each).
 
 Each trainer calls :func:`check_step_fits` with its variant's probe (``dt.step_probe``,
@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import ClusterConfig
-from .errors import ConfigError, DataError
+from noprop_dist.config import ClusterConfig
+from noprop_dist.errors import ConfigError, DataError
 
 MEMORY_HEADROOM = 0.8
 """Share of a worker's free memory a unit may plan to use (the rest: Python, torch, data pages)."""

@@ -1,6 +1,6 @@
 """Reading a finished run back, whatever its variant: its config, ``eval`` and ``export``.
 
-The variant's predictor (:mod:`noprop_dist.variants`) does the variant-specific part: a
+The variant's predictor (:mod:`noprop_dist.variants.registry`) does the variant-specific part: a
 NoProp chain needs inference noise, a back-propagation baseline does not.
 """
 
@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from .checkpoint import RunDir
-from .config import Config
-from .data import ArraySplit, validate_split
-from .errors import CheckpointError, ConfigError
+from noprop_dist import config as config_mod
+from noprop_dist.run.rundir import RunDir
+from noprop_dist.config import Config
+from noprop_dist.data import ArraySplit, validate_split
+from noprop_dist.errors import CheckpointError, ConfigError
 
 
 def load_run_config(run: RunDir) -> Config:
@@ -29,7 +29,7 @@ def load_run_config(run: RunDir) -> Config:
 
 def load_predictor(run_dir: str | Path):
     """The finished run's predictor (checksums verified, no code executed)."""
-    from .variants import get_variant
+    from noprop_dist.variants.registry import get_variant
 
     run = RunDir(run_dir)
     manifest = run.manifest()
@@ -45,7 +45,7 @@ def evaluate_run(run_dir: str | Path, split: ArraySplit | None = None) -> dict[s
     predictor = load_predictor(run_dir)
     manifest, cfg = predictor.manifest, predictor.cfg
     if split is None:
-        from .data import load_dataset
+        from noprop_dist.data import load_dataset
 
         split = load_dataset(cfg.data).test
     if tuple(split.x.shape[1:]) != tuple(manifest["input_shape"]):

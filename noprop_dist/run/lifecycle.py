@@ -1,7 +1,7 @@
 """The run lifecycle that every trainer shares: prepare a run, decide when to checkpoint,
 finish and evaluate it.
 
-A trainer (:mod:`noprop_dist.trainers` lists them) does only its own part, training::
+A trainer (:mod:`noprop_dist.trainers.registry` lists them) does only its own part, training::
 
     data = load_data(cfg)                       # before anything is written
     ... trainer-specific checks (cluster reachable, placement fits) ...
@@ -9,7 +9,7 @@ A trainer (:mod:`noprop_dist.trainers` lists them) does only its own part, train
         ... train, checkpointing when ``checkpoint_due(...)`` says so ...
         return finish_run(run, cfg, data, train_seconds, extra)   # evaluate, summary, plot
 
-``finish_run`` evaluates through the variant's own predictor (:mod:`noprop_dist.variants`),
+``finish_run`` evaluates through the variant's own predictor (:mod:`noprop_dist.variants.registry`),
 so a NoProp chain and a back-propagation baseline share the run directory format, the
 summary, ``eval``, ``export`` and the plot.
 """
@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import config as config_mod
-from .checkpoint import LOCK_FILE, RunDir
-from .errors import CheckpointError
-from .config import Config, TrainConfig
-from .data import Dataset, load_dataset
-from .preflight import StepEstimate, device_memory_budget, fitting_batch
+from noprop_dist import config as config_mod
+from noprop_dist.run.rundir import LOCK_FILE, RunDir
+from noprop_dist.errors import CheckpointError
+from noprop_dist.config import Config, TrainConfig
+from noprop_dist.data import Dataset, load_dataset
+from noprop_dist.training.preflight import StepEstimate, device_memory_budget, fitting_batch
 
 
 def load_data(cfg: Config) -> Dataset:
@@ -130,9 +130,9 @@ def finish_run(run: RunDir, cfg: Config, data: Dataset, train_seconds: float,
     earlier sessions of the same run that reached this point (a crashed session's is lost).
     ``extra`` holds the trainer's own figures (backend, workers, bytes, memory).
     """
-    from .plots import plot_run
-    from .unit_spec import resolve_device
-    from .variants import get_variant
+    from noprop_dist.run.plots import plot_run
+    from noprop_dist.variants.base import resolve_device
+    from noprop_dist.variants.registry import get_variant
 
     train_seconds += run.manifest().get("train_seconds_done", 0.0)
     run.update_manifest(train_seconds_done=train_seconds)

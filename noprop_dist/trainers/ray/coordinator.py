@@ -9,7 +9,7 @@ This is the only module that imports Ray. The coordinator (the driver process):
   (named after their blocks, so the Ray dashboard shows them), plus one for the head;
 * owns the noisy targets: for every (unit, epoch) it hands out the closed-form sampling of
   ``z_{t-1} ~ q(z_{t-1} | y)`` either as a *recipe* (the seed of the unit's noise, from which
-  the variant's ``epoch_noise`` (:class:`noprop_dist.unit_spec.UnitObjective`) rebuilds the exact tensor on the worker) or as the
+  the variant's ``epoch_noise`` (:class:`noprop_dist.variants.base.UnitObjective`) rebuilds the exact tensor on the worker) or as the
   *tensor* itself through the object store (``cluster.ship_targets``). Both give the same
   bits because both call the same function with the same seed; recipe is the default as it
   moves 8 bytes instead of N*d*4;
@@ -43,17 +43,17 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .checkpoint import RunDir
-from .config import Config
-from .data import ArraySplit, Dataset
-from .errors import ClusterError, TrainingDiverged
-from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
-from .placement import Layout, Traffic, plan_layout, serialized_bytes, worker_name
-from .ray_cluster import connect, first_line
-from .preflight import StepEstimate, check_unit, worker_memory
-from .unit_runs import EMBEDDING_FILE, embedding_owner, eval_due, evaluate_during_training, synchronise
-from .unit_spec import SHARED_EMBEDDING, UnitSetup, UnitSpec, make_setup, resolve_device, shared_of
-from .units import UnitRunner
+from noprop_dist.run.rundir import RunDir
+from noprop_dist.config import Config
+from noprop_dist.data import ArraySplit, Dataset
+from noprop_dist.errors import ClusterError, TrainingDiverged
+from noprop_dist.run.lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
+from noprop_dist.trainers.ray.placement import Layout, Traffic, plan_layout, serialized_bytes, worker_name
+from noprop_dist.trainers.ray.cluster import connect, first_line
+from noprop_dist.training.preflight import StepEstimate, check_unit, worker_memory
+from noprop_dist.training.common import EMBEDDING_FILE, embedding_owner, eval_due, evaluate_during_training, synchronise
+from noprop_dist.variants.base import SHARED_EMBEDDING, UnitSetup, UnitSpec, make_setup, resolve_device, shared_of
+from noprop_dist.training.runner import UnitRunner
 
 PLACEMENT_TIMEOUT_S = 60.0
 POLL_S = 0.2

@@ -1,5 +1,5 @@
 """Where the Ray trainer's units go and what crosses the wire: pure functions and records,
-no Ray (the coordinator, :mod:`noprop_dist.coordinator`, is the loop that uses them).
+no Ray (the coordinator, :mod:`noprop_dist.trainers.ray.coordinator`, is the loop that uses them).
 
 * :func:`plan_layout`: which worker hosts which units (one per unit when the cluster has
   room, fewer when it has not, a one-line error when even the request cannot be met).
@@ -13,10 +13,10 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ClusterConfig
-from .errors import ClusterError
-from .ray_cluster import worker_capacity
-from .unit_spec import UnitSpec
+from noprop_dist.config import ClusterConfig
+from noprop_dist.errors import ClusterError
+from noprop_dist.trainers.ray.cluster import worker_capacity
+from noprop_dist.variants.base import UnitSpec
 
 
 # ---------------------------------------------------------------------------------------

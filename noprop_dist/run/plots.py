@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .checkpoint import RunDir, atomic_write
+from noprop_dist.run.rundir import RunDir, atomic_write
 
 
 def plot_run(run: RunDir) -> None:

@@ -1,12 +1,12 @@
 """The in-process trainer, and the NoProp training loop that every rank of a DDP run shares.
 
 :func:`train_units` is the loop: every unit of a run, one after another, epoch by epoch
-(:class:`~noprop_dist.units.UnitRunner`), with the shared-tensor synchronisation, the
+(:class:`~noprop_dist.training.runner.UnitRunner`), with the shared-tensor synchronisation, the
 checkpoints, ``--eval.every`` and the final W_embed. It runs
 
 * in this process, as rank 0 of a world of 1 (:func:`train_local`, ``--cluster.backend=local``):
   the same seeds and synchronisation points as the Ray workers, so both give the same weights;
-* on every rank of a process group (:mod:`noprop_dist.ddp`, NoProp-CT/FM with
+* on every rank of a process group (:mod:`noprop_dist.trainers.ddp`, NoProp-CT/FM with
   ``--cluster.backend=ddp``): each image-reading unit trained data-parallel across the ranks
   in turn, the others (CT's head) in full on every rank; every rank holds the same units, and
   only rank 0 writes the run directory. The ranks meet at a barrier after every epoch.
@@ -21,15 +21,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .checkpoint import RunDir
-from .config import Config
-from .data import ArraySplit
-from .errors import TrainingDiverged
-from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
-from .preflight import check_unit, device_memory_budget
-from .unit_runs import EMBEDDING_FILE, embedding_owner, eval_due, evaluate_during_training, save_unit, synchronise
-from .unit_spec import UnitSetup, make_setup, resolve_device
-from .units import UnitRunner
+from noprop_dist.run.rundir import RunDir
+from noprop_dist.config import Config
+from noprop_dist.data import ArraySplit
+from noprop_dist.errors import TrainingDiverged
+from noprop_dist.run.lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run, sync_due
+from noprop_dist.training.preflight import check_unit, device_memory_budget
+from noprop_dist.training.common import EMBEDDING_FILE, embedding_owner, eval_due, evaluate_during_training, save_unit, synchronise
+from noprop_dist.variants.base import UnitSetup, make_setup, resolve_device
+from noprop_dist.training.runner import UnitRunner
 
 
 def train_local(cfg: Config, run_dir: str | Path, resume: bool = False,

@@ -3,11 +3,11 @@
 The same :func:`train_worker` runs
 
 * in this process with no process group (``--cluster.backend=local``, the N = 1 point),
-* on Ray Train workers, which open the process group (:mod:`noprop_dist.ddp`),
+* on Ray Train workers, which open the process group (:mod:`noprop_dist.trainers.ddp`),
 * under ``torchrun`` without Ray (:func:`torchrun_main`; the only place here that opens a
   process group itself)::
 
-      torchrun --nproc-per-node 2 -m noprop_dist.backprop --config demo --variant backprop --run-dir runs/bp
+      torchrun --nproc-per-node 2 -m noprop_dist.variants.backprop --config demo --variant backprop --run-dir runs/bp
 
 Data parallelism: every worker draws the same seeded permutation for an epoch and takes a
 contiguous share of each global batch of ``train.batch_size`` (128 by default), so the
@@ -43,18 +43,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import schedule
-from .checkpoint import RunDir
-from .config import Config, EvalConfig, ModelConfig, TrainConfig
-from .data import ArraySplit, Dataset, normalize
-from .dt import example_images
-from .unit_runs import load_module_state
-from .lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run
-from .models import BLOCK_SIZES, BackpropChain, SingleTowerCNN
-from .preflight import StepProbe, check_unit, device_memory_budget
-from .unit_spec import DROPOUT, INIT, NOISE, RANK_STREAM_STRIDE, SHUFFLE, derive_seed, make_embedding, resolve_device
-from .units import (ByteCounter, SavedTensorMeter, counting_allreduce, diverged, load_optimizer_state,
-                    optimizer_state_tensors, rss_bytes, shard, training_state_bytes)
+from noprop_dist.core import schedule
+from noprop_dist.run.rundir import RunDir
+from noprop_dist.config import Config, EvalConfig, ModelConfig, TrainConfig
+from noprop_dist.data import ArraySplit, Dataset, normalize
+from noprop_dist.variants.dt import example_images
+from noprop_dist.training.common import load_module_state
+from noprop_dist.run.lifecycle import checkpoint_due, finish_run, finished_summary, load_data, open_run
+from noprop_dist.nets.blocks import BLOCK_SIZES, BackpropChain, SingleTowerCNN
+from noprop_dist.training.preflight import StepProbe, check_unit, device_memory_budget
+from noprop_dist.variants.base import DROPOUT, INIT, NOISE, RANK_STREAM_STRIDE, SHUFFLE, derive_seed, make_embedding, resolve_device
+from noprop_dist.training.data_parallel import ByteCounter, counting_allreduce, shard
+from noprop_dist.training.meters import SavedTensorMeter, rss_bytes, training_state_bytes
+from noprop_dist.training.optimizer_state import load_optimizer_state, optimizer_state_tensors
+from noprop_dist.training.runner import diverged
 
 # The differentiable all-reduce's deprecation names a private replacement; keep the public one.
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
@@ -100,7 +102,7 @@ def build_network(setup: NetworkSetup) -> nn.Module:
 
 
 def network_step_probe(setup: NetworkSetup) -> StepProbe:
-    """The dry run of one training step of the whole network (:mod:`~noprop_dist.preflight`)."""
+    """The dry run of one training step of the whole network (:mod:`~noprop_dist.training.preflight`)."""
     d = setup.embedding.shape[1]
 
     def forward(net: nn.Module, batch: int) -> torch.Tensor:
@@ -124,7 +126,7 @@ def manifest_fields(cfg: Config, data: Dataset, setup: NetworkSetup, net: nn.Mod
 
 MANIFEST_SCHEMA = {
     # What manifest_fields writes, checked on every read of the manifest (the vocabulary is
-    # noprop_dist.checkpoint's; a check may read the keys above it).
+    # noprop_dist.run.rundir's; a check may read the keys above it).
     "T": "an integer >= 0",
     "dataset": "a string", "num_classes": "a positive integer", "input_shape": "3 positive integers (C, H, W)",
     "input_dtype": '"uint8" or "float32"', "embedding": "a string", "embedding_dim": "a positive integer",
@@ -389,10 +391,10 @@ class RawImageClassifier(nn.Module):
 
 
 class NetworkPredictor:
-    """A finished back-propagation run as a predictor (see :mod:`noprop_dist.variants`)."""
+    """A finished back-propagation run as a predictor (see :mod:`noprop_dist.variants.registry`)."""
 
     def __init__(self, run: RunDir):
-        from .results import load_run_config
+        from noprop_dist.run.results import load_run_config
 
         self.manifest = run.manifest()
         self.cfg = load_run_config(run)
@@ -442,7 +444,7 @@ class NetworkPredictor:
 # torchrun, without Ray.
 # ---------------------------------------------------------------------------------------
 def torchrun_main(argv: list[str] | None = None) -> int:
-    """``torchrun --nproc-per-node N -m noprop_dist.backprop [train options]``.
+    """``torchrun --nproc-per-node N -m noprop_dist.variants.backprop [train options]``.
 
     Rank 0 checks the config and creates the run directory; every rank then trains its
     share; rank 0 evaluates and writes the summary.
@@ -450,11 +452,11 @@ def torchrun_main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from . import config as config_mod
-    from .cli import parse_overrides
-    from .errors import NoPropError
+    from noprop_dist import config as config_mod
+    from noprop_dist.cli import parse_overrides
+    from noprop_dist.errors import NoPropError
 
-    parser = argparse.ArgumentParser(prog="torchrun ... -m noprop_dist.backprop")
+    parser = argparse.ArgumentParser(prog="torchrun ... -m noprop_dist.variants.backprop")
     parser.add_argument("--config", default="demo")
     parser.add_argument("--run-dir", required=True)
     args, extra = parser.parse_known_args(argv)

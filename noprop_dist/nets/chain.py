@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import schedule
-from .data import ArraySplit, normalize
-from .models import denoised_embedding
+from noprop_dist.core import schedule
+from noprop_dist.data import ArraySplit, normalize
+from noprop_dist.nets.blocks import denoised_embedding
 
 
 class NoPropChain(nn.Module):

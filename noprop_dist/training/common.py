@@ -1,5 +1,5 @@
-"""What the NoProp trainers (in-process :mod:`~noprop_dist.local`, Ray
-:mod:`~noprop_dist.coordinator`) share around the unit loop, for every variant: the unit
+"""What the NoProp trainers (in-process :mod:`~noprop_dist.trainers.local`, Ray
+:mod:`~noprop_dist.trainers.ray.coordinator`) share around the unit loop, for every variant: the unit
 checkpoints, the synchronisation of shared tensors, ``--eval.every``, and rebuilding a
 run's units from its directory for the variant's predictor.
 """
@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import RunDir
-from .config import EvalConfig
-from .data import ArraySplit
-from .embedding_sync import EmbeddingOwner
-from .errors import CheckpointError
-from .unit_spec import SHARED_EMBEDDING, UnitSetup, average_shared, shared_of
-from .units import UnitRunner
+from noprop_dist.run.rundir import RunDir
+from noprop_dist.config import EvalConfig
+from noprop_dist.data import ArraySplit
+from noprop_dist.training.embedding_sync import EmbeddingOwner
+from noprop_dist.errors import CheckpointError
+from noprop_dist.variants.base import SHARED_EMBEDDING, UnitSetup, average_shared, shared_of
+from noprop_dist.training.runner import UnitRunner
 
 EMBEDDING_FILE = "embedding"
 """The run's final W_embed (``embedding.safetensors``)."""
@@ -100,7 +100,7 @@ def load_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
 def setup_of_run(run: RunDir):
     """The :class:`UnitSetup` and config of a finished NoProp run, rebuilt from its directory."""
-    from .results import load_run_config
+    from noprop_dist.run.results import load_run_config
 
     manifest = run.manifest()
     cfg = load_run_config(run)

@@ -132,3 +132,8 @@ def kl_prior(u_y: torch.Tensor, ab_0: float) -> torch.Tensor:
     d = u_y.shape[-1]
     const = d * ((1.0 - ab_0) - 1.0 - math.log(1.0 - ab_0))
     return 0.5 * (ab_0 * (u_y ** 2).sum(-1) + const)                       # (B,)
+
+
+def denoised_embedding(logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """u_hat = softmax(logits) @ W_embed: a convex mix of class embeddings."""
+    return torch.softmax(logits, dim=-1) @ embedding        # (B, d)

@@ -32,7 +32,7 @@ warns so. The token is one per process: a second private Ray in the same process
 
 Ray and torch are imported inside the functions that use them, so that the command can import
 this module before Ray. Ray is imported only by this module and the trainer modules that need
-it (:mod:`~noprop_dist.coordinator`, :mod:`~noprop_dist.ddp`).
+it (:mod:`~noprop_dist.trainers.ray.coordinator`, :mod:`~noprop_dist.trainers.ddp`).
 """
 
 from __future__ import annotations
@@ -44,10 +44,9 @@ import socket
 import sys
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 
-from .config import ClusterConfig
-from .errors import ClusterError
+from noprop_dist.config import ClusterConfig
+from noprop_dist.errors import ClusterError
 
 NAMESPACE = "noprop_dist"
 RAY_BACKENDS = ("ray", "ddp")
@@ -138,7 +137,7 @@ def _warn_if_reachable(gcs_address: str) -> None:
     if is_loopback(host):
         return
     why = (f"{LOOPBACK_NODE}={os.environ[LOOPBACK_NODE]} is set" if os.environ.get(LOOPBACK_NODE, "0") != "0"
-           else "ray was imported before noprop_dist.ray_cluster.prepare_private_ray ran")
+           else "ray was imported before noprop_dist.trainers.ray.cluster.prepare_private_ray ran")
     auth = ("token authentication is on" if os.environ.get(AUTH_MODE, "").lower() == "token" else
             f"authentication is off ({AUTH_MODE}={os.environ.get(AUTH_MODE)}): anyone who can reach "
             "this host can run code in it")
@@ -154,87 +153,6 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
     mapped = getattr(ip, "ipv4_mapped", None)
     return ip.is_loopback or bool(mapped and mapped.is_loopback)
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (Linux: read from /proc). For a driver that started a
-    private Ray: the driver, the Ray system processes and the workers."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue   # ended meanwhile
-        ppid = int(stat.rpartition(")")[2].split()[1])   # the name in (...) may hold spaces
-        parents.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(parents.get(pid, []))
-    return tree
-
-
-def process_name(pid: int) -> str:
-    """A readable name: ``raylet``, ``gcs_server``, ``ray::IDLE``, ``dashboard.py``, ``python``."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return "?"
-    args = [a.decode(errors="replace").strip() for a in argv if a.strip()]
-    if not args:
-        return "?"
-    if args[0].startswith("ray::"):
-        return args[0].split()[0]
-    name = os.path.basename(args[0])
-    if name.startswith("python"):
-        scripts = [os.path.basename(a) for a in args[1:] if a.endswith(".py")]
-        return scripts[0] if scripts else name
-    return name
-
-
-def listening_sockets(root: int | None = None) -> list[tuple[str, int, str]]:
-    """(address, port, process name) of every TCP socket in LISTEN state held by process
-    ``root`` (default: this one) or its descendants, sorted. Linux only (reads /proc); sockets
-    of processes this user may not inspect are left out."""
-    inodes = _listening_inodes()
-    found = set()
-    for pid in process_tree(os.getpid() if root is None else root):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                address, port = inodes[target[8:-1]]
-                found.add((address, port, process_name(pid)))
-    return sorted(found, key=lambda s: (s[2], s[1], s[0]))
-
-
-def _listening_inodes() -> dict[str, tuple[str, int]]:
-    """socket inode -> (address, port) of the TCP sockets in LISTEN state (state 0A)."""
-    out = {}
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] != "0A":
-                continue
-            hex_address, hex_port = fields[1].split(":")
-            raw = bytes.fromhex(hex_address)
-            if sys.byteorder == "little":   # the kernel prints 32-bit words in host order
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-            out[fields[9]] = (socket.inet_ntop(family, raw), int(hex_port, 16))
-    return out
 
 
 def worker_capacity(cluster: ClusterConfig, resources: dict[str, float]) -> tuple[int, float]:

@@ -1,11 +1,11 @@
 """NoProp-CT and NoProp-FM as variants: their units, targets, losses, shared tensors, and
-their predictors (the integrators of :mod:`noprop_dist.continuous` rebuilt from a run).
+their predictors (the integrators of :mod:`noprop_dist.nets.time_conditioned` rebuilt from a run).
 
 Both train one time-conditioned network u(z_t, x, t). Distributed **by time interval**
 (``continuous.intervals = K``): [0, 1] is split into K equal intervals, and interval k's
 network is its own unit, trained on its own worker with t drawn only inside its interval;
 there is no traffic between workers. At inference z passes from one interval's network to
-the next (:class:`~noprop_dist.continuous.CTChain`, :class:`~noprop_dist.continuous.FMChain`).
+the next (:class:`~noprop_dist.nets.time_conditioned.CTChain`, :class:`~noprop_dist.nets.time_conditioned.FMChain`).
 K = 1 is the paper's single network.
 
 * **CT** (Eq. 9): units ``interval_01..interval_K`` and ``head``. An interval unit samples
@@ -18,7 +18,7 @@ K = 1 is the paper's single network.
 * **FM** (Eqs. 10-13): units ``interval_01..interval_K`` only (prediction is the nearest
   class embedding, no head). ``z_t = t u_y + (1 - t) z_0``, loss
   ``||u(z_t, x, t) @ W_embed - (u_y - z_0)||^2`` plus, with a learned embedding, the anchor
-  term of :func:`~noprop_dist.continuous.fm_anchor_loss`.
+  term of :func:`~noprop_dist.nets.time_conditioned.fm_anchor_loss`.
 
 Optimiser: Adam (the paper's, for CT and FM), with ``train.weight_decay`` as its L2 term.
 Seeds: interval k is ``seed_id`` k, the head 0 (as DT's block k and head); the learned
@@ -33,20 +33,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import config as config_mod
-from . import schedule
-from .checkpoint import RunDir, is_numbers
-from .config import Config, EvalConfig, TrainConfig
-from .continuous import (CTChain, FMChain, LearnedSchedule, TimeConditionedNet, chain_noise, ct_denoise_loss,
-                         ct_head_loss, evaluate_continuous, fm_anchor_loss, fm_interpolate, fm_loss, fm_target,
-                         fm_velocity, interval_bounds, kl_prior_continuous, sample_ct_marginal)
-from .data import ArraySplit, Dataset
-from .dt import COMMON_SCHEMA, HEAD, common_manifest_fields, example_images
-from .inference import RawImageChain
-from .models import BLOCK_SIZES, OutputHead
-from .preflight import StepProbe
-from .unit_spec import NOISE, UnitObjective, UnitSetup, UnitSpec, derive_seed, head_noise, seeded_module
-from .units import UnitRunner
+from noprop_dist import config as config_mod
+from noprop_dist.core import schedule
+from noprop_dist.run.rundir import RunDir, is_numbers
+from noprop_dist.config import Config, EvalConfig, TrainConfig
+from noprop_dist.core.continuous import (LearnedSchedule, ct_denoise_loss, ct_head_loss, fm_anchor_loss, fm_interpolate,
+                                          fm_loss, fm_target, fm_velocity, interval_bounds, kl_prior_continuous,
+                                          sample_ct_marginal)
+from noprop_dist.nets.time_conditioned import CTChain, FMChain, TimeConditionedNet, chain_noise, evaluate_continuous
+from noprop_dist.data import ArraySplit, Dataset
+from noprop_dist.variants.dt import COMMON_SCHEMA, HEAD, common_manifest_fields, example_images
+from noprop_dist.nets.chain import RawImageChain
+from noprop_dist.nets.blocks import BLOCK_SIZES, OutputHead
+from noprop_dist.training.preflight import StepProbe
+from noprop_dist.variants.base import NOISE, UnitObjective, UnitSetup, UnitSpec, derive_seed, head_noise, seeded_module
+from noprop_dist.training.runner import UnitRunner
 
 TIME = 4
 """derive_seed stream of the uniform draws that place each example's t inside its interval."""
@@ -134,7 +135,7 @@ class ContinuousObjective(UnitObjective):
         }
 
     def nets(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]], where: Path | str) -> list[nn.Module]:
-        from .unit_runs import load_module_state
+        from noprop_dist.training.common import load_module_state
 
         return [load_module_state(self.build_module(u, setup), states[u.name], u.name, Path(where)).net.eval()
                 for u in self.intervals(setup)]
@@ -193,7 +194,7 @@ class CTObjective(ContinuousObjective):
 
     def chain(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]], embedding: torch.Tensor,
               where: Path | str = "") -> CTChain:
-        from .unit_runs import load_module_state
+        from noprop_dist.training.common import load_module_state
 
         head = load_module_state(self.build_module(HEAD, setup), states[HEAD.name], HEAD.name, Path(where)).head
         grid = self.averaged_schedule(setup, states).alpha_bar_grid(setup.continuous.steps)
@@ -271,7 +272,7 @@ class ContinuousPredictor:
     """A finished CT or FM run as a predictor: integrate, evaluate, export."""
 
     def __init__(self, run: RunDir):
-        from .unit_runs import load_run_units
+        from noprop_dist.training.common import load_run_units
 
         setup, self.cfg, self.manifest, states, embedding = load_run_units(run)
         self.chain = setup.objective.chain(setup, states, embedding, run.path)

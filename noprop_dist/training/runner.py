@@ -3,14 +3,14 @@
 A *unit* is what one worker trains on its own: NoProp-DT's block t or its output head,
 NoProp-CT/FM's network of one time interval (and CT's head). What a unit is and what a
 variant tells this loop (its units, each unit's module, optimiser, per-epoch target noise
-and loss, the shared tensors) live in :mod:`noprop_dist.unit_spec` (``UnitSpec``,
-``UnitSetup``, ``UnitObjective``); the variants in :mod:`noprop_dist.dt` and
-:mod:`noprop_dist.continuous_variants`. What runs
+and loss, the shared tensors) live in :mod:`noprop_dist.variants.base` (``UnitSpec``,
+``UnitSetup``, ``UnitObjective``); the variants in :mod:`noprop_dist.variants.dt` and
+:mod:`noprop_dist.variants.continuous`. What runs
 :class:`UnitRunner`, unchanged:
 
-* the in-process trainer (:mod:`noprop_dist.local`): every unit, one after another;
-* the Ray workers (:mod:`noprop_dist.coordinator`): one or more units each;
-* the ranks of a DDP run (:mod:`noprop_dist.ddp`, NoProp-CT/FM only): every rank holds every
+* the in-process trainer (:mod:`noprop_dist.trainers.local`): every unit, one after another;
+* the Ray workers (:mod:`noprop_dist.trainers.ray.coordinator`): one or more units each;
+* the ranks of a DDP run (:mod:`noprop_dist.trainers.ddp`, NoProp-CT/FM only): every rank holds every
   unit, and an image-reading unit is trained *data-parallel* (``UnitRunner(..., rank,
   world)``: this rank's share of every global batch, gradients averaged by DDP; see
   :class:`UnitRunner`); CT's head runs in full on every rank.
@@ -34,7 +34,7 @@ and CT's units each train a copy of the learned schedule (the module state under
 ``UnitObjective.shared_prefixes``); the trainer averages the copies every
 ``train.embed_sync_every`` epochs (``unit_spec.average_shared``), or, for W_embed with
 ``train.embed_sync=summed_gradient``, applies the units' summed gradients
-(:mod:`noprop_dist.embedding_sync`). With a one-hot embedding and no learned schedule the
+(:mod:`noprop_dist.training.embedding_sync`). With a one-hot embedding and no learned schedule the
 units are fully independent.
 """
 
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import resource
 import time
 from typing import Callable
 
@@ -51,10 +50,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import TrainConfig
-from .data import ArraySplit, normalize
-from .errors import TrainingDiverged
-from .unit_spec import (DROPOUT, RANK_STREAM_STRIDE, SHARED_EMBEDDING, UnitSetup, UnitSpec, derive_seed, epoch_order,
+from noprop_dist.config import TrainConfig
+from noprop_dist.data import ArraySplit, normalize
+from noprop_dist.errors import TrainingDiverged
+from noprop_dist.training.data_parallel import ByteCounter, UnitLoss, counting_allreduce, shard
+from noprop_dist.training.meters import SavedTensorMeter, rss_bytes, training_state_bytes
+from noprop_dist.training.optimizer_state import load_optimizer_state, optimizer_state_tensors
+from noprop_dist.variants.base import (DROPOUT, RANK_STREAM_STRIDE, SHARED_EMBEDDING, UnitSetup, UnitSpec, derive_seed, epoch_order,
                         shared_of)
 
 ProgressFn = Callable[[dict], None]
@@ -88,7 +90,7 @@ class UnitRunner:
                                       requires_grad=setup.learnable_embedding)
         params = list(self.module.parameters())
         # summed_gradient: the unit records its W_embed gradients for the trainer's one
-        # optimizer (noprop_dist.embedding_sync) instead of moving its own copy.
+        # optimizer (noprop_dist.training.embedding_sync) instead of moving its own copy.
         self.records_embedding_grads = setup.learnable_embedding and setup.train.embed_sync == "summed_gradient"
         self._embedding_grads: list[torch.Tensor] = []
         if setup.learnable_embedding and not self.records_embedding_grads:
@@ -112,7 +114,7 @@ class UnitRunner:
 
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules()):
             raise ValueError(f"{self.name}: data-parallel training needs a BatchNorm-free module")
-        ddp = DistributedDataParallel(_UnitLoss(self),
+        ddp = DistributedDataParallel(UnitLoss(self),
                                       device_ids=[self.device.index] if self.device.type == "cuda" else None)
         ddp.register_comm_hook(self._counter, counting_allreduce)
         return ddp
@@ -321,80 +323,6 @@ class UnitRunner:
         self.peak_memory_bytes = max(self.peak_memory_bytes, total)
 
 
-class _UnitLoss(nn.Module):
-    """A runner's loss as a module (what DDP wraps): ``forward(x, y, rows)`` is the objective's
-    ``batch_loss``, which reads the runner's own module, registered here as a submodule."""
-
-    def __init__(self, runner: UnitRunner):
-        super().__init__()
-        self.unit_module = runner.module
-        self.runner = runner
-
-    def forward(self, x: torch.Tensor | None, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.runner.objective.batch_loss(self.runner, x, y, rows)
-
-
-def shard(global_idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Rank ``rank``'s contiguous share of one global batch (sizes differ by at most one)."""
-    n = len(global_idx)
-    base, extra = divmod(n, world)
-    lo = rank * base + min(rank, extra)
-    return global_idx[lo:lo + base + (1 if rank < extra else 0)]
-
-
-class ByteCounter:
-    """What one rank all-reduces: DDP's gradient buckets (as its communication hook's state,
-    :func:`counting_allreduce`), what is reduced by hand (:meth:`count`), and the buffers
-    DDP broadcasts before each forward (``per_step``, when it does)."""
-
-    def __init__(self):
-        self.bytes = 0
-        self.calls = 0
-        self.per_step = 0
-
-    def count(self, tensor: torch.Tensor) -> None:
-        self.bytes += tensor.numel() * tensor.element_size()
-        self.calls += 1
-
-
-def counting_allreduce(counter, bucket):  # no annotations: DDP checks them against real types
-    """All-reduce one gradient bucket (DDP's default) after counting its bytes."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    counter.count(bucket.buffer())
-    return allreduce_hook(None, bucket)
-
-
-class SavedTensorMeter:
-    """Counts the bytes autograd saves for backward (activations), excluding parameters."""
-
-    def __init__(self, enabled: bool, module: nn.Module):
-        self.enabled = enabled
-        self.bytes = 0
-        self._seen: set[int] = set()
-        self._module = module
-        self._param_ptrs: set[int] = set()
-        self._ctx = None
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr not in self._seen and ptr not in self._param_ptrs:
-            self._seen.add(ptr)
-            self.bytes += tensor.untyped_storage().nbytes()
-        return tensor
-
-    def __enter__(self) -> "SavedTensorMeter":
-        if self.enabled:
-            self._param_ptrs = {p.untyped_storage().data_ptr() for p in self._module.parameters()}
-            self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-            self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-
-
 def check_finite(name: str, epoch: int, per_step: torch.Tensor, train: TrainConfig) -> None:
     """Stop the run when a unit's loss is no longer finite (checked once per epoch, on the
     per-step losses): the epoch's weights are not checkpointed, the last finite ones stay."""
@@ -410,35 +338,6 @@ def diverged(name: str, epoch: int, value: float, train: TrainConfig, when: str 
         f"{name}: the loss became {value} at {when or f'epoch {epoch}'}; the likely cause is a learning rate "
         f"too high for this data (train.lr={train.lr:g}) or unscaled inputs; the run stopped with its last "
         "finite checkpoints kept; start again with a lower --train.lr")
-
-
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state as flat ``optim/<param index>/<name>`` tensors."""
-    return {f"optim/{idx}/{key}": torch.as_tensor(value)
-            for idx, state in optimizer.state_dict()["state"].items() for key, value in state.items()}
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    """Restore what :func:`optimizer_state_tensors` flattened (hyperparameters stay the optimizer's)."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, idx, name = key.split("/", 2)
-            state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def training_state_bytes(params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:
-    """Parameters + their gradients + optimizer state, in bytes."""
-    total = sum(t.numel() * t.element_size() for t in params)
-    total += sum(t.numel() * t.element_size() for t in params if t.requires_grad)
-    return total + sum(v.numel() * v.element_size() for st in optimizer.state.values()
-                       for v in st.values() if torch.is_tensor(v))
-
-
-def rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def train_unit(unit: UnitSpec, setup: UnitSetup, train: ArraySplit, epochs: int,

@@ -1,0 +1,2 @@
+"""The Ray trainer: the coordinator (``coordinator``), its pure placement (``placement``) and
+the connection to a cluster (``cluster``). Importing this package imports no Ray."""
