@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from noprop_dist import config as config_mod
-from noprop_dist.run.rundir import RunDir
+from noprop_dist.data import load_file
 from noprop_dist.errors import CheckpointError, ConfigError, NoPropError
+from noprop_dist.run.results import evaluate_run, export_run
+from noprop_dist.rundir import RunDir, load_run_config
 from noprop_dist.trainers.ray.cluster import prepare_private_ray
-from noprop_dist.trainers.registry import find_trainer
+from noprop_dist.variants.registry import find_trainer
 
 # On --resume only these sections may change: how the run is executed, not what it computes.
 RESUME_OVERRIDABLE = ("cluster.", "train.device", "train.threads", "train.log_every")
@@ -73,28 +75,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    overrides = parse_overrides(extra)
-    if args.address is not None:
-        overrides["cluster.address"] = args.address
-    if args.resume:
-        from noprop_dist.run.results import load_run_config
-
-        if not (Path(args.resume) / "manifest.json").exists():
-            raise CheckpointError(f"{args.resume} is not a noprop_dist run directory (no manifest.json); "
+def train_config(preset: str, overrides: dict[str, Any], resume: str | None, run_dir: str | None,
+                 check_new: bool = True) -> tuple[config_mod.Config, Path]:
+    """The config and run directory of ``train`` (and of the torchrun launcher): a preset plus
+    overrides for a new run, or the run's own saved config on ``--resume`` (where only how the
+    run is executed may change)."""
+    if resume:
+        if not (Path(resume) / "manifest.json").exists():
+            raise CheckpointError(f"{resume} is not a noprop_dist run directory (no manifest.json); "
                                   "pass the --run-dir of the run to continue")
         bad = [k for k in overrides if not k.startswith(RESUME_OVERRIDABLE)]
         if bad:
             raise ConfigError(f"--resume keeps the run's config; {bad[0]} cannot change (only cluster.* and train.device/threads)")
-        saved = load_run_config(RunDir(args.resume))
-        cfg = config_mod.apply_overrides(saved, overrides, "the command line")
+        cfg = config_mod.apply_overrides(load_run_config(RunDir(resume)), overrides, "the command line")
         config_mod.validate(cfg)
-        run_dir = Path(args.resume)
-    else:
-        cfg = config_mod.resolve(args.config, overrides)
-        name = Path(args.config).stem
-        run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        RunDir(run_dir).refuse_existing()  # checked again on creation; this is before any work
+        return cfg, Path(resume)
+    cfg = config_mod.resolve(preset, overrides)
+    path = Path(run_dir or f"runs/{Path(preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if check_new:
+        RunDir(path).refuse_existing()  # checked again on creation; this is before any work
+    return cfg, path
+
+
+def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    overrides = parse_overrides(extra)
+    if args.address is not None:
+        overrides["cluster.address"] = args.address
+    cfg, run_dir = train_config(args.config, overrides, args.resume, args.run_dir)
     trainer = find_trainer(cfg.cluster.backend, cfg.variant)
     prepare_private_ray(cfg.cluster)   # before the trainer's module imports Ray
     train = trainer.function()
@@ -112,11 +119,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from noprop_dist.run.results import evaluate_run
 
     split = None
     if args.data:
-        from noprop_dist.data import load_file
 
         split = load_file(args.data)
     scores = evaluate_run(args.run_dir, split)
@@ -145,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "export":
-            from noprop_dist.run.results import export_run
 
             print(f"exported: {export_run(args.run_dir, args.out, force=args.force)}")
             return 0

@@ -9,14 +9,18 @@ starts. The resolved config is written into every run directory as ``config.toml
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from noprop_dist.core.schedule import alpha_bar_from_config
 from noprop_dist.errors import ConfigError
+from noprop_dist.variants.registry import find_trainer
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -189,7 +193,6 @@ def validate(cfg: Config) -> None:
             value = getattr(value, part)
         if value not in choices:
             raise ConfigError(f"{'.'.join(path)}={value!r} is not one of {', '.join(choices)}")
-    from noprop_dist.trainers.registry import find_trainer  # lazy; the registries import neither torch nor Ray
 
     find_trainer(cfg.cluster.backend, cfg.variant)  # the variant exists and this backend trains it
     positive = {
@@ -237,7 +240,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"schedule.alpha_bar_min={s.alpha_bar_min} and alpha_bar_max={s.alpha_bar_max} "
             "must satisfy 0 < min < max < 1")
-    from noprop_dist.core.schedule import alpha_bar_from_config  # lazy: keeps `import config` light
 
     try:
         alpha_bar_from_config(s)  # e.g. clips so tight that alpha_bar stops increasing
@@ -413,9 +415,6 @@ def check_round_trip(cfg: Config) -> None:
 
 def describe_keys() -> list[str]:
     """One line per settable key with its default and its doc (for `noprop-dist keys`)."""
-    import ast
-    import inspect
-
     lines = []
     for section in dataclasses.fields(Config):
         section_type = get_type_hints(Config)[section.name]

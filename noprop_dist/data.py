@@ -38,12 +38,15 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from noprop_dist.config import DataConfig
@@ -170,7 +173,6 @@ def load_file(path: str | Path) -> ArraySplit:
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import zipfile
 
     if not zipfile.is_zipfile(path):  # else numpy would complain about pickles, which misleads
         raise DataError(f"data file {path} is not a .npz (zip) archive; "
@@ -190,11 +192,9 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow.compute as pc
 
     try:
         if path.suffix.lower() == ".parquet":
-            import pyarrow.parquet as pq
             table = pq.read_table(path)
         else:
             with pa.memory_map(str(path)) as source:

@@ -17,12 +17,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from noprop_dist.variants import backprop
-
 from noprop_dist import config
-from noprop_dist.variants.backprop import (GlobalBatchNorm1d, NetworkPredictor, build_network, make_network_setup,
-                                  shard, train_step, use_global_batchnorm)
-from noprop_dist.run.rundir import RunDir
+from noprop_dist.trainers.local import train_local
+from noprop_dist.training.data_parallel import DataParallel, shard, use_global_batchnorm
+from noprop_dist.training.runner import UnitRunner
+from noprop_dist.variants.backprop import NETWORK_UNIT, BackpropObjective, NetworkPredictor
+from noprop_dist.variants.base import make_setup
+from noprop_dist.rundir import RunDir
 from noprop_dist.cli import main
 from noprop_dist.data import normalize
 from noprop_dist.run.lifecycle import load_data
@@ -65,11 +66,11 @@ def test_structure_matched_chain_follows_eq17():
 
 def test_network_init_is_seeded_and_independent_of_global_rng(tiny_config, digits):
     cfg = config.apply_overrides(tiny_config(), {"variant": "backprop"}, "test")
-    setup = make_network_setup(cfg, digits)
+    setup = make_setup(cfg, digits)
     torch.manual_seed(123)
-    a = build_network(setup).state_dict()
+    a = BackpropObjective().build_module(NETWORK_UNIT, setup).state_dict()
     torch.manual_seed(456)
-    b = build_network(setup).state_dict()
+    b = BackpropObjective().build_module(NETWORK_UNIT, setup).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -114,26 +115,22 @@ def test_global_batchnorm_over_two_ranks_equals_batchnorm_on_the_whole_batch(tmp
         assert torch.allclose(parts[0]["state"][key].float(), ref.state_dict()[key[2:]].float(), atol=1e-6), key
 
 
-def _grad_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
-    from torch.nn.parallel import DistributedDataParallel
+def _one_step_grads(cfg: config.Config, parallel: DataParallel | None) -> dict[str, torch.Tensor]:
+    """The gradients of the network's one step of an epoch (a training split of one global
+    batch), trained by the unit loop; with ``parallel``, this rank's DDP-averaged ones."""
+    data = load_data(cfg)
+    runner = UnitRunner(NETWORK_UNIT, make_setup(cfg, data), data.train, "cpu", parallel)
+    runner.run_epoch(1)
+    return {n: p.grad.clone() for n, p in runner.module.named_parameters()}
 
+
+def _grad_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg = config.from_dict(cfg_dict)
-    data = load_data(cfg)
-    setup = make_network_setup(cfg, data)
-    net = use_global_batchnorm(build_network(setup))
-    model = DistributedDataParallel(net, broadcast_buffers=False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr)
-    global_idx = torch.arange(cfg.train.batch_size)
-    idx = shard(global_idx, rank, world).numpy()
-    x = normalize(np.asarray(data.train.x[idx]), setup.mean, setup.std)
-    z_0 = torch.randn(cfg.train.batch_size, setup.embedding.shape[1], generator=torch.Generator().manual_seed(5))[idx]
-    y = torch.from_numpy(np.array(data.train.y[idx]))
-    train_step(model, opt, x, z_0, y, len(idx) * world / len(global_idx))
+    grads = _one_step_grads(config.from_dict(cfg_dict), DataParallel(rank, world, sync_batchnorm=True))
     if rank == 0:
-        torch.save({n: p.grad for n, p in net.named_parameters()}, out)
+        torch.save(grads, out)
     dist.barrier()   # rank 0 hosts the store: nobody leaves while another still talks to it
     dist.destroy_process_group()
 
@@ -141,26 +138,20 @@ def _grad_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> 
 @pytest.mark.slow  # several seconds: full suite only (the fast tier stays near a minute)
 @pytest.mark.parametrize("variant", ["backprop", "backprop_cnn"])
 def test_ddp_gradient_of_two_ranks_equals_the_full_batch_gradient(variant, data_cache, tmp_path):
-    """What DDP + global BatchNorm computes: the all-reduced gradient of 2 ranks (uneven
-    shares of a batch of 63) is the gradient of the whole batch's mean loss on one rank."""
-    cfg = _cfg(data_cache, variant, **{"train.batch_size": 63})
+    """What DDP + global BatchNorm computes in the unit loop: the all-reduced gradient of 2
+    ranks (uneven shares of a batch of 63) is the gradient of the whole batch's mean loss on one."""
+    cfg = _cfg(data_cache, variant, **{"train.batch_size": 63, "data.limit_train": 63})
     out = str(tmp_path / "grads.pt")
     mp.spawn(_grad_worker, args=(2, _free_port(), config.to_dict(cfg), out), nprocs=2)
     two = torch.load(out)
-    data = load_data(cfg)
-    setup = make_network_setup(cfg, data)
-    net = build_network(setup)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr)
-    idx = np.arange(cfg.train.batch_size)
-    x = normalize(np.asarray(data.train.x[idx]), setup.mean, setup.std)
-    z_0 = torch.randn(cfg.train.batch_size, setup.embedding.shape[1], generator=torch.Generator().manual_seed(5))
-    train_step(net, opt, x, z_0, torch.from_numpy(np.array(data.train.y[idx])), 1.0)
+    torch.set_num_threads(1)
+    one = _one_step_grads(cfg, None)
     # Rounding is relative to the gradient's overall scale: the biases in front of a
     # BatchNorm have a true gradient of exactly 0 and carry only rounding noise.
-    scale = max(float(p.grad.abs().max()) for p in net.parameters())
+    scale = max(float(g.abs().max()) for g in one.values())
     assert scale > 1e-3
-    for name, p in net.named_parameters():
-        assert float((two[name] - p.grad).abs().max()) <= 1e-5 * scale, name
+    for name, g in one.items():
+        assert float((two[name] - g).abs().max()) <= 1e-5 * scale, name
 
 
 # ---- training, eval, export ----------------------------------------------------------------
@@ -168,7 +159,7 @@ def test_ddp_gradient_of_two_ranks_equals_the_full_batch_gradient(variant, data_
 def cnn_run(data_cache, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("bp") / "cnn"
     cfg = _cfg(data_cache, "backprop_cnn", **{"train.epochs": 3})
-    backprop.train_backprop_local(cfg, run_dir, show_progress=False)
+    train_local(cfg, run_dir, show_progress=False)
     return run_dir
 
 
@@ -193,18 +184,19 @@ def test_eval_and_export_of_a_backprop_run(cnn_run, tmp_path, capsys):
     cfg = predictor.cfg
     data = load_data(cfg)
     images = torch.from_numpy(np.array(data.test.x[:7]))
-    z_0 = torch.randn(7, predictor.embedding_dim)
+    net = predictor.network
+    z_0 = torch.randn(7, net.embedding_dim)
     with torch.no_grad():
-        expected = predictor.net(normalize(np.asarray(data.test.x[:7]), predictor.mean, predictor.std), z_0)
+        expected = net.net(normalize(np.asarray(data.test.x[:7]), net.mean, net.std), z_0)
         assert torch.allclose(program(images, z_0), expected, atol=1e-4)
 
 
 def test_resume_of_a_backprop_run_continues_where_it_stopped(data_cache, tmp_path):
     """Two epochs, then --resume to four, gives the weights of four epochs in one go."""
     full = tmp_path / "full"
-    backprop.train_backprop_local(_cfg(data_cache, "backprop_cnn", **{"train.epochs": 4}), full, show_progress=False)
+    train_local(_cfg(data_cache, "backprop_cnn", **{"train.epochs": 4}), full, show_progress=False)
     part = tmp_path / "part"
-    backprop.train_backprop_local(_cfg(data_cache, "backprop_cnn", **{"train.epochs": 2}), part, show_progress=False)
+    train_local(_cfg(data_cache, "backprop_cnn", **{"train.epochs": 2}), part, show_progress=False)
     # Pretend the run was asked for 4 epochs and stopped (still "running") after 2.
     text = (part / "config.toml").read_text().replace("epochs = 2", "epochs = 4")
     (part / "config.toml").write_text(text)
@@ -233,7 +225,7 @@ def test_torchrun_two_processes_without_ray(data_cache, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-         "-m", "noprop_dist.variants.backprop", "--config", "tiny", "--run-dir", str(run_dir), "--variant=backprop_cnn",
+         "-m", "noprop_dist.trainers.torchrun", "--config", "tiny", "--run-dir", str(run_dir), "--variant=backprop_cnn",
          f"--data.cache_dir={data_cache}", "--train.epochs=1"],
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -250,12 +242,12 @@ def test_core_and_a_local_backprop_run_import_neither_ray_nor_open_a_process_gro
     code = (
         "import sys\n"
         "import torch.distributed as dist\n"
-        "import noprop_dist.cli, noprop_dist.trainers.registry, noprop_dist.variants.registry, noprop_dist.run.lifecycle\n"
+        "import noprop_dist.cli, noprop_dist.variants.registry, noprop_dist.run.lifecycle\n"
         "from noprop_dist.config import resolve\n"
-        "from noprop_dist.variants.backprop import train_backprop_local\n"
+        "from noprop_dist.trainers.local import train_local\n"
         f"cfg = resolve('tiny', {{'data.cache_dir': {data_cache!r}, 'train.epochs': '1', 'variant': 'backprop',"
         " 'cluster.backend': 'local'})\n"
-        f"train_backprop_local(cfg, {str(tmp_path / 'run')!r}, show_progress=False)\n"
+        f"train_local(cfg, {str(tmp_path / 'run')!r}, show_progress=False)\n"
         "assert 'ray' not in sys.modules, 'ray was imported'\n"
         "assert not dist.is_initialized(), 'a process group was opened'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

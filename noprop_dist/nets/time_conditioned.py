@@ -22,10 +22,10 @@ from torch import nn
 
 from noprop_dist.core import schedule
 from noprop_dist.core.continuous import distance_scores, fm_velocity, interval_of, nearest_embedding
+from noprop_dist.core.schedule import denoised_embedding
 from noprop_dist.data import ArraySplit, normalize
 from noprop_dist.nets.blocks import BlockSize, image_path
 from noprop_dist.nets.chain import draw_noise
-from noprop_dist.core.schedule import denoised_embedding
 
 # --------------------------------------------------------------------------------------------
 # Time-conditioned network (CT and FM)

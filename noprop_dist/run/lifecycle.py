@@ -1,39 +1,121 @@
-"""The run lifecycle that every trainer shares: prepare a run, decide when to checkpoint,
-finish and evaluate it.
+"""The run lifecycle: one template that every trainer goes through (:func:`train_run`).
 
-A trainer (:mod:`noprop_dist.trainers.registry` lists them) does only its own part, training::
+::
 
-    data = load_data(cfg)                       # before anything is written
-    ... trainer-specific checks (cluster reachable, placement fits) ...
-    with open_run(cfg, run_dir, resume, fields) as run:   # the run directory, locked
-        ... train, checkpointing when ``checkpoint_due(...)`` says so ...
-        return finish_run(run, cfg, data, train_seconds, extra)   # evaluate, summary, plot
+    data = load_data(cfg); setup = make_setup(cfg, data)      # before anything is written
+    placement = trainer.place(cfg, data, setup)                # cluster reachable, workers, memory
+    step = check_unit(...)                                     # the preflight: the step fits
+    with trainer.open(cfg, run_dir, resume, manifest) as run:  # the run directory, locked
+        if finished: return its summary                        # a --resume of a finished run
+        seconds, extra = trainer.train(run, ...)               # the trainer's own part
+        return finish_run(...)                                 # evaluate, summary.json, plot
 
-``finish_run`` evaluates through the variant's own predictor (:mod:`noprop_dist.variants.registry`),
-so a NoProp chain and a back-propagation baseline share the run directory format, the
-summary, ``eval``, ``export`` and the plot.
+A trainer (:class:`RunTrainer`; the registry in :mod:`noprop_dist.variants.registry` finds
+them) supplies only what differs: where it trains (:class:`Placement`), the training body and
+its own summary fields; :func:`session_figures` reads the rest from this session's metrics.
+``finish_run`` evaluates through the variant's own predictor, so every variant shares the run
+directory format, the summary, ``eval``, ``export`` and the plot.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 from noprop_dist import config as config_mod
-from noprop_dist.run.rundir import LOCK_FILE, RunDir
-from noprop_dist.errors import CheckpointError
-from noprop_dist.config import Config, TrainConfig
+from noprop_dist.config import Config
 from noprop_dist.data import Dataset, load_dataset
-from noprop_dist.training.preflight import StepEstimate, device_memory_budget, fitting_batch
+from noprop_dist.errors import CheckpointError
+from noprop_dist.run.plots import plot_run
+from noprop_dist.rundir import LOCK_FILE, RunDir
+from noprop_dist.training.preflight import StepEstimate, check_unit, device_memory_budget, fitting_batch
+from noprop_dist.variants.base import UnitSetup, make_setup, resolve_device
+from noprop_dist.variants.registry import get_variant
 
 
 def load_data(cfg: Config) -> Dataset:
     """The run's dataset (converted once to the Arrow cache, then memory-mapped)."""
     return load_dataset(cfg.data)
+
+
+@dataclass
+class Placement:
+    """Where a trainer will train, decided before anything is written (the preflight's input)."""
+    workers: int
+    batch_share: int           # the most examples of a global batch one worker trains at once
+    budget: int | None         # bytes each worker may use (None: unknown)
+    sharing: int               # workers sharing that budget
+    where: str                 # for messages: "this machine (cpu)", "a Ray worker (...)"
+    units_held: int = 1        # units one worker holds at once (one trains at a time)
+    plan: Any = None           # the trainer's own plan (Ray's layout)
+
+
+def batch_share(cfg: Config, data: Dataset, workers: int) -> int:
+    """The largest share of a global batch among ``workers`` data-parallel ranks."""
+    return -(-min(cfg.train.batch_size, len(data.train)) // workers)
+
+
+class RunTrainer:
+    """What a trainer supplies to :func:`train_run`."""
+    def place(self, cfg: Config, data: Dataset, setup: UnitSetup) -> Placement:
+        """Connect, plan the workers and their memory; refuse (one line) before anything is written."""
+        raise NotImplementedError
+
+    def train(self, run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, placement: Placement,
+              show_progress: bool) -> tuple[float, dict[str, Any]]:
+        """Train every unit to ``train.epochs``; returns (training seconds, the trainer's summary fields)."""
+        raise NotImplementedError
+
+    def open(self, cfg: Config, run_dir: str | Path, resume: bool, fields: dict[str, Any]) -> ContextManager[RunDir]:
+        return open_run(cfg, run_dir, resume, fields)
+
+    writes = True
+    """Does this process finish the run (evaluate, write the summary)? Ranks other than 0 do not."""
+
+def train_run(trainer: RunTrainer, cfg: Config, run_dir: str | Path, resume: bool = False,
+              show_progress: bool = True) -> dict[str, Any] | None:
+    """Train a run with ``trainer``: the one lifecycle of every entry point; returns the summary."""
+    started = time.time()
+    data = load_data(cfg)
+    setup = make_setup(cfg, data)
+    objective = setup.objective
+    placement = trainer.place(cfg, data, setup)
+    step = check_unit(objective.step_probe(setup, len(data.train)), placement.batch_share, data.input_shape,
+                      placement.budget, placement.sharing, placement.where, units_held=placement.units_held)
+    with trainer.open(cfg, run_dir, resume, objective.manifest_fields(cfg, data, setup)) as run:
+        if (done := finished_summary(run)) is not None:
+            return done
+        train_seconds, extra = trainer.train(run, cfg, data, setup, placement, show_progress)
+        if not trainer.writes:
+            return None
+        figures = session_figures(run.read_metrics(), started)
+        return finish_run(run, cfg, data, train_seconds, {**figures, **extra}, step)
+
+
+def session_figures(records: list[dict[str, Any]], since: float) -> dict[str, Any]:
+    """The summary's figures of this session's training, from the metrics every trainer writes:
+    per epoch the seconds of all units (summed: a worker's time, the units of a Ray epoch
+    overlap), the bytes a worker all-reduced in the last epoch (data-parallel units), peak
+    training memory per unit, the largest RSS, and what ``--eval.every`` cost."""
+    records = [r for r in records if r.get("time", 0) >= since]
+    unit_epochs = [r for r in records if r.get("event") == "unit_epoch"]
+    last: dict[str, dict[str, Any]] = {}
+    seconds: dict[int, float] = {}
+    peak: dict[str, int] = {}
+    for r in unit_epochs:
+        last[r["unit"]] = r
+        seconds[r["epoch"]] = seconds.get(r["epoch"], 0.0) + r["seconds"]
+        peak[r["unit"]] = max(peak.get(r["unit"], 0), r["peak_memory_bytes"])
+    return {"epoch_seconds": [seconds[e] for e in sorted(seconds)],
+            "allreduce_bytes_per_worker_per_epoch": sum(r.get("allreduce_bytes", 0) for r in last.values()),
+            "peak_memory_bytes": peak, "rss_bytes": max((r["rss_bytes"] for r in unit_epochs), default=0),
+            "eval_every_seconds": sum(r["eval_seconds"] for r in records if r.get("event") == "eval")}
 
 
 @contextlib.contextmanager
@@ -86,8 +168,6 @@ class RunLock:
 def finished_summary(run: RunDir) -> dict[str, Any] | None:
     """The summary of a run that already finished, or None. A ``--resume`` of a finished run
     returns it and changes nothing in the run directory (no retraining, no re-evaluation)."""
-    import json
-
     summary_path = run.path / "summary.json"
     if run.manifest().get("status") != "finished" or not summary_path.exists():
         return None
@@ -95,28 +175,6 @@ def finished_summary(run: RunDir) -> dict[str, Any] | None:
         return json.loads(summary_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None   # a damaged summary: finishing again rewrites it
-
-
-def epoch_is(every: int, epoch: int, last: int) -> bool:
-    """True every ``every`` epochs and at the last one."""
-    return epoch % every == 0 or epoch == last
-
-
-def sync_due(train: TrainConfig, epoch: int) -> bool:
-    """Is ``epoch`` an embedding synchronisation point (learned/prototype embedding)?"""
-    return epoch_is(train.embed_sync_every, epoch, train.epochs)
-
-
-def checkpoint_due(train: TrainConfig, epoch: int, shared_embedding: bool) -> bool:
-    """Is ``epoch`` a checkpoint point? The one policy of every trainer.
-
-    With a shared (learned/prototype) embedding, units are checkpointed together at sync
-    points only, each holding the synchronised embedding, so that a resume sees one
-    consistent epoch; otherwise every ``train.checkpoint_every`` epochs and at the end.
-    """
-    if shared_embedding:
-        return sync_due(train, epoch)
-    return epoch_is(train.checkpoint_every, epoch, train.epochs)
 
 
 def finish_run(run: RunDir, cfg: Config, data: Dataset, train_seconds: float,
@@ -130,10 +188,6 @@ def finish_run(run: RunDir, cfg: Config, data: Dataset, train_seconds: float,
     earlier sessions of the same run that reached this point (a crashed session's is lost).
     ``extra`` holds the trainer's own figures (backend, workers, bytes, memory).
     """
-    from noprop_dist.run.plots import plot_run
-    from noprop_dist.variants.base import resolve_device
-    from noprop_dist.variants.registry import get_variant
-
     train_seconds += run.manifest().get("train_seconds_done", 0.0)
     run.update_manifest(train_seconds_done=train_seconds)
     predictor = get_variant(cfg.variant).load(run)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from noprop_dist.run.rundir import RunDir, atomic_write
+import io
+import json
+
+from noprop_dist.rundir import RunDir, atomic_write
 
 
 def plot_run(run: RunDir) -> None:
     """Write training.png into the run directory from metrics.jsonl and summary.json."""
-    import io
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")

@@ -10,27 +10,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from noprop_dist import config as config_mod
-from noprop_dist.run.rundir import RunDir
-from noprop_dist.config import Config
-from noprop_dist.data import ArraySplit, validate_split
+import torch
+
+from noprop_dist.data import ArraySplit, load_dataset, validate_split
 from noprop_dist.errors import CheckpointError, ConfigError
-
-
-def load_run_config(run: RunDir) -> Config:
-    text = run.config_text()
-    try:
-        import tomllib
-
-        return config_mod.from_dict(tomllib.loads(text))
-    except (ConfigError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{run.path / 'config.toml'} is not a valid config ({exc})") from None
+from noprop_dist.rundir import RunDir, load_run_config  # noqa: F401  (load_run_config: its old home)
+from noprop_dist.variants.registry import get_variant
 
 
 def load_predictor(run_dir: str | Path):
     """The finished run's predictor (checksums verified, no code executed)."""
-    from noprop_dist.variants.registry import get_variant
-
     run = RunDir(run_dir)
     manifest = run.manifest()
     try:
@@ -45,7 +34,6 @@ def evaluate_run(run_dir: str | Path, split: ArraySplit | None = None) -> dict[s
     predictor = load_predictor(run_dir)
     manifest, cfg = predictor.manifest, predictor.cfg
     if split is None:
-        from noprop_dist.data import load_dataset
 
         split = load_dataset(cfg.data).test
     if tuple(split.x.shape[1:]) != tuple(manifest["input_shape"]):
@@ -91,8 +79,6 @@ def export_run(run_dir: str | Path, out_path: str | Path, force: bool = False) -
     """Write the run's predictor as one torch.export program (see the variant's
     ``export_program`` for its inputs). Load it with ``torch.export.load(path).module()``;
     no noprop_dist code is needed. The file appears whole or not at all."""
-    import torch
-
     out = check_export_target(run_dir, out_path, force)
     program = load_predictor(run_dir).export_program()
     out.parent.mkdir(parents=True, exist_ok=True)

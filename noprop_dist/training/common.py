@@ -7,21 +7,38 @@ run's units from its directory for the variant's predictor.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from noprop_dist.run.rundir import RunDir
-from noprop_dist.config import EvalConfig
+from noprop_dist.config import EvalConfig, TrainConfig
 from noprop_dist.data import ArraySplit
+from noprop_dist.rundir import RunDir
 from noprop_dist.training.embedding_sync import EmbeddingOwner
-from noprop_dist.errors import CheckpointError
-from noprop_dist.variants.base import SHARED_EMBEDDING, UnitSetup, average_shared, shared_of
 from noprop_dist.training.runner import UnitRunner
+from noprop_dist.variants.base import SHARED_EMBEDDING, UnitSetup, average_shared, shared_of
 
-EMBEDDING_FILE = "embedding"
-"""The run's final W_embed (``embedding.safetensors``)."""
+
+def epoch_is(every: int, epoch: int, last: int) -> bool:
+    """True every ``every`` epochs and at the last one."""
+    return epoch % every == 0 or epoch == last
+
+
+def sync_due(train: TrainConfig, epoch: int) -> bool:
+    """Is ``epoch`` an embedding synchronisation point (learned/prototype embedding)?"""
+    return epoch_is(train.embed_sync_every, epoch, train.epochs)
+
+
+def checkpoint_due(train: TrainConfig, epoch: int, shared_embedding: bool) -> bool:
+    """Is ``epoch`` a checkpoint point? The one policy of every trainer.
+
+    With a shared (learned/prototype) embedding, units are checkpointed together at sync
+    points only, each holding the synchronised embedding, so that a resume sees one
+    consistent epoch; otherwise every ``train.checkpoint_every`` epochs and at the end.
+    """
+    if shared_embedding:
+        return sync_due(train, epoch)
+    return epoch_is(train.checkpoint_every, epoch, train.epochs)
 
 
 def embedding_owner(run: RunDir, setup: UnitSetup) -> EmbeddingOwner | None:
@@ -84,36 +101,3 @@ def evaluate_during_training(run: RunDir, setup: UnitSetup, states: dict[str, di
               "eval_seconds": time.perf_counter() - start}
     run.append_metrics(record)
     return record
-
-
-def load_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], name: str,
-                      where: Path) -> torch.nn.Module:
-    """Load the ``model/...`` tensors of a unit checkpoint into ``module`` (one-line error on mismatch)."""
-    state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"{name} in {where} does not fit its config ({first})") from None
-    return module
-
-
-def setup_of_run(run: RunDir):
-    """The :class:`UnitSetup` and config of a finished NoProp run, rebuilt from its directory."""
-    from noprop_dist.run.results import load_run_config
-
-    manifest = run.manifest()
-    cfg = load_run_config(run)
-    embedding = run.load_tensors(EMBEDDING_FILE)["embedding"]
-    setup = UnitSetup(model=cfg.model, train=cfg.train, alpha_bar=tuple(manifest["schedule"]["alpha_bar"]),
-                      num_classes=manifest["num_classes"], input_shape=tuple(manifest["input_shape"]),
-                      mean=tuple(manifest["normalization"]["mean"]), std=tuple(manifest["normalization"]["std"]),
-                      embedding=embedding, variant=cfg.variant, continuous=cfg.continuous)
-    return setup, cfg, manifest
-
-
-def load_run_units(run: RunDir):
-    """``(setup, cfg, manifest, states by unit name, final embedding)`` of a finished run."""
-    setup, cfg, manifest = setup_of_run(run)
-    states = {u.name: run.load_unit(u.name) for u in setup.units}
-    return setup, cfg, manifest, states, setup.embedding

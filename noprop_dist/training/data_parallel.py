@@ -1,11 +1,40 @@
-"""Data parallelism applied to a unit from outside its loop: the share of a global batch a rank
-trains (:func:`shard`), the unit's loss as a module for DDP to wrap (:class:`UnitLoss`) and
-the count of bytes it all-reduces (:class:`ByteCounter`, :func:`counting_allreduce`)."""
+"""Data parallelism, applied to a unit from outside its loop (as torchtitan's parallelize
+functions apply it to a plain module).
+
+A trainer that runs ``world`` ranks of an open process group hands each
+:class:`~noprop_dist.training.runner.UnitRunner` a :class:`DataParallel`; the runner asks it
+for a :class:`Parallel` per unit (:meth:`DataParallel.attach`), and without one uses
+:data:`SERIAL`, the plain loop. The runner calls the same methods either way, so the loop has
+no rank or world branches.
+
+What data parallelism means for a unit that reads images: every rank walks the same seeded
+global batches and trains on its contiguous share (:func:`shard`); its loss is scaled by
+``len(share) * world / len(global batch)`` so that DDP's average of the ranks' gradients is
+the gradient of the global batch's mean, also when shares are uneven; W_embed (the runner's,
+outside the module) is averaged by hand; every rank then takes the same step. Dropout masks
+differ per rank (stream ``DROPOUT + RANK_STREAM_STRIDE * rank``). A unit without images (a
+head: labels only) runs in full and identically on every rank, with no communication.
+
+BatchNorm: with ``sync_batchnorm`` every BatchNorm1d of the unit normalises with statistics of
+the global batch (:class:`GlobalBatchNorm1d`, all-reduced per layer; N ranks compute what one
+computes on the whole batch, up to float rounding); without it each rank uses its share's
+statistics and DDP broadcasts rank 0's buffers before each forward (PyTorch's default).
+"""
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from noprop_dist.variants.base import DROPOUT, RANK_STREAM_STRIDE
+
+# The differentiable all-reduce's deprecation names a private replacement; keep the public one.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
+
 
 
 def shard(global_idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -16,17 +45,174 @@ def shard(global_idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return global_idx[lo:lo + base + (1 if rank < extra else 0)]
 
 
+class Serial:
+    """A unit trained on whole batches by one process: every hook is the identity."""
+
+    rank, world = 0, 1
+    min_batch = 2            # BatchNorm needs two examples
+    dropout_stream = DROPOUT
+
+    def share(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx
+
+    def loss(self, runner: Any, x: torch.Tensor | None, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return runner.objective.batch_loss(runner, x, y, rows)
+
+    def reduce_grad(self, grad: torch.Tensor) -> None:
+        pass
+
+    def reduce_losses(self, per_step: torch.Tensor) -> None:
+        pass
+
+    def epoch_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return metrics
+
+    def begin_epoch(self) -> None:
+        pass
+
+
+SERIAL = Serial()
+
+
+class DataParallel:
+    """The data-parallel layout of a trainer: this process is ``rank`` of ``world``."""
+
+    def __init__(self, rank: int, world: int, sync_batchnorm: bool = True):
+        self.rank, self.world, self.sync_batchnorm = rank, world, sync_batchnorm
+
+    @property
+    def writes(self) -> bool:
+        """Rank 0 writes the run directory (metrics, checkpoints); every rank reads it."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """No rank goes on (or leaves) before the others reach this point."""
+        if self.world > 1:
+            dist.barrier()
+
+    def attach(self, runner: Any) -> Serial:
+        """The runner's :class:`Parallel` (image-reading units), else :data:`SERIAL`."""
+        if self.world < 2 or not runner.objective.needs_images(runner.unit):
+            return SERIAL
+        return Parallel(runner, self.rank, self.world, self.sync_batchnorm)
+
+
+class Parallel(Serial):
+    """One unit trained data-parallel: DDP around the unit's loss, counted all-reduces."""
+
+    def __init__(self, runner: Any, rank: int, world: int, sync_batchnorm: bool):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.rank, self.world = rank, world
+        self.min_batch = max(2, world)       # every rank needs an example
+        self.dropout_stream = DROPOUT + RANK_STREAM_STRIDE * rank
+        self.counter = ByteCounter()
+        batchnorms = [m for m in runner.module.modules() if isinstance(m, nn.BatchNorm1d)]
+        broadcast = bool(batchnorms) and not sync_batchnorm
+        if sync_batchnorm:
+            use_global_batchnorm(runner.module)
+        if broadcast:
+            # DDP broadcasts rank 0's buffers at every forward (counted per step).
+            self.counter.per_step = sum(b.numel() * b.element_size() for b in runner.module.buffers())
+        device = runner.device
+        # Building DDP broadcasts rank 0's weights (the same on every rank: one seed, or one checkpoint).
+        self.ddp = DistributedDataParallel(UnitLoss(runner), device_ids=[device.index] if device.type == "cuda" else None,
+                                           broadcast_buffers=broadcast)
+        self.ddp.register_comm_hook(self.counter, counting_allreduce)
+
+    def share(self, idx: torch.Tensor) -> torch.Tensor:
+        return shard(idx, self.rank, self.world)
+
+    def loss(self, runner: Any, x: torch.Tensor | None, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        self.counter.bytes += self.counter.per_step
+        return self.ddp(x, y, rows)
+
+    def reduce_grad(self, grad: torch.Tensor) -> None:
+        """Average a gradient held outside the DDP module (the runner's W_embed)."""
+        dist.all_reduce(grad)
+        grad.div_(self.world)
+        self.counter.count(grad)
+
+    def reduce_losses(self, per_step: torch.Tensor) -> None:
+        """Each rank holds its share's part of every step's global-batch mean: the sum over
+        ranks is that mean, the same on every rank (so all ranks stop at the same epoch)."""
+        dist.all_reduce(per_step)
+        self.counter.count(per_step)
+
+    def begin_epoch(self) -> None:
+        self.counter.bytes = self.counter.calls = 0
+        GlobalBatchNorm1d.payload_bytes = GlobalBatchNorm1d.calls = 0
+
+    def epoch_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """This rank's all-reduce figures, and the slowest rank's seconds and memory (one
+        all-reduce of five numbers, outside the timed loop; on the unit's device for nccl)."""
+        device = next(self.ddp.parameters()).device
+        worst = torch.tensor([metrics["seconds"], float(metrics["peak_memory_bytes"]), float(metrics["rss_bytes"])],
+                             dtype=torch.float64, device=device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        seconds, peak, rss = worst.cpu().tolist()
+        bn_bytes = GlobalBatchNorm1d.payload_bytes
+        return {**metrics, "seconds": seconds, "samples_per_s": metrics["samples_per_s"] * metrics["seconds"] / seconds,
+                "peak_memory_bytes": int(peak), "rss_bytes": int(rss), "workers": self.world,
+                "allreduce_bytes": self.counter.bytes + bn_bytes, "allreduce_grad_bytes": self.counter.bytes,
+                "allreduce_batchnorm_bytes": bn_bytes, "allreduce_calls": self.counter.calls + GlobalBatchNorm1d.calls}
+
+
 class UnitLoss(nn.Module):
     """A runner's loss as a module (what DDP wraps): ``forward(x, y, rows)`` is the objective's
     ``batch_loss``, which reads the runner's own module, registered here as a submodule."""
 
-    def __init__(self, runner):
+    def __init__(self, runner: Any):
         super().__init__()
         self.unit_module = runner.module
         self.runner = runner
 
     def forward(self, x: torch.Tensor | None, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return self.runner.objective.batch_loss(self.runner, x, y, rows)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the global batch of all ranks.
+
+    One differentiable all-reduce of (sum, sum of squares, count) per layer and step; the
+    buffers and state-dict keys are those of BatchNorm1d, so checkpoints load into the
+    plain network. ``payload_bytes`` counts what these layers all-reduce (forward+backward).
+    """
+
+    payload_bytes = 0
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        count = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
+        packed = torch.cat([x.sum(0), (x * x).sum(0), count])                   # (2C + 1,)
+        packed = all_reduce(packed)                                              # sum over ranks
+        GlobalBatchNorm1d.payload_bytes += 2 * packed.numel() * packed.element_size()
+        GlobalBatchNorm1d.calls += 2                                             # forward and backward
+        c = x.shape[1]
+        total, n = packed[:c], packed[2 * c]
+        mean = total / n                                                         # (C,)
+        var = packed[c:2 * c] / n - mean * mean                                  # (C,) biased
+        with torch.no_grad():
+            # As BatchNorm1d: running variance is the unbiased one, momentum-averaged.
+            self.num_batches_tracked += 1
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.detach())
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var.detach() * n / (n - 1))
+        x_hat = (x - mean) / torch.sqrt(var + self.eps)                          # (B, C)
+        return x_hat * self.weight + self.bias
+
+
+def use_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm1d of ``module`` a :class:`GlobalBatchNorm1d`, in place: the same
+    parameters and buffers (an optimizer built on them stays valid), global statistics."""
+    for bn in module.modules():
+        if type(bn) is nn.BatchNorm1d:
+            bn.__class__ = GlobalBatchNorm1d
+    return module
 
 
 class ByteCounter:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from torch import nn
 
 from noprop_dist.config import ClusterConfig
 from noprop_dist.errors import ConfigError, DataError
+from noprop_dist.variants.base import StepProbe
 
 MEMORY_HEADROOM = 0.8
 """Share of a worker's free memory a unit may plan to use (the rest: Python, torch, data pages)."""
@@ -52,20 +52,6 @@ class StepEstimate:
         """The largest batch whose step fits ``room`` bytes (may be < 1)."""
         fixed = self.total - self.per_example_bytes * self.batch_size
         return int((room - fixed) // self.per_example_bytes)
-
-
-@dataclass(frozen=True)
-class StepProbe:
-    """What a variant hands the dry run: how to build its largest unit and one step's forward.
-
-    ``build()`` makes the module (called under the meta device); ``forward(module, batch)``
-    makes inputs for ``batch`` examples (under the meta device) and returns the loss; ``fixed_bytes`` counts the
-    unit's per-epoch tensors that do not scale with the batch (e.g. its target noise)."""
-
-    name: str
-    build: Callable[[], nn.Module]
-    forward: Callable[[nn.Module, int], torch.Tensor]
-    fixed_bytes: int = 0
 
 
 def estimate_step(probe: StepProbe, batch_size: int, what: str) -> StepEstimate:

@@ -10,10 +10,11 @@ and loss, the shared tensors) live in :mod:`noprop_dist.variants.base` (``UnitSp
 
 * the in-process trainer (:mod:`noprop_dist.trainers.local`): every unit, one after another;
 * the Ray workers (:mod:`noprop_dist.trainers.ray.coordinator`): one or more units each;
-* the ranks of a DDP run (:mod:`noprop_dist.trainers.ddp`, NoProp-CT/FM only): every rank holds every
-  unit, and an image-reading unit is trained *data-parallel* (``UnitRunner(..., rank,
-  world)``: this rank's share of every global batch, gradients averaged by DDP; see
-  :class:`UnitRunner`); CT's head runs in full on every rank.
+* the ranks of a data-parallel run (:mod:`noprop_dist.trainers.ddp`, :mod:`noprop_dist.trainers.torchrun`;
+  NoProp-CT/FM and the back-propagation baselines): every rank holds every unit, and an
+  image-reading unit is trained on this rank's share of every global batch, with DDP applied
+  from outside the loop (:mod:`noprop_dist.training.data_parallel`); a head runs in full on
+  every rank.
 
 A unit needs the training split, the run's :class:`UnitSetup` and its own state, nothing
 from any other unit: its noisy inputs are sampled in closed form from the label.
@@ -47,17 +48,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from noprop_dist.config import TrainConfig
 from noprop_dist.data import ArraySplit, normalize
 from noprop_dist.errors import TrainingDiverged
-from noprop_dist.training.data_parallel import ByteCounter, UnitLoss, counting_allreduce, shard
+from noprop_dist.training.data_parallel import SERIAL, DataParallel
 from noprop_dist.training.meters import SavedTensorMeter, rss_bytes, training_state_bytes
 from noprop_dist.training.optimizer_state import load_optimizer_state, optimizer_state_tensors
-from noprop_dist.variants.base import (DROPOUT, RANK_STREAM_STRIDE, SHARED_EMBEDDING, UnitSetup, UnitSpec, derive_seed, epoch_order,
-                        shared_of)
+from noprop_dist.variants.base import SHARED_EMBEDDING, UnitSetup, UnitSpec, derive_seed, epoch_order, shared_of
 
 ProgressFn = Callable[[dict], None]
 
@@ -65,20 +64,14 @@ ProgressFn = Callable[[dict], None]
 class UnitRunner:
     """Trains one unit epoch by epoch; holds its module, optimizer and embedding copy.
 
-    ``rank``/``world``: with ``world > 1`` (a process group of that size must be open) a unit
-    that reads images is trained *data-parallel*: every rank walks the same seeded global
-    batches, computes the loss on its contiguous share (:func:`shard`), scaled by
-    ``len(share) * world / len(global batch)``, and the gradients are averaged over the ranks
-    (DDP for the module, one all-reduce for a learned W_embed), so every rank takes the
-    global batch's step and holds the same weights. Dropout masks differ per rank (stream
-    ``DROPOUT + RANK_STREAM_STRIDE * rank``). For BatchNorm-free modules only (CT/FM's
-    interval networks): a BatchNorm layer would normalise with its share's statistics.
-    A unit without images (CT's head: labels only) runs in full and identically on every rank,
-    with no communication. ``world == 1`` is the plain loop, bit for bit.
+    ``parallel``: a :class:`~noprop_dist.training.data_parallel.DataParallel` layout when this
+    process is one rank of a data-parallel run (a process group must be open); the runner
+    then trains its share of every global batch through what ``parallel.attach`` returns.
+    Without it (or for a unit without images) the plain loop runs, bit for bit.
     """
 
     def __init__(self, unit: UnitSpec, setup: UnitSetup, train: ArraySplit,
-                 device: torch.device | str = "cpu", rank: int = 0, world: int = 1):
+                 device: torch.device | str = "cpu", parallel: DataParallel | None = None):
         self.unit = unit
         self.name = unit.name
         self.setup = setup
@@ -99,25 +92,12 @@ class UnitRunner:
         self.epochs_done = 0
         self.peak_memory_bytes = 0
         self.first_step_at: float | None = None
-        self.rank, self.world = rank, world
-        self.data_parallel = world > 1 and self.objective.needs_images(unit)
-        self._counter = ByteCounter()
-        self._ddp: nn.Module | None = None
-        if self.data_parallel:
-            self._ddp = self._wrap_ddp()
+        self.parallel = (parallel or DataParallel(0, 1)).attach(self)
 
-    def _wrap_ddp(self) -> nn.Module:
-        """The unit's loss as a DDP module: DDP all-reduces the gradients of ``self.module``'s
-        parameters (the optimizer's) in backward. Building it broadcasts rank 0's weights (the
-        same on every rank: one seed, or one checkpoint)."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules()):
-            raise ValueError(f"{self.name}: data-parallel training needs a BatchNorm-free module")
-        ddp = DistributedDataParallel(UnitLoss(self),
-                                      device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        ddp.register_comm_hook(self._counter, counting_allreduce)
-        return ddp
+    @property
+    def data_parallel(self) -> bool:
+        """Is this unit trained on a share of every global batch (a rank of a data-parallel run)?"""
+        return self.parallel is not SERIAL
 
     # ---- state ----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -132,8 +112,9 @@ class UnitRunner:
         model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
         self.module.load_state_dict(model)
         load_optimizer_state(self.optimizer, tensors)
-        with torch.no_grad():
-            self.embedding.copy_(tensors[SHARED_EMBEDDING].to(self.device))
+        if SHARED_EMBEDDING in tensors:   # a baseline's checkpoints before 0.2 held none
+            with torch.no_grad():
+                self.embedding.copy_(tensors[SHARED_EMBEDDING].to(self.device))
         self.epochs_done = int(tensors["epochs_done"])
 
     def to(self, device: torch.device | str) -> "UnitRunner":
@@ -141,7 +122,7 @@ class UnitRunner:
 
         A worker that hosts several blocks keeps only the one it trains on its GPU.
         """
-        if self._ddp is not None and torch.device(device) != self.device:
+        if self.parallel is not SERIAL and torch.device(device) != self.device:
             raise RuntimeError(f"{self.name}: a data-parallel unit stays on its device")
         self.device = torch.device(device)
         self.module.to(self.device)
@@ -203,21 +184,16 @@ class UnitRunner:
         target_seconds = time.perf_counter() - start
         self.first_step_at = None
         self.module.train()
-        self._counter.bytes = self._counter.calls = 0
+        self.parallel.begin_epoch()
         passes = self.objective.passes(self.unit, self.setup)
-        stream = DROPOUT + RANK_STREAM_STRIDE * self.rank if self.data_parallel else DROPOUT
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(derive_seed(self.setup.train.seed, self.unit.seed_id, epoch, stream))
+            torch.manual_seed(derive_seed(self.setup.train.seed, self.unit.seed_id, epoch, self.parallel.dropout_stream))
             losses: list[torch.Tensor] = []
             for p in passes:
                 losses += self._pass(epoch, p, len(passes), noise if p < 0 else noise[p], progress)
         # One host sync per epoch, not per step: the losses stay tensors until here.
         per_step = torch.stack(losses).double()
-        if self.data_parallel:
-            # Each rank holds its share's part of every step's global-batch mean: the sum over
-            # ranks is that mean, the same on every rank (so all ranks stop at the same epoch).
-            dist.all_reduce(per_step)
-            self._counter.count(per_step)
+        self.parallel.reduce_losses(per_step)      # data-parallel: the global batches' means
         per_step = per_step.cpu()
         check_finite(self.name, epoch, per_step, self.setup.train)
         self.epochs_done = epoch
@@ -227,10 +203,7 @@ class UnitRunner:
                    "seconds": seconds, "samples_per_s": samples / seconds,
                    "target_seconds": target_seconds, "first_step_at": self.first_step_at,
                    "peak_memory_bytes": self.peak_memory_bytes, "rss_bytes": rss_bytes()}
-        if self.data_parallel:   # this rank's figures; the loss is the global batches' mean
-            metrics.update(workers=self.world, allreduce_bytes=self._counter.bytes,
-                           allreduce_calls=self._counter.calls)
-        return metrics
+        return self.parallel.epoch_metrics(metrics)
 
     def _pass(self, epoch: int, p: int, passes: int, noise: torch.Tensor,
               progress: ProgressFn | None) -> list[torch.Tensor]:
@@ -238,67 +211,37 @@ class UnitRunner:
         order = epoch_order(self.setup, self.unit, epoch, len(self.train), stream=p)
         images = self.objective.needs_images(self.unit)
         losses: list[torch.Tensor] = []
-        steps = math.ceil(len(order) / self.setup.train.batch_size)
-        log_every = self.setup.train.log_every
-        tick = time.perf_counter()
-        for step, idx in enumerate(self._batches(order), start=1):
-            share = shard(idx, self.rank, self.world) if self.data_parallel else idx   # this rank's examples
+        report = StepReport(progress, self.name, epoch, math.ceil(len(order) / self.setup.train.batch_size),
+                            self.setup.train.log_every, single_pass=passes == 1)
+        for step, idx in enumerate(global_batches(order, self.setup.train.batch_size, self.parallel.min_batch), 1):
+            share = self.parallel.share(idx)          # this rank's examples (all of them when serial)
             x = None
             if images:
                 x = normalize(np.asarray(self.train.x[share.numpy()]), self.setup.mean, self.setup.std).to(self.device)
-            y = self._labels(share)
+            y = torch.from_numpy(np.asarray(self.train.y)[share.numpy()]).to(self.device)
             rows = noise[share.to(noise.device)]
             measure = step == 1 and p <= 0 and images
             with self._autocast(), SavedTensorMeter(measure, self.module) as meter:
-                if self._ddp is None:
-                    loss = self.objective.batch_loss(self, x, y, rows)
-                else:
-                    loss = self._ddp(x, y, rows)
-            if self.data_parallel:
-                # DDP averages over ranks: this weight makes the average the global batch's mean gradient.
-                self._step(loss * (len(share) * self.world / len(idx)))
-                losses.append(loss.detach() * (len(share) / len(idx)))
-            else:
-                self._step(loss)
-                losses.append(loss.detach())
+                loss = self.parallel.loss(self, x, y, rows)
+            # DDP averages over ranks: this weight makes the average the global batch's mean
+            # gradient (exactly 1.0 when serial: the plain loop's bits).
+            self._step(loss * (len(share) * self.parallel.world / len(idx)))
+            losses.append(loss.detach() * (len(share) / len(idx)))
             if measure:
                 self._record_memory(meter.bytes)
-            if progress and passes == 1 and (step % log_every == 0 or step == steps):
-                now = time.perf_counter()
-                progress({"unit": self.name, "epoch": epoch, "step": step, "steps": steps,
-                          "loss": loss.detach().item(),
-                          "samples_per_s": len(idx) * log_every / max(now - tick, 1e-9)})
-                tick = now
-        if progress and passes > 1:
-            progress({"unit": self.name, "epoch": epoch, "step": p + 1, "steps": passes,
-                      "loss": losses[-1].item(), "samples_per_s": 0.0})
+            report.step(step, loss, len(idx))
+        report.end_of_pass(p, passes, losses)
         if not images:
             self._record_memory(0)
         return losses
 
-    def _batches(self, order: torch.Tensor):
-        """The global batches of one pass (data-parallel: every rank walks the same ones)."""
-        bs = self.setup.train.batch_size
-        fewest = max(2, self.world) if self.data_parallel else 2
-        for start in range(0, len(order), bs):
-            idx = order[start:start + bs]
-            if len(idx) < fewest:
-                continue  # BatchNorm needs at least two examples; every rank needs one
-            yield idx
-
-    def _labels(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.train.y)[idx.numpy()]).to(self.device)
-
     def _step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.data_parallel and self.embedding.grad is not None:
-            # W_embed is the runner's, outside the DDP module: average its gradient by hand
+        if self.embedding.grad is not None:
+            # W_embed is the runner's, outside the DDP module: averaged by hand when data-parallel
             # (what is recorded for summed_gradient is this average, the global batch's).
-            grad = self.embedding.grad
-            dist.all_reduce(grad)
-            grad.div_(self.world)
-            self._counter.count(grad)
+            self.parallel.reduce_grad(self.embedding.grad)
         self.optimizer.step()
         if self.records_embedding_grads:
             self._embedding_grads.append(self.embedding.grad.detach().clone())
@@ -321,6 +264,39 @@ class UnitRunner:
         if self.device.type == "cuda":
             total = max(total, torch.cuda.max_memory_allocated(self.device))
         self.peak_memory_bytes = max(self.peak_memory_bytes, total)
+
+
+def global_batches(order: torch.Tensor, batch_size: int, fewest: int):
+    """The global batches of one pass (data-parallel: every rank walks the same ones); a last
+    batch of fewer than ``fewest`` examples is skipped (BatchNorm needs two; every rank one)."""
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        if len(idx) >= fewest:
+            yield idx
+
+
+class StepReport:
+    """Progress events of one pass: every ``log_every`` steps (a single-pass unit), or once
+    per pass (a multi-pass head). The loss is read from the device only when reported."""
+
+    def __init__(self, progress: ProgressFn | None, unit: str, epoch: int, steps: int, log_every: int,
+                 single_pass: bool):
+        self.progress, self.unit, self.epoch, self.steps = progress, unit, epoch, steps
+        self.log_every, self.single_pass = log_every, single_pass
+        self.tick = time.perf_counter()
+
+    def step(self, step: int, loss: torch.Tensor, batch: int) -> None:
+        if self.progress and self.single_pass and (step % self.log_every == 0 or step == self.steps):
+            now = time.perf_counter()
+            self.progress({"unit": self.unit, "epoch": self.epoch, "step": step, "steps": self.steps,
+                           "loss": loss.detach().item(),
+                           "samples_per_s": batch * self.log_every / max(now - self.tick, 1e-9)})
+            self.tick = now
+
+    def end_of_pass(self, p: int, passes: int, losses: list[torch.Tensor]) -> None:
+        if self.progress and not self.single_pass:
+            self.progress({"unit": self.unit, "epoch": self.epoch, "step": p + 1, "steps": passes,
+                           "loss": losses[-1].item(), "samples_per_s": 0.0})
 
 
 def check_finite(name: str, epoch: int, per_step: torch.Tensor, train: TrainConfig) -> None:

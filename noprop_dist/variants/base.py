@@ -15,17 +15,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from noprop_dist.core import schedule
 from noprop_dist.config import Config, ContinuousConfig, ModelConfig, TrainConfig
+from noprop_dist.core import schedule
 from noprop_dist.data import Dataset, normalize
+from noprop_dist.errors import CheckpointError
 from noprop_dist.nets.blocks import class_medoids, embedding_dim, initial_embedding
-from noprop_dist.training.preflight import StepProbe
+from noprop_dist.rundir import RunDir, load_run_config
+from noprop_dist.variants.registry import get_variant
 
 # Streams of derive_seed; pass p of a multi-pass unit uses PASS_STRIDE * (p + 1) + stream.
 SHUFFLE, NOISE, DROPOUT, INIT = 0, 1, 2, 3
@@ -54,6 +57,10 @@ class UnitSpec:
     role: str
     index: int = 0
     t_range: tuple[float, float] | None = None
+
+
+HEAD = UnitSpec(name="head", seed_id=0, role="head")
+"""The output head of DT and CT (labels only; its seed id 0 is DT's from before units had names)."""
 
 
 def derive_seed(run_seed: int, unit: int, epoch: int, stream: int) -> int:
@@ -90,13 +97,13 @@ class UnitSetup:
 
     @property
     def learnable_embedding(self) -> bool:
-        return self.model.embedding != "one_hot"
+        """Do the units train copies of W_embed (learned or prototype embedding, and a variant
+        whose units share it; a baseline network holds its own)?"""
+        return self.model.embedding != "one_hot" and self.objective.shares_embedding
 
     @property
     def objective(self) -> "UnitObjective":
         """The variant's side of the unit loop (looked up in :mod:`noprop_dist.variants.registry`)."""
-        from noprop_dist.variants.registry import get_variant
-
         return get_variant(self.variant).objective()
 
     @property
@@ -153,6 +160,18 @@ def epoch_order(setup: UnitSetup, unit: UnitSpec, epoch: int, n: int, stream: in
     return torch.randperm(n, generator=gen)
 
 
+@dataclass(frozen=True)
+class StepProbe:
+    """What a variant hands the dry run: how to build its largest unit and one step's forward.
+    ``build()`` makes the module (called under the meta device); ``forward(module, batch)``
+    makes inputs for ``batch`` examples (under the meta device) and returns the loss; ``fixed_bytes`` counts the
+    unit's per-epoch tensors that do not scale with the batch (e.g. its target noise)."""
+    name: str
+    build: Callable[[], nn.Module]
+    forward: Callable[[nn.Module, int], torch.Tensor]
+    fixed_bytes: int = 0
+
+
 class UnitObjective:
     """What a NoProp variant tells the unit loop; one instance per variant, stateless.
 
@@ -163,7 +182,8 @@ class UnitObjective:
     name = ""
     shared_prefixes: tuple[str, ...] = ()
     """Module-state prefixes (e.g. ``"schedule."``) every unit holds a copy of, synchronised like W_embed."""
-
+    shares_embedding = True
+    """Do the units read (and, when it is learned, train a copy of) the run's W_embed?"""
     def units(self, setup: UnitSetup) -> list[UnitSpec]:
         """Every unit of a run, in the trainers' fixed order."""
         raise NotImplementedError
@@ -202,6 +222,20 @@ class UnitObjective:
         """The dry run of the largest unit's training step (:mod:`~noprop_dist.training.preflight`)."""
         raise NotImplementedError
 
+    # ---- the run directory's side ---------------------------------------------------
+    def manifest_fields(self, cfg: Config, data: Dataset, setup: UnitSetup) -> dict[str, Any]:
+        """The variant's fields of manifest.json (checked against its ``MANIFEST_SCHEMA``)."""
+        raise NotImplementedError
+
+    def chain(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]], embedding: torch.Tensor,
+              where: Path | str = "") -> Any:
+        """The predictor built from the units' ``model/...`` tensors (``states`` by unit name)."""
+        raise NotImplementedError
+
+    def progress_scores(self, chain: Any, test: Any, eval_cfg: Any, device: torch.device | str) -> dict[str, Any]:
+        """What an ``--eval.every`` point records: at least ``test_accuracy``."""
+        raise NotImplementedError
+
 
 def shared_of(state: dict[str, torch.Tensor], setup: UnitSetup) -> dict[str, torch.Tensor]:
     """The shared tensors inside a unit's state (or checkpoint): ``embedding`` when the
@@ -234,3 +268,63 @@ def head_noise(unit: UnitSpec, setup: UnitSetup, epoch: int, n: int) -> torch.Te
     return torch.stack([
         schedule.marginal_noise(n, d, derive_seed(setup.train.seed, unit.seed_id, epoch, PASS_STRIDE * (p + 1) + NOISE))
         for p in range(setup.train.head_passes)])
+
+
+# ---- what every variant writes into the run directory ------------------------------------
+def common_manifest_fields(cfg: Config, data: Dataset, setup: UnitSetup) -> dict[str, Any]:
+    """The manifest fields every NoProp variant writes (data, embedding, block size)."""
+    return {
+        "dataset": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+        "input_dtype": str(data.train.x.dtype),
+        "embedding": cfg.model.embedding, "embedding_dim": int(setup.embedding.shape[1]),
+        "block": cfg.model.block, "normalization": {"mean": list(data.mean), "std": list(data.std)},
+    }
+
+
+COMMON_SCHEMA = {
+    "dataset": "a string", "num_classes": "a positive integer", "input_shape": "3 positive integers (C, H, W)",
+    "input_dtype": '"uint8" or "float32"', "embedding": "a string", "embedding_dim": "a positive integer",
+    "block": "a string",
+    "normalization": {"mean": "C numbers (C = input_shape[0])", "std": "C positive numbers (C = input_shape[0])"},
+}
+
+def example_images(manifest: dict[str, Any]) -> torch.Tensor:
+    """Four zero images of the run's raw dtype: the uint8 -> /255 branch is decided at export time."""
+    dtype = torch.float32 if manifest.get("input_dtype") == "float32" else torch.uint8
+    return torch.zeros(4, *manifest["input_shape"], dtype=dtype)
+
+
+def load_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], name: str,
+                      where: Path) -> torch.nn.Module:
+    """Load the ``model/...`` tensors of a unit checkpoint into ``module`` (one-line error on mismatch)."""
+    state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"{name} in {where} does not fit its config ({first})") from None
+    return module
+
+
+# ---- a finished run's units, rebuilt from its directory -----------------------------------
+EMBEDDING_FILE = "embedding"
+"""The run's final W_embed (``embedding.safetensors``)."""
+
+
+def setup_of_run(run: RunDir):
+    """The :class:`UnitSetup` and config of a finished NoProp run, rebuilt from its directory."""
+    manifest = run.manifest()
+    cfg = load_run_config(run)
+    embedding = run.load_tensors(EMBEDDING_FILE)["embedding"]
+    setup = UnitSetup(model=cfg.model, train=cfg.train, alpha_bar=tuple(manifest["schedule"]["alpha_bar"]),
+                      num_classes=manifest["num_classes"], input_shape=tuple(manifest["input_shape"]),
+                      mean=tuple(manifest["normalization"]["mean"]), std=tuple(manifest["normalization"]["std"]),
+                      embedding=embedding, variant=cfg.variant, continuous=cfg.continuous)
+    return setup, cfg, manifest
+
+
+def load_run_units(run: RunDir):
+    """``(setup, cfg, manifest, states by unit name, final embedding)`` of a finished run."""
+    setup, cfg, manifest = setup_of_run(run)
+    states = {u.name: run.load_unit(u.name) for u in setup.units}
+    return setup, cfg, manifest, states, setup.embedding

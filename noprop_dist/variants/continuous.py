@@ -34,20 +34,21 @@ import torch
 from torch import nn
 
 from noprop_dist import config as config_mod
-from noprop_dist.core import schedule
-from noprop_dist.run.rundir import RunDir, is_numbers
 from noprop_dist.config import Config, EvalConfig, TrainConfig
-from noprop_dist.core.continuous import (LearnedSchedule, ct_denoise_loss, ct_head_loss, fm_anchor_loss, fm_interpolate,
-                                          fm_loss, fm_target, fm_velocity, interval_bounds, kl_prior_continuous,
-                                          sample_ct_marginal)
-from noprop_dist.nets.time_conditioned import CTChain, FMChain, TimeConditionedNet, chain_noise, evaluate_continuous
+from noprop_dist.core import schedule
+from noprop_dist.core.continuous import (
+    LearnedSchedule, ct_denoise_loss, ct_head_loss, fm_anchor_loss, fm_interpolate, fm_loss, fm_target, fm_velocity,
+    interval_bounds, kl_prior_continuous, sample_ct_marginal
+)
 from noprop_dist.data import ArraySplit, Dataset
-from noprop_dist.variants.dt import COMMON_SCHEMA, HEAD, common_manifest_fields, example_images
-from noprop_dist.nets.chain import RawImageChain
 from noprop_dist.nets.blocks import BLOCK_SIZES, OutputHead
-from noprop_dist.training.preflight import StepProbe
-from noprop_dist.variants.base import NOISE, UnitObjective, UnitSetup, UnitSpec, derive_seed, head_noise, seeded_module
-from noprop_dist.training.runner import UnitRunner
+from noprop_dist.nets.chain import RawImageChain
+from noprop_dist.nets.time_conditioned import CTChain, FMChain, TimeConditionedNet, chain_noise, evaluate_continuous
+from noprop_dist.rundir import RunDir, is_numbers
+from noprop_dist.variants.base import (
+    COMMON_SCHEMA, HEAD, NOISE, StepProbe, UnitObjective, UnitSetup, UnitSpec, common_manifest_fields, derive_seed,
+    example_images, head_noise, load_module_state, load_run_units, seeded_module
+)
 
 TIME = 4
 """derive_seed stream of the uniform draws that place each example's t inside its interval."""
@@ -135,7 +136,6 @@ class ContinuousObjective(UnitObjective):
         }
 
     def nets(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]], where: Path | str) -> list[nn.Module]:
-        from noprop_dist.training.common import load_module_state
 
         return [load_module_state(self.build_module(u, setup), states[u.name], u.name, Path(where)).net.eval()
                 for u in self.intervals(setup)]
@@ -169,7 +169,7 @@ class CTObjective(ContinuousObjective):
             return head_noise(unit, setup, epoch, n)
         return time_noise(unit, setup, epoch, n)
 
-    def batch_loss(self, runner: UnitRunner, x: torch.Tensor | None, y: torch.Tensor,
+    def batch_loss(self, runner: Any, x: torch.Tensor | None, y: torch.Tensor,
                    rows: torch.Tensor) -> torch.Tensor:
         module, embedding = runner.module, runner.embedding
         sched: LearnedSchedule = module.schedule
@@ -194,7 +194,6 @@ class CTObjective(ContinuousObjective):
 
     def chain(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]], embedding: torch.Tensor,
               where: Path | str = "") -> CTChain:
-        from noprop_dist.training.common import load_module_state
 
         head = load_module_state(self.build_module(HEAD, setup), states[HEAD.name], HEAD.name, Path(where)).head
         grid = self.averaged_schedule(setup, states).alpha_bar_grid(setup.continuous.steps)
@@ -210,7 +209,7 @@ class FMObjective(ContinuousObjective):
     def build_module(self, unit: UnitSpec, setup: UnitSetup) -> nn.Module:
         return IntervalModule(seeded_module(unit, setup, lambda: self.network(setup)))
 
-    def batch_loss(self, runner: UnitRunner, x: torch.Tensor | None, y: torch.Tensor,
+    def batch_loss(self, runner: Any, x: torch.Tensor | None, y: torch.Tensor,
                    rows: torch.Tensor) -> torch.Tensor:
         embedding = runner.embedding
         u_y = embedding[y]                                                        # (B, d)
@@ -272,8 +271,6 @@ class ContinuousPredictor:
     """A finished CT or FM run as a predictor: integrate, evaluate, export."""
 
     def __init__(self, run: RunDir):
-        from noprop_dist.training.common import load_run_units
-
         setup, self.cfg, self.manifest, states, embedding = load_run_units(run)
         self.chain = setup.objective.chain(setup, states, embedding, run.path)
 

@@ -18,24 +18,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from noprop_dist import config as config_mod
-from noprop_dist.core import schedule
-from noprop_dist.run.rundir import RunDir, is_numbers
 from noprop_dist.config import Config, EvalConfig
+from noprop_dist.core import schedule
 from noprop_dist.data import ArraySplit, Dataset
-from noprop_dist.nets.chain import NoPropChain, RawImageChain, draw_noise, evaluate
 from noprop_dist.nets.blocks import BLOCK_SIZES, DTBlock, OutputHead, denoised_embedding
-from noprop_dist.training.preflight import StepProbe
-from noprop_dist.variants.base import NOISE, UnitObjective, UnitSetup, UnitSpec, derive_seed, head_noise, seeded_module
-from noprop_dist.training.runner import UnitRunner
+from noprop_dist.nets.chain import NoPropChain, RawImageChain, draw_noise, evaluate
+from noprop_dist.rundir import RunDir, is_numbers
+from noprop_dist.variants.base import (
+    COMMON_SCHEMA, HEAD, NOISE, StepProbe, UnitObjective, UnitSetup, UnitSpec, common_manifest_fields, derive_seed,
+    example_images, head_noise, load_module_state, load_run_units, seeded_module
+)
 
 
 def block(t: int) -> UnitSpec:
     """Block t (t = 1..T): u_hat_t(z_{t-1}, x), trained on z_{t-1} ~ q(z_{t-1} | y)."""
     return UnitSpec(name=f"block_{t:02d}", seed_id=t, role="block", index=t)
-
-
-HEAD = UnitSpec(name="head", seed_id=0, role="head")
-"""The output head p_out(y | z_T), trained on z_T ~ q(z_T | y) (never on a block output)."""
 
 
 def unit_names(T: int) -> list[str]:
@@ -88,7 +85,7 @@ class DTObjective(UnitObjective):
         seed = derive_seed(setup.train.seed, unit.seed_id, epoch, NOISE)
         return schedule.marginal_noise(n, setup.embedding.shape[1], seed)
 
-    def batch_loss(self, runner: UnitRunner, x: torch.Tensor | None, y: torch.Tensor,
+    def batch_loss(self, runner: Any, x: torch.Tensor | None, y: torch.Tensor,
                    rows: torch.Tensor) -> torch.Tensor:
         setup, unit = runner.setup, runner.unit
         u_y = runner.embedding[y]                                                # (B, d)
@@ -124,8 +121,6 @@ class DTObjective(UnitObjective):
     def chain(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]], embedding: torch.Tensor,
               where: Path | str = "") -> NoPropChain:
         """The Eq. 3 chain of units whose ``model/...`` tensors are ``states`` (by unit name)."""
-        from noprop_dist.training.common import load_module_state
-
         modules = {u.name: load_module_state(self.build_module(u, setup), states[u.name], u.name, Path(where))
                    for u in self.units(setup)}
         chain = NoPropChain([modules[block(t).name] for t in range(1, setup.T + 1)], modules[HEAD.name], embedding,
@@ -144,26 +139,9 @@ class DTObjective(UnitObjective):
                 "block_in_chain_accuracy": scores["block_in_chain_accuracy"]}
 
 
-def common_manifest_fields(cfg: Config, data: Dataset, setup: UnitSetup) -> dict[str, Any]:
-    """The manifest fields every NoProp variant writes (data, embedding, block size)."""
-    return {
-        "dataset": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
-        "input_dtype": str(data.train.x.dtype),
-        "embedding": cfg.model.embedding, "embedding_dim": int(setup.embedding.shape[1]),
-        "block": cfg.model.block, "normalization": {"mean": list(data.mean), "std": list(data.std)},
-    }
-
-
-COMMON_SCHEMA = {
-    "dataset": "a string", "num_classes": "a positive integer", "input_shape": "3 positive integers (C, H, W)",
-    "input_dtype": '"uint8" or "float32"', "embedding": "a string", "embedding_dim": "a positive integer",
-    "block": "a string",
-    "normalization": {"mean": "C numbers (C = input_shape[0])", "std": "C positive numbers (C = input_shape[0])"},
-}
-
 MANIFEST_SCHEMA = {
     # What manifest_fields writes, checked on every read of the manifest (the vocabulary is
-    # noprop_dist.run.rundir's; a check may read the keys above it).
+    # noprop_dist.rundir's; a check may read the keys above it).
     "T": "a positive integer",
     "schedule": {"alpha_bar": (lambda v, m: is_numbers(v, m["T"] + 1) and all(0 < a < 1 for a in v),
                                "T + 1 numbers in (0, 1)")},
@@ -174,8 +152,6 @@ MANIFEST_SCHEMA = {
 
 def load_chain(run_dir: str | Path) -> tuple[NoPropChain, Config, dict[str, Any]]:
     """Rebuild the trained chain from a run directory (checksums verified, no code executed)."""
-    from noprop_dist.training.common import load_run_units
-
     run = RunDir(run_dir)
     setup, cfg, manifest, states, embedding = load_run_units(run)
     return DTObjective().chain(setup, states, embedding, run.path), cfg, manifest
@@ -205,9 +181,3 @@ class ChainPredictor:
         noise = draw_noise(self.chain.T, 4, self.chain.embedding.shape[1], torch.Generator().manual_seed(0), True)
         batch = torch.export.Dim("batch", min=1)
         return torch.export.export(model, (images, noise), dynamic_shapes=({0: batch}, {1: batch}))
-
-
-def example_images(manifest: dict[str, Any]) -> torch.Tensor:
-    """Four zero images of the run's raw dtype: the uint8 -> /255 branch is decided at export time."""
-    dtype = torch.float32 if manifest.get("input_dtype") == "float32" else torch.uint8
-    return torch.zeros(4, *manifest["input_shape"], dtype=dtype)

@@ -1,53 +1,73 @@
-"""The registry of variants: what a run trains, and how its finished run is read back.
+"""The one registry: what each variant is, which backends train it, and how its finished run is
+read back. ``Config.variant`` names a :class:`Variant`, ``cluster.backend`` a :class:`Trainer`.
 
-``Config.variant`` names an entry. Each entry says which family it belongs to (the
-trainers of :mod:`noprop_dist.trainers.registry` are registered per family; ``backends`` narrows them
-for one variant, with the reason the config error gives) and how to rebuild a
-predictor from a finished run directory; a predictor has ``evaluate(split, eval_cfg,
-device)`` returning at least ``test_accuracy`` and ``export_program()``. It also names the
-schema of its manifest fields (see :mod:`noprop_dist.run.rundir`), checked on every read.
+Targets are ``"module:name"`` strings imported only when used, so that looking an entry up
+imports neither torch.distributed nor Ray (the CLI and the config check do it before any work).
 
-Variants:
+Variants (each names its :class:`~noprop_dist.variants.base.UnitObjective`, the part the unit
+loop calls, and its predictor, built from a run directory, with ``evaluate(split, eval_cfg,
+device)`` returning at least ``test_accuracy`` and ``export_program()``; and the schema of its
+manifest fields, checked on every read):
 
-* ``dt``: NoProp-DT, T blocks each trained alone on closed-form noisy targets (the paper's
-  Eq. 8), chained only at inference (Eq. 3).
-* ``ct``: NoProp-CT, one time-conditioned network with a learned noise schedule (Eq. 9),
-  integrated from t = 0 to 1 at inference; distributed by time interval
-  (``continuous.intervals``: K networks, one per interval and worker, ``cluster.backend=ray``)
-  or data-parallel (``cluster.backend=ddp``: each interval network trained with DDP across
-  the workers in turn), or both (K > 1 with ddp).
-* ``fm``: NoProp-FM, a time-conditioned velocity field trained by flow matching
-  (Eqs. 10-13), Euler-integrated at inference; distributed as CT.
+* ``dt``: NoProp-DT, T blocks each trained alone on closed-form noisy targets (Eq. 8), chained
+  only at inference (Eq. 3); distributed by block.
+* ``ct``: NoProp-CT, a time-conditioned network with a learned schedule (Eq. 9); distributed by
+  time interval (``continuous.intervals`` networks on as many workers), data-parallel, or both.
+* ``fm``: NoProp-FM, a flow-matching velocity field (Eqs. 10-13); distributed as CT.
+* ``backprop``: the paper's structure-matched baseline (Eqs. 17-19): the T blocks chained end to
+  end, cross-entropy through all of them; one unit (the network), data-parallel.
+* ``backprop_cnn``: a plain single-tower CNN (Figure-6 image path + linear head), as backprop.
 
-A NoProp variant also names its *objective*, the :class:`~noprop_dist.variants.base.UnitObjective`
-that the unit loop calls (its units, modules, targets, losses, shared tensors and chain).
-* ``backprop``: the paper's structure-matched baseline (Eqs. 17-19): the same T blocks
-  chained end to end, ``z_t = (1 - alpha_t) z_{t-1} + alpha_t u_hat_t(z_{t-1}, x)`` with
-  ``alpha_t = tanh(w_t)`` learnable, cross-entropy through all blocks.
-* ``backprop_cnn``: a plain single-tower CNN (the Figure-6 image path + a linear head),
-  what a user with one machine would otherwise train.
+Trainers (``cluster.backend``), each a ``train(cfg, run_dir, resume, show_progress)`` entry that
+goes through :func:`noprop_dist.run.lifecycle.train_run`:
+
+* ``local``: every unit in this process, one after another (:mod:`~noprop_dist.trainers.local`).
+* ``ray``: a coordinator and Ray workers, one per unit where the cluster has room; units never
+  talk to each other (:mod:`~noprop_dist.trainers.ray.coordinator`).
+* ``ddp``: N Ray Train workers, each a rank that holds every unit and trains image-reading units
+  on its share of every global batch (:mod:`~noprop_dist.trainers.ddp`). ``torchrun`` runs the
+  same ranks without Ray (:mod:`~noprop_dist.trainers.torchrun`, a launcher, not a backend).
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Callable
 
 from noprop_dist.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class Trainer:
+    backend: str
+    target: str        # "module:function" of its train(cfg, run_dir, resume, show_progress) entry
+    doc: str
+
+    def function(self) -> Callable:
+        return load_target(self.target)
+
+
+TRAINERS: dict[str, Trainer] = {t.backend: t for t in (
+    Trainer("local", "noprop_dist.trainers.local:train_local", "every unit in this process, one after another"),
+    Trainer("ray", "noprop_dist.trainers.ray.coordinator:train_ray",
+            "Ray coordinator, one worker per unit, no traffic between workers"),
+    Trainer("ddp", "noprop_dist.trainers.ddp:train_ddp",
+            "data-parallel ranks on Ray Train workers (DDP; gloo on CPU, nccl on GPU)"),
+)}
+
+
+@dataclass(frozen=True)
 class Variant:
     name: str
-    family: str        # "noprop" or "backprop": selects the trainers that can run it
     doc: str
-    predictor: str     # "module:Class", built from a RunDir
-    manifest_schema: str   # "module:NAME" of the schema of the fields its trainers add to the manifest
-    objective_class: str = ""   # NoProp variants: "module:Class" of its UnitObjective
-    backends: tuple[str, ...] = ()
-    """The cluster.backend values it may use among its family's trainers (empty: all of them)."""
+    objective_class: str   # "module:Class" of its UnitObjective
+    predictor: str         # "module:Class", built from a RunDir
+    manifest_schema: str   # "module:NAME" of the schema of its manifest fields
+    backends: tuple[str, ...]
+    """The cluster.backend values that train it."""
     backend_note: str = ""
-    """Why the others are refused and what to use instead (the config error's text)."""
+    """Why the other backends are refused and what to use instead (the config error's text)."""
 
     def load(self, run):
         return load_target(self.predictor)(run)
@@ -68,22 +88,25 @@ def load_target(target: str):
     return getattr(importlib.import_module(module), name)
 
 
+_CONTINUOUS = "noprop_dist.variants.continuous"
+_BASELINE = ("noprop_dist.variants.backprop:BackpropObjective", "noprop_dist.variants.backprop:NetworkPredictor",
+             "noprop_dist.variants.backprop:MANIFEST_SCHEMA", ("ddp", "local"),
+             "a baseline is one network: it is distributed data-parallel; use --cluster.backend=ddp (or local)")
+
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("dt", "noprop", "NoProp-DT: T blocks, each trained alone (Eq. 8), chained at inference (Eq. 3)",
-            "noprop_dist.variants.dt:ChainPredictor", "noprop_dist.variants.dt:MANIFEST_SCHEMA", "noprop_dist.variants.dt:DTObjective",
-            backends=("ray", "local"),
-            backend_note="NoProp-DT is distributed by block, not data-parallel (its BatchNorm blocks are not "
-                         "DDP-ready); use --cluster.backend=ray (or local)"),
-    Variant("ct", "noprop", "NoProp-CT: time-conditioned network, learned schedule (Eq. 9), integrated at inference",
-            "noprop_dist.variants.continuous:ContinuousPredictor", "noprop_dist.variants.continuous:CT_MANIFEST_SCHEMA",
-            "noprop_dist.variants.continuous:CTObjective"),
-    Variant("fm", "noprop", "NoProp-FM: flow-matching velocity field (Eqs. 10-13), Euler-integrated at inference",
-            "noprop_dist.variants.continuous:ContinuousPredictor", "noprop_dist.variants.continuous:FM_MANIFEST_SCHEMA",
-            "noprop_dist.variants.continuous:FMObjective"),
-    Variant("backprop", "backprop", "structure-matched back-propagation baseline (Eqs. 17-19)",
-            "noprop_dist.variants.backprop:NetworkPredictor", "noprop_dist.variants.backprop:MANIFEST_SCHEMA"),
-    Variant("backprop_cnn", "backprop", "single-tower CNN (Figure-6 image path + linear head), back-propagation",
-            "noprop_dist.variants.backprop:NetworkPredictor", "noprop_dist.variants.backprop:MANIFEST_SCHEMA"),
+    Variant("dt", "NoProp-DT: T blocks, each trained alone (Eq. 8), chained at inference (Eq. 3)",
+            "noprop_dist.variants.dt:DTObjective", "noprop_dist.variants.dt:ChainPredictor",
+            "noprop_dist.variants.dt:MANIFEST_SCHEMA", ("ray", "local"),
+            "NoProp-DT is distributed by block, not data-parallel (replicated blocks with global BatchNorm "
+            "are not built yet); use --cluster.backend=ray (or local)"),
+    Variant("ct", "NoProp-CT: time-conditioned network, learned schedule (Eq. 9), integrated at inference",
+            f"{_CONTINUOUS}:CTObjective", f"{_CONTINUOUS}:ContinuousPredictor", f"{_CONTINUOUS}:CT_MANIFEST_SCHEMA",
+            ("ray", "local", "ddp")),
+    Variant("fm", "NoProp-FM: flow-matching velocity field (Eqs. 10-13), Euler-integrated at inference",
+            f"{_CONTINUOUS}:FMObjective", f"{_CONTINUOUS}:ContinuousPredictor", f"{_CONTINUOUS}:FM_MANIFEST_SCHEMA",
+            ("ray", "local", "ddp")),
+    Variant("backprop", "structure-matched back-propagation baseline (Eqs. 17-19)", *_BASELINE),
+    Variant("backprop_cnn", "single-tower CNN (Figure-6 image path + linear head), back-propagation", *_BASELINE),
 )}
 
 
@@ -92,3 +115,14 @@ def get_variant(name: str) -> Variant:
         return VARIANTS[name]
     except KeyError:
         raise ConfigError(f"variant={name!r} is not one of {', '.join(VARIANTS)}") from None
+
+
+def find_trainer(backend: str, variant: str) -> Trainer:
+    """The trainer of ``variant`` on ``backend``, or a ConfigError naming the ones that train it."""
+    entry = get_variant(variant)
+    if backend in entry.backends and backend in TRAINERS:
+        return TRAINERS[backend]
+    if entry.backend_note and backend in TRAINERS:
+        raise ConfigError(f"variant {variant} cannot train with cluster.backend={backend}: {entry.backend_note}")
+    raise ConfigError(f"variant {variant} cannot train with cluster.backend={backend}; "
+                      f"use --cluster.backend= one of {', '.join(entry.backends)}")

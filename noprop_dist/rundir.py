@@ -28,19 +28,28 @@ import importlib.metadata
 import json
 import math
 import os
+import platform
 import re
 import stat
 import tempfile
 import time
+import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
+import numpy
+import pyarrow
+import safetensors
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from noprop_dist import __version__
+from noprop_dist import config as config_mod
+from noprop_dist.config import Config
 from noprop_dist.errors import CheckpointError, ConfigError
+from noprop_dist.variants.registry import get_variant, load_target
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -195,13 +204,7 @@ def tensors_from_bytes(data: bytes, where: str) -> dict[str, torch.Tensor]:
 
 
 def package_versions() -> dict[str, str]:
-    import platform
 
-    import numpy
-    import pyarrow
-    import safetensors
-
-    from noprop_dist import __version__
 
     versions = {"noprop_dist": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
                 "pyarrow": pyarrow.__version__, "safetensors": safetensors.__version__,
@@ -254,8 +257,6 @@ class RunDir:
     def manifest(self) -> dict[str, Any]:
         """The manifest, checked against the common schema and its variant's (cheap: it is
         read before every checkpoint write too)."""
-        from noprop_dist.variants.registry import get_variant, load_target
-
         path = self.path / MANIFEST
         if not path.exists():
             raise CheckpointError(f"{path} not found: {self.path} is not a noprop_dist run directory")
@@ -401,3 +402,12 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.path / "summary.json", summary)
+
+
+def load_run_config(run: RunDir) -> Config:
+    text = run.config_text()
+    try:
+
+        return config_mod.from_dict(tomllib.loads(text))
+    except (ConfigError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{run.path / 'config.toml'} is not a valid config ({exc})") from None

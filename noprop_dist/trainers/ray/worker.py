@@ -1,0 +1,83 @@
+"""The Ray trainer's worker: a thin actor around :class:`~noprop_dist.training.runner.UnitRunner`.
+
+A worker hosts one or more units and trains them epoch by epoch on the device Ray assigned; it
+answers each epoch with its metrics and, when asked, the unit's state and shared tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.util.queue import Queue
+
+from noprop_dist.data import ArraySplit
+from noprop_dist.errors import TrainingDiverged
+from noprop_dist.training.runner import UnitRunner
+from noprop_dist.variants.base import UnitSetup, UnitSpec
+
+
+@ray.remote
+class UnitWorker:
+    """Hosts one or more units; trains them epoch by epoch on the device Ray assigned."""
+
+    def __init__(self, setup: UnitSetup, train_x: np.ndarray, train_y: np.ndarray, threads: int,
+                 progress: Queue | None):
+        torch.set_num_threads(threads)
+        gpu_ids = ray.get_gpu_ids()
+        # Ray sets CUDA_VISIBLE_DEVICES for this actor: its GPU is cuda:0. Logical GPUs
+        # without hardware (tests) fall back to the CPU.
+        self.device = torch.device("cuda:0" if gpu_ids and torch.cuda.is_available() else "cpu")
+        self.setup = setup
+        self.train = ArraySplit(train_x, train_y)   # zero-copy views of the object store
+        self.progress = progress
+        self.runners: dict[str, UnitRunner] = {}
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "device": str(self.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def start_unit(self, unit: UnitSpec, state: dict[str, torch.Tensor] | None) -> int:
+        """Create a unit from its seed, or from its last checkpoint; returns its epochs done."""
+        runner = UnitRunner(unit, self.setup, self.train, self.device)
+        if state is not None:
+            runner.load_state_tensors(state)
+        self.runners[unit.name] = runner
+        if self.device.type == "cuda" and len(self.runners) > 1:
+            for hosted in self.runners.values():
+                hosted.to("cpu")     # moved to the GPU for its own epochs only
+        return runner.epochs_done
+
+    def run_epoch(self, unit: str, epoch: int, noise: np.ndarray | None,
+                  shared: dict[str, torch.Tensor] | None, want_state: bool, want_shared: bool) -> dict:
+        runner = self.runners[unit]
+        offload = self.device.type == "cuda" and len(self.runners) > 1
+        if offload:
+            runner.to(self.device)   # only the unit being trained lives on the GPU
+        if shared is not None:
+            runner.set_shared(shared)
+        try:
+            metrics = runner.run_epoch(epoch, None if noise is None else torch.from_numpy(noise),
+                                       progress=self._report)
+        except TrainingDiverged as exc:
+            return {"diverged": str(exc)}   # a fact about the run, not a worker death: no restart
+        if offload:
+            runner.to("cpu")
+        out: dict[str, Any] = {"metrics": metrics}
+        if want_state:
+            out["state"] = runner.state_tensors()
+        if want_shared:
+            out["shared"] = runner.shared_tensors()
+            if runner.records_embedding_grads:
+                out["embedding_grads"] = runner.take_embedding_grads()   # (steps, m, d) since the last sync
+        return out
+
+    def _report(self, event: dict) -> None:
+        if self.progress is not None:
+            try:
+                self.progress.put_nowait(event)
+            except Exception:  # noqa: BLE001  progress is best-effort; training must not stop
+                pass
