@@ -3,12 +3,14 @@
 Each named setting below is the ``demo`` preset as it was when these runs were made (MNIST
 subset 4,000 / 1,000, ``small`` block, T = 10, one-hot, dropout 0.2, 5 epochs: ``BASE`` pins
 the two values the preset has since changed) plus the overrides it lists, trained in this process
-(``noprop_dist.trainers.local.train_local``, ``--threads`` torch threads, default 2, ``--eval.every 1``
+(the ``local`` trainer of the registry, ``--threads`` torch threads, default 2, ``--eval.every 1``
 so that one run gives the whole epoch curve). For each run the script records the final chain accuracy with and
 without the Eq. 3 noise, the best block alone (fed fresh N(0, I) noise), every block's
 accuracy inside the chain (block t's own prediction from the chain's z_{t-1}, i.e. the chain
 stopped after t blocks), the training seconds and the epoch curve; then it analyses the
-finished chain (script-level only, nothing in the package changes):
+finished chain (script-level only, nothing in the package changes; every accuracy comes from
+the package's own evaluation, ``noprop_dist.nets.chain.evaluate``, with each block's and the
+head's outputs recorded by forward hooks):
 
 * ``eval_seeds``: the chain with the Eq. 3 noise under K inference seeds (mean, spread):
   how much of a difference between settings is the inference noise alone;
@@ -41,28 +43,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from torch import nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from noprop_dist import config as config_mod  # noqa: E402
-from noprop_dist import schedule  # noqa: E402
-from noprop_dist.data import ArraySplit, load_dataset, normalize  # noqa: E402
-from noprop_dist.variants.dt import load_chain  # noqa: E402
-from noprop_dist.nets.chain import NoPropChain, draw_noise  # noqa: E402
-from noprop_dist.trainers.local import train_local  # noqa: E402
-from noprop_dist.nets.blocks import denoised_embedding  # noqa: E402
+from common import add_smoke, fmt, read_json, read_run, run_or_reuse, write_results
+from noprop_dist import config as config_mod
+from noprop_dist.core import schedule
+from noprop_dist.data import ArraySplit, load_dataset, normalize
+from noprop_dist.nets.chain import NoPropChain, evaluate
+from noprop_dist.variants.dt import load_chain
 
 # ---------------------------------------------------------------------------------------------
 # The settings. Each: overrides of the preset, what it tests, whether it stays within the paper
@@ -182,47 +179,53 @@ def _bn_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def _batches(split: ArraySplit, size: int, chain: NoPropChain):
-    mean = tuple(chain.mean.flatten().tolist())
-    std = tuple(chain.std.flatten().tolist())
-    for start in range(0, len(split), size):
-        x = normalize(np.asarray(split.x[start:start + size]), mean, std)
-        yield start, x
+def _acc(pred: torch.Tensor, y: torch.Tensor) -> float:
+    return float((pred == y).float().mean())
+
+
+def with_batch_statistics(chain: NoPropChain) -> NoPropChain:
+    """A copy of ``chain`` whose BatchNorm layers normalise with the statistics of each batch
+    even in eval mode (without running statistics, torch's BatchNorm uses the batch's)."""
+    chain = copy.deepcopy(chain)
+    for bn in _bn_layers(chain):
+        bn.running_mean = bn.running_var = None
+    return chain
 
 
 @torch.no_grad()
-def chain_outputs(chain: NoPropChain, split: ArraySplit, seed: int, batch_size: int = 500,
-                  bn_batch_stats: bool = False, full: bool = True) -> dict[str, torch.Tensor]:
-    """Predictions of the chain (head on z_T, with and without the Eq. 3 noise), each block's
-    softmax inside the chain (with the noise) and each block's softmax alone on fresh noise.
+def chain_outputs(chain: NoPropChain, split: ArraySplit, seed: int, batch_size: int = 500) -> dict[str, Any]:
+    """The package's evaluation of the chain (:func:`noprop_dist.nets.chain.evaluate`: its
+    scores under ``scores``) and, per example, what it computes on the way: the head's
+    prediction with and without the Eq. 3 noise, each block's softmax inside the chain (with
+    the noise) and each block's softmax alone on fresh noise (both (T, n, m)).
 
-    The noise is drawn exactly as :func:`noprop_dist.nets.chain.evaluate` draws it (same
-    generator, same order), so with ``bn_batch_stats=False`` the accuracies equal the run's
-    summary. ``bn_batch_stats``: BatchNorm normalises with the statistics of each batch.
-    ``full=False``: only the chain with the noise (the other entries are empty)."""
-    chain.eval()
-    if bn_batch_stats:
-        for bn in _bn_layers(chain):
-            bn.train()
-    T, d = chain.T, chain.embedding.shape[1]
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, list] = {"head_noise": [], "head_no_noise": [], "in_chain": [], "alone": []}
-    for start, x in _batches(split, batch_size, chain):
-        b = x.shape[0]
-        noise = draw_noise(T, b, d, gen, with_eps=True)                          # (T+1, b, d)
-        fresh = torch.randn(b, d, generator=gen)                                 # (b, d)
-        for with_eps in ((True, False) if full else (True,)):
-            run = noise if with_eps else torch.cat([noise[:1], torch.zeros_like(noise[1:])])
-            trace: list[torch.Tensor] = []
-            z_T = chain.final_latent(x, run, trace)
-            out["head_noise" if with_eps else "head_no_noise"].append(chain.head(z_T).argmax(-1))
-            if with_eps:
-                out["in_chain"].append(torch.stack([torch.softmax(l, -1) for l in trace]))  # (T, b, m)
-        if full:
-            out["alone"].append(torch.stack([torch.softmax(blk(fresh, x), -1) for blk in chain.blocks]))
-    chain.eval()
-    cat = {k: (torch.cat(v, 1 if k in ("in_chain", "alone") else 0) if v else None) for k, v in out.items()}
-    return cat
+    ``evaluate`` returns accuracies only, so the outputs are recorded with forward hooks: per
+    batch it calls each block three times (the chain with the noise, the chain without it, the
+    block alone) and the head twice (with, without). The recorded outputs are checked against
+    its accuracies, so a change of that order stops here instead of mislabelling the outputs."""
+    calls: list[list[torch.Tensor]] = [[] for _ in chain.blocks]
+    heads: list[torch.Tensor] = []
+    hooks = [blk.register_forward_hook(lambda _m, _i, out, t=t: calls[t].append(out.detach().cpu()))
+             for t, blk in enumerate(chain.blocks)]
+    hooks.append(chain.head.register_forward_hook(lambda _m, _i, out: heads.append(out.argmax(-1).cpu())))
+    try:
+        scores = evaluate(chain, split, batch_size, seed)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = {"scores": scores, "head_noise": torch.cat(heads[0::2]), "head_no_noise": torch.cat(heads[1::2]),
+           "in_chain": torch.stack([torch.softmax(torch.cat(c[0::3]), -1) for c in calls]),   # (T, n, m)
+           "alone": torch.stack([torch.softmax(torch.cat(c[2::3]), -1) for c in calls])}      # (T, n, m)
+    y = torch.from_numpy(np.array(split.y))
+    names = list(scores["block_in_chain_accuracy"])
+    recorded = [(_acc(out["head_noise"], y), scores["chain_accuracy_noise"]),
+                (_acc(out["head_no_noise"], y), scores["chain_accuracy_no_noise"])]
+    recorded += [(_acc(p.argmax(-1), y), scores["block_in_chain_accuracy"][n]) for p, n in zip(out["in_chain"], names)]
+    recorded += [(_acc(p.argmax(-1), y), scores["block_alone_accuracy"][n]) for p, n in zip(out["alone"], names)]
+    if any(abs(mine - theirs) > 1e-9 for mine, theirs in recorded):
+        raise RuntimeError("the outputs recorded during noprop_dist.nets.chain.evaluate do not give its accuracies: "
+                           "its order of block and head calls changed; update chain_outputs")
+    return out
 
 
 @torch.no_grad()
@@ -235,10 +238,12 @@ def recalibrate_bn(chain: NoPropChain, alpha_bar: list[float], train: ArraySplit
     on); ``chain`` feeds it the chain's own z_{t-1} (Eq. 3 with noise, through the blocks
     already recalibrated)."""
     chain = copy.deepcopy(chain).eval()
-    T, d = chain.T, chain.embedding.shape[1]
+    d = chain.embedding.shape[1]
     gen = torch.Generator().manual_seed(seed)
-    xs = [x for _, x in _batches(train, batch_size, chain)]
-    ys = [torch.from_numpy(np.array(train.y[s:s + batch_size])) for s in range(0, len(train), batch_size)]
+    mean, std = tuple(chain.mean.flatten().tolist()), tuple(chain.std.flatten().tolist())
+    starts = range(0, len(train), batch_size)
+    xs = [normalize(np.asarray(train.x[s:s + batch_size]), mean, std) for s in starts]
+    ys = [torch.from_numpy(np.array(train.y[s:s + batch_size])) for s in starts]
     ab = np.asarray(alpha_bar, dtype=np.float64)                                 # t = 0..T
     z = [torch.randn(x.shape[0], d, generator=gen) for x in xs]                  # z_0 of the chain
     for t, block in enumerate(chain.blocks):                                     # block t+1
@@ -259,7 +264,7 @@ def recalibrate_bn(chain: NoPropChain, alpha_bar: list[float], train: ArraySplit
         block.eval()
         if source == "chain":
             for i, x in enumerate(xs):
-                u_hat = denoised_embedding(block(z[i], x), chain.embedding)
+                u_hat = schedule.denoised_embedding(block(z[i], x), chain.embedding)
                 z[i] = chain.a[t] * u_hat + chain.b[t] * z[i] + chain.sqrt_c[t] * torch.randn(
                     x.shape[0], d, generator=gen)
     return chain.eval()
@@ -269,10 +274,6 @@ def shuffled(split: ArraySplit, seed: int, n: int | None = None) -> ArraySplit:
     """A seeded random permutation of ``split`` (its first ``n`` examples), in memory."""
     perm = np.random.default_rng(seed).permutation(len(split))[:n]
     return ArraySplit(np.asarray(split.x)[perm], np.asarray(split.y)[perm])
-
-
-def _acc(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return float((pred == y).float().mean())
 
 
 def analyse_run(run_dir: Path, k_seeds: int, base_seed: int, bn_detail: bool = True) -> dict[str, Any]:
@@ -289,10 +290,10 @@ def analyse_run(run_dir: Path, k_seeds: int, base_seed: int, bn_detail: bool = T
     ref = None
     bs = cfg.eval.batch_size          # the noise is drawn per eval batch: the same size as the run's
     for i in range(k_seeds):
-        o = chain_outputs(chain, data.test, base_seed + i, bs, full=i == 0)
+        o = chain_outputs(chain, data.test, base_seed + i, bs)
         if i == 0:
             ref = o
-        per_seed.append(_acc(o["head_noise"], y))
+        per_seed.append(o["scores"]["chain_accuracy_noise"])
         votes.append(o["head_noise"])
     m = chain.embedding.shape[0]
     counts = torch.stack([torch.bincount(v + m * torch.arange(len(v)), minlength=m * len(v)).view(len(v), m)
@@ -306,21 +307,20 @@ def analyse_run(run_dir: Path, k_seeds: int, base_seed: int, bn_detail: bool = T
                        "min": float(np.min(per_seed)), "max": float(np.max(per_seed))},
         "sampling": {
             "chain_vote_accuracy": _acc(counts.argmax(-1), y),
-            "chain_no_noise_accuracy": _acc(ref["head_no_noise"], y),
-            "block_alone_argmax": [_acc(p.argmax(-1), y) for p in ref["alone"]],
+            "chain_no_noise_accuracy": ref["scores"]["chain_accuracy_no_noise"],
+            "block_alone_argmax": list(ref["scores"]["block_alone_accuracy"].values()),
             "block_alone_true_prob": true_prob_alone.tolist(),
             "block_alone_sum_p_squared": sumsq_alone.tolist(),
-            "block_in_chain_argmax": [_acc(p.argmax(-1), y) for p in ref["in_chain"]],
+            "block_in_chain_argmax": list(ref["scores"]["block_in_chain_accuracy"].values()),
             "block_in_chain_true_prob": true_prob_chain.tolist(),
         },
     }
     bn = {"as_trained": per_seed[0]}
     # Batch statistics over test batches of mixed classes (the test split is sorted by class).
     test_mixed = shuffled(data.test, base_seed)
-    o = chain_outputs(copy.deepcopy(chain), test_mixed, base_seed, bs, bn_batch_stats=True)
-    y_mixed = torch.from_numpy(np.array(test_mixed.y))
-    bn["batch_statistics"] = _acc(o["head_noise"], y_mixed)
-    bn["batch_statistics_no_noise"] = _acc(o["head_no_noise"], y_mixed)
+    scores = evaluate(with_batch_statistics(chain), test_mixed, bs, base_seed)
+    bn["batch_statistics"] = scores["chain_accuracy_noise"]
+    bn["batch_statistics_no_noise"] = scores["chain_accuracy_no_noise"]
     # A seeded random RECALIBRATION_EXAMPLES of the training images (the splits are sorted by
     # class: batches must mix classes or the averaged batch variances miss the class means'
     # spread) are plenty for a mean and a variance.
@@ -329,10 +329,10 @@ def analyse_run(run_dir: Path, k_seeds: int, base_seed: int, bn_detail: bool = T
     for tag, source, dropout in variants:
         re = recalibrate_bn(chain, manifest["schedule"]["alpha_bar"], sub, source, base_seed + 1000, bs, dropout)
         o = chain_outputs(re, data.test, base_seed, bs)
-        bn[f"recomputed_{tag}"] = _acc(o["head_noise"], y)
-        bn[f"recomputed_{tag}_no_noise"] = _acc(o["head_no_noise"], y)
-        bn[f"recomputed_{tag}_in_chain"] = [_acc(p.argmax(-1), y) for p in o["in_chain"]]
-        bn[f"recomputed_{tag}_alone"] = [_acc(p.argmax(-1), y) for p in o["alone"]]
+        bn[f"recomputed_{tag}"] = o["scores"]["chain_accuracy_noise"]
+        bn[f"recomputed_{tag}_no_noise"] = o["scores"]["chain_accuracy_no_noise"]
+        bn[f"recomputed_{tag}_in_chain"] = list(o["scores"]["block_in_chain_accuracy"].values())
+        bn[f"recomputed_{tag}_alone"] = list(o["scores"]["block_alone_accuracy"].values())
         bn[f"recomputed_{tag}_in_chain_true_prob"] = o["in_chain"][:, torch.arange(len(y)), y].mean(1).tolist()
         bn[f"recomputed_{tag}_alone_true_prob"] = o["alone"][:, torch.arange(len(y)), y].mean(1).tolist()
     result["batchnorm"] = bn
@@ -342,14 +342,12 @@ def analyse_run(run_dir: Path, k_seeds: int, base_seed: int, bn_detail: bool = T
 
 
 # ------------------------------------------------------------------------------ runs
-def read_run(run_dir: Path) -> dict[str, Any]:
+def run_figures(run_dir: Path) -> dict[str, Any]:
     """Final figures and the epoch curve of a finished run directory."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    points = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("event") == "eval":
-            points[rec["epoch"]] = _point(rec["epoch"], rec)      # a resumed run may repeat an epoch
+    run = read_run(run_dir)
+    summary = run.summary
+    # A resumed run may repeat an epoch's eval: the last record holds.
+    points = {rec["epoch"]: _point(rec["epoch"], rec) for rec in run.events("eval")}
     points[summary["epochs"]] = _point(summary["epochs"], summary)
     curve = [points[e] for e in sorted(points)]
     alone, in_chain = summary["block_alone_accuracy"], summary["block_in_chain_accuracy"]
@@ -379,25 +377,12 @@ def _point(epoch: int, rec: dict[str, Any]) -> dict[str, Any]:
             "block_alone_accuracy": rec["block_alone_accuracy"], "block_in_chain_accuracy": in_chain}
 
 
-def run_threads(run_dir: Path) -> int:
-    """train.threads of the run as it was trained (a finished run may be older than --threads)."""
-    return int(tomllib.loads((run_dir / "config.toml").read_text())["train"]["threads"])
-
-
 def run_setting(name: str, preset: str, overrides: dict[str, Any], runs_dir: Path) -> dict[str, Any]:
+    """Train one setting (or read its finished run: a run of another config is refused)."""
     cfg = config_mod.resolve(preset, {**FIXED, **BASE.get(preset, {}), **overrides})
     run_dir = runs_dir / name
-    wall = None
-    if not (run_dir / "summary.json").exists():
-        start = time.perf_counter()
-        train_local(cfg, run_dir, resume=run_dir.exists(), show_progress=False)
-        wall = time.perf_counter() - start
-    else:
-        saved = config_mod.from_dict(tomllib.loads((run_dir / "config.toml").read_text()))
-        if saved != cfg:
-            raise SystemExit(f"{run_dir} holds a run of another config (trained with another --threads?); "
-                             "pass the same options, remove it, or use another --out")
-    out = read_run(run_dir)
+    _, wall = run_or_reuse(cfg, run_dir)
+    out = run_figures(run_dir)
     out["schedule"] = schedule_gaps(cfg.schedule)
     out["run_dir"] = str(run_dir)
     out["wall_seconds"] = wall
@@ -405,17 +390,8 @@ def run_setting(name: str, preset: str, overrides: dict[str, Any], runs_dir: Pat
 
 
 # ------------------------------------------------------------------------------ report
-def _f(v: Any, nd: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def write_results(out: Path, results: dict[str, Any]) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
+def save(out: Path, results: dict[str, Any]) -> None:
+    write_results(out, results, markdown(results))
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -435,10 +411,10 @@ def markdown(results: dict[str, Any]) -> str:
         ov = " ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items()) or "-"
         last = list(r["block_in_chain_accuracy"].values())[-1]
         lines.append(
-            f"| {name} | {ov} | {r.get('faithful', '')} | **{_f(r['chain_accuracy_noise'])}** | "
-            f"{_f(r['chain_accuracy_no_noise'])} | {_f(r['nearest_accuracy_noise'])} | {_f(r['best_block_alone'])} "
-            f"({r['best_block_alone_name'][-2:]}) | {_f(r['best_block_in_chain'])} ({r['best_block_in_chain_name'][-2:]}) | "
-            f"{_f(last)} | {r['epochs']} | {_f(r['train_seconds_net'], 1)} | {r.get('threads', '-')} |")
+            f"| {name} | {ov} | {r.get('faithful', '')} | **{fmt(r['chain_accuracy_noise'])}** | "
+            f"{fmt(r['chain_accuracy_no_noise'])} | {fmt(r['nearest_accuracy_noise'])} | {fmt(r['best_block_alone'])} "
+            f"({r['best_block_alone_name'][-2:]}) | {fmt(r['best_block_in_chain'])} ({r['best_block_in_chain_name'][-2:]}) | "
+            f"{fmt(last)} | {r['epochs']} | {fmt(r['train_seconds_net'], '.1f')} | {r.get('threads', '-')} |")
     for key, title in (("block_in_chain_accuracy", "Each block inside the chain (the chain stopped after t blocks)"),
                        ("block_alone_accuracy", "Each block alone, fed fresh N(0, I) noise")):
         T = max(len(r[key]) for r in rows.values() if key in r)
@@ -447,15 +423,15 @@ def markdown(results: dict[str, Any]) -> str:
         for name, r in rows.items():
             if key in r:
                 vals = list(r[key].values())
-                lines.append(f"| {name} | " + " | ".join(_f(v) for v in vals) + " |" + " |" * (T - len(vals)))
+                lines.append(f"| {name} | " + " | ".join(fmt(v) for v in vals) + " |" + " |" * (T - len(vals)))
     lines += ["", "## Epoch curves (chain noise / chain no noise / best alone / best in chain)", "",
               "| setting | epoch | chain noise | chain no noise | best block alone | best block in chain | "
               "noise - best alone |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         for p in r.get("curve", []):
-            lines.append(f"| {name} | {p['epoch']} | {_f(p['chain_accuracy_noise'])} | "
-                         f"{_f(p['chain_accuracy_no_noise'])} | {_f(p['best_block_alone'])} | "
-                         f"{_f(p['best_block_in_chain'])} | {p['chain_accuracy_noise'] - p['best_block_alone']:+.3f} |")
+            lines.append(f"| {name} | {p['epoch']} | {fmt(p['chain_accuracy_noise'])} | "
+                         f"{fmt(p['chain_accuracy_no_noise'])} | {fmt(p['best_block_alone'])} | "
+                         f"{fmt(p['best_block_in_chain'])} | {p['chain_accuracy_noise'] - p['best_block_alone']:+.3f} |")
     if any("analysis" in r for r in rows.values()):
         lines += ["", "## Analyses of the finished chains", "",
                   "Inference seeds: the chain with the Eq. 3 noise under K seeds. Sampling: block 1 alone, "
@@ -473,9 +449,9 @@ def markdown(results: dict[str, Any]) -> str:
             s, e, bn = a["sampling"], a["eval_seeds"], a["batchnorm"]
             lines.append(
                 f"| {name} | {e['mean']:.3f} ± {e['std']:.3f} ({e['min']:.3f}-{e['max']:.3f}, K={e['k']}) | "
-                f"{_f(s['chain_vote_accuracy'])} | {_f(s['block_alone_argmax'][0])} | {_f(s['block_alone_true_prob'][0])} | "
-                f"{_f(s['block_alone_sum_p_squared'][0])} | {_f(bn['as_trained'])} | {_f(bn['batch_statistics'])} | "
-                f"{_f(bn.get('recomputed_q'))} | {_f(bn.get('recomputed_chain'))} | {_f(bn.get('recomputed_q_dropout_on'))} |")
+                f"{fmt(s['chain_vote_accuracy'])} | {fmt(s['block_alone_argmax'][0])} | {fmt(s['block_alone_true_prob'][0])} | "
+                f"{fmt(s['block_alone_sum_p_squared'][0])} | {fmt(bn['as_trained'])} | {fmt(bn['batch_statistics'])} | "
+                f"{fmt(bn.get('recomputed_q'))} | {fmt(bn.get('recomputed_chain'))} | {fmt(bn.get('recomputed_q_dropout_on'))} |")
         lines += ["", "Per block inside the chain: argmax accuracy / mean probability of the true class", "",
                   "| setting | t: argmax / E[p_true] |", "|---|---|"]
         for name, r in rows.items():
@@ -505,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory (runs under DIR/runs)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these settings (any, also non-default)")
     parser.add_argument("--epochs", type=int, help="train.epochs for every setting that does not set its own")
-    parser.add_argument("--smoke", action="store_true", help="tiny preset, 1 epoch, two settings: seconds")
+    add_smoke(parser, "tiny preset, 1 epoch, two settings: seconds")
     parser.add_argument("--seeds", type=int, default=5, help="K inference seeds of the analysis")
     parser.add_argument("--threads", type=int, default=2, help="train.threads of every run (default 2)")
     parser.add_argument("--no-analysis", action="store_true",
@@ -528,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results = read_json(results_path, {})
     if results.get("preset") not in (None, preset):
         results = {}
     results.update({
@@ -546,25 +522,25 @@ def main(argv: list[str] | None = None) -> int:
             r = run_setting(tag, preset, overrides, runs_dir)
         except Exception as exc:  # keep the other settings' results
             results["settings"][tag] = {"error": f"{type(exc).__name__}: {exc}"}
-            write_results(out, results)
+            save(out, results)
             print(f"[chain_gap] {tag} failed: {exc}", flush=True)
             continue
         r["overrides"] = overrides
-        r["threads"] = run_threads(Path(r["run_dir"]))
+        r["threads"] = read_run(r["run_dir"]).config.train.threads   # as trained (maybe before --threads)
         r["why"] = SETTINGS[name]["why"]
         r["faithful"] = SETTINGS[name]["faithful"]
         old = results["settings"].get(tag) or {}
         if args.no_analysis and r["wall_seconds"] is None and "analysis" in old:
             r["analysis"] = old["analysis"]      # the same finished run: its earlier analysis holds
         results["settings"][tag] = r
-        write_results(out, results)
+        save(out, results)
         if not args.no_analysis:
             r["analysis"] = analyse_run(Path(r["run_dir"]), k, config_mod.EvalConfig().seed,
                                         bn_detail=args.smoke or name in BN_DETAIL)
-            # The script's own chain loop must reproduce the package's evaluation.
+            # The chain rebuilt from its checkpoints must score what the run's summary says.
             r["analysis"]["matches_summary"] = abs(
                 r["analysis"]["eval_seeds"]["chain_accuracy_noise"][0] - r["chain_accuracy_noise"]) < 1e-6
-            write_results(out, results)
+            save(out, results)
         print(f"[chain_gap] {tag}: chain {r['chain_accuracy_noise']:.3f} (no noise {r['chain_accuracy_no_noise']:.3f}), "
               f"best alone {r['best_block_alone']:.3f}, best in chain {r['best_block_in_chain']:.3f}, "
               f"train {r['train_seconds_net']:.1f} s", flush=True)

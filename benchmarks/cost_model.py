@@ -55,6 +55,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from common import fmt, md_table, row_line, write_results
+
 NOPROP = "noprop"
 NOPROP_BLOCK = "noprop_block"           # profile key of one NoProp block's network
 CHECK_TOLERANCE = 0.15                  # relative error that counts as "the model fits"
@@ -418,30 +420,27 @@ def check_against_measured(profile: dict, runs: list[dict], overlap: float = 0.0
 # ---------------------------------------------------------------------------------------
 # Output.
 # ---------------------------------------------------------------------------------------
-def _num(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+def _mb(value: float | None) -> float | None:
+    return None if value is None else value / 1e6
 
 
 def format_check(rows: list[dict]) -> str:
     """The check as a markdown table."""
-    lines = [f"Cost model vs measured (local link; within {CHECK_TOLERANCE:.0%} counts as a fit)", "",
-             "| method | N | measured s/epoch | predicted s/epoch | compute s | comm s | rel. error | "
-             f"within {CHECK_TOLERANCE:.0%} | measured MB | predicted MB | bytes rel. error | "
-             "measured mem. MB/worker | predicted mem. MB/worker | mem. rel. error |",
-             "|" + "---|" * 14]
+    head = ["method", "N", "measured s/epoch", "predicted s/epoch", "compute s", "comm s", "rel. error",
+            f"within {CHECK_TOLERANCE:.0%}", "measured MB", "predicted MB", "bytes rel. error",
+            "measured mem. MB/worker", "predicted mem. MB/worker", "mem. rel. error"]
+    cells = []
     for r in rows:
         within = {None: "-", True: "yes", False: "NO"}[r["within_tolerance"]]
-        mb = {k: None if r.get(k) is None else r[k] / 1e6 for k in ("measured_bytes", "predicted_bytes")}
-        lines.append(
-            f"| {r['method']} | {r['workers']} | {r['measured_seconds']:.2f} | {_num(r['predicted_seconds'], '.2f')} | "
-            f"{_num(r.get('predicted_compute_seconds'), '.2f')} | {_num(r.get('predicted_comm_seconds'), '.3f')} | "
-            f"{_num(r['rel_error'], '+.1%')} | {within}{' (' + r['note'] + ')' if r.get('note') else ''} | "
-            f"{_num(mb['measured_bytes'], '.3f')} | {_num(mb['predicted_bytes'], '.3f')} | "
-            f"{_num(r.get('bytes_rel_error'), '+.1%')} | "
-            f"{_num(None if r.get('measured_memory') is None else r['measured_memory'] / 1e6, '.1f')} | "
-            f"{_num(None if r.get('predicted_memory') is None else r['predicted_memory'] / 1e6, '.1f')} | "
-            f"{_num(r.get('memory_rel_error'), '+.1%')} |")
-    return "\n".join(lines) + "\n"
+        cells.append([
+            r["method"], r["workers"], fmt(r["measured_seconds"], ".2f"), fmt(r["predicted_seconds"], ".2f"),
+            fmt(r.get("predicted_compute_seconds"), ".2f"), fmt(r.get("predicted_comm_seconds"), ".3f"),
+            fmt(r["rel_error"], "+.1%"), within + (f" ({r['note']})" if r.get("note") else ""),
+            fmt(_mb(r.get("measured_bytes")), ".3f"), fmt(_mb(r.get("predicted_bytes")), ".3f"),
+            fmt(r.get("bytes_rel_error"), "+.1%"), fmt(_mb(r.get("measured_memory")), ".1f"),
+            fmt(_mb(r.get("predicted_memory")), ".1f"), fmt(r.get("memory_rel_error"), "+.1%")])
+    lines = [f"Cost model vs measured (local link; within {CHECK_TOLERANCE:.0%} counts as a fit)", ""]
+    return "\n".join(lines + md_table(head, cells)) + "\n"
 
 
 def format_projection(records: list[dict], link_name: str, link: Link) -> str:
@@ -455,8 +454,8 @@ def format_projection(records: list[dict], link_name: str, link: Link) -> str:
     every = ([NOPROP] if with_noprop else []) + baselines
     head += [f"{m} comm MB/worker/epoch" for m in every]
     head += [f"{m} mem. MB/worker" for m in every]
-    lines = [f"### {link_name}: {link.bandwidth_Bps / GB:g} GB/s, {link.latency_s * 1e6:g} us", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"### {link_name}: {link.bandwidth_Bps / GB:g} GB/s, {link.latency_s * 1e6:g} us", ""]
+    lines += md_table(head, [])
     notes: list[str] = []
     for n in sorted({r["workers"] for r in rows}):
         by = {r["method"]: r for r in rows if r["workers"] == n}
@@ -468,9 +467,8 @@ def format_projection(records: list[dict], link_name: str, link: Link) -> str:
             if with_noprop:
                 cells.append(f"{by[m]['epoch_seconds'] / by[NOPROP]['epoch_seconds']:.2f}x")
         cells += [f"{by[m]['comm_bytes_per_epoch_per_worker'] / 1e6:.2f}" for m in every]
-        cells += [_num(None if by[m].get("memory_bytes_per_worker") is None
-                       else by[m]["memory_bytes_per_worker"] / 1e6, ".1f") for m in every]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells += [fmt(_mb(by[m].get("memory_bytes_per_worker")), ".1f") for m in every]
+        lines.append(row_line(cells))
         said = "; ".join(f"{m}: {', '.join(r['notes'])}" for m, r in by.items() if r["notes"])
         if said:
             notes.append(f"- N = {n}: {said}")
@@ -512,9 +510,7 @@ def plot(records: list[dict], path: Path, global_batch: int | None = None) -> No
 
 
 def write_outputs(out: Path, projection: dict, markdown: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "projection.json").write_text(json.dumps(projection, indent=2))
-    (out / "projection.md").write_text(markdown)
+    write_results(out, projection, markdown, name="projection")
     plot(projection["records"], out / "projection.png", projection.get("global_batch"))
 
 

@@ -14,8 +14,9 @@ saved activations; GPU: ``max_memory_allocated``) and process RSS, bytes communi
 epoch (DDP: the all-reduce payload per worker, counted in a DDP communication hook and in
 the BatchNorm all-reduces; NoProp: pickled messages between coordinator and workers,
 checkpoints apart from control), and test accuracy. It also profiles the bare step loop of
-each network (for the lean-loop target and the cost model) and the local link (a gloo
-all-reduce between two processes).
+each network (each step the unit loop's own loss, ``batch_loss``, and optimizer step; for the
+lean-loop target and the cost model) and the local link (a gloo all-reduce between two
+processes).
 
     python benchmarks/noprop_vs_ddp.py --out benchmarks/results/vs_ddp      # demo preset, 2 epochs
     python benchmarks/noprop_vs_ddp.py --smoke --out /tmp/smoke             # < 2 minutes
@@ -40,13 +41,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from noprop_dist import config  # noqa: E402
+from common import add_overrides, add_smoke, fresh_dir, parse_args, ray_environment, read_run, train, write_results
+from noprop_dist import config
 
 METHODS = ("noprop", "backprop", "backprop_cnn")
 
@@ -67,101 +66,94 @@ def _timed_steps(step, batches: int, warmup: int = 2, repeats: int = 3) -> float
     return best
 
 
-def _memory(net, opt, forward) -> dict[str, int]:
-    """Parameters + gradients + optimizer state, saved activations of one forward at batch B,
-    and the resident (checkpointed) size: weights, buffers and optimizer state."""
-    from noprop_dist.variants.backprop import state_bytes
-    from noprop_dist.training.meters import SavedTensorMeter
+def unit_runner(cfg: config.Config, data, variant: str | None = None, index: int = 1):
+    """The unit loop's runner (module, optimizer, embedding copy) of one trained unit: DT's
+    block ``index`` (``variant`` None: the config's own), or a baseline ``variant``'s network."""
+    from noprop_dist.training.runner import UnitRunner
+    from noprop_dist.variants.base import make_setup
 
-    with SavedTensorMeter(True, net) as meter:
-        forward()
-    resident = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-    resident += sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+    if variant is not None:
+        cfg = config.apply_overrides(cfg, {"variant": variant, "cluster.backend": "local"}, "benchmark")
+    setup = make_setup(cfg, data)
+    unit = [u for u in setup.units if u.role != "head"][index - 1]
+    runner = UnitRunner(unit, setup, data.train)
+    runner.module.train()
+    return runner
+
+
+def unit_step(runner, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> None:
+    """One optimizer step of a unit on one batch: the variant's own loss, as the unit loop
+    computes it (``objective.batch_loss``: DT's Eq. 8 term, the baselines' cross-entropy),
+    then the optimizer's step."""
+    loss = runner.objective.batch_loss(runner, x, y, rows)
+    runner.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    runner.optimizer.step()
+
+
+def _memory(runner, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> dict[str, int]:
+    """Parameters + gradients + optimizer state, saved activations of one loss at batch B,
+    and the resident (checkpointed) size: weights, buffers and optimizer state."""
+    from noprop_dist.training.meters import SavedTensorMeter, training_state_bytes
+
+    with SavedTensorMeter(True, runner.module) as meter:
+        runner.objective.batch_loss(runner, x, y, rows)
+    resident = sum(t.numel() * t.element_size() for t in runner.module.state_dict().values())
+    resident += sum(v.numel() * v.element_size() for st in runner.optimizer.state.values() for v in st.values()
                     if torch.is_tensor(v))
-    return {"state_bytes": state_bytes(net, opt), "activation_bytes": meter.bytes, "resident_bytes": resident}
+    return {"state_bytes": training_state_bytes(list(runner.module.parameters()), runner.optimizer),
+            "activation_bytes": meter.bytes, "resident_bytes": resident}
 
 
 def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) -> dict[str, Any]:
     """Seconds per optimizer step of each network at each per-worker batch (this process,
-    ``train.threads`` threads), the bare loop: no data loading, logging or accounting."""
-    from noprop_dist.variants import backprop
-    from noprop_dist.core import schedule
-    from noprop_dist.nets.blocks import denoised_embedding
-    from noprop_dist.variants.dt import DTObjective, HEAD, block, dt_block_loss
-    from noprop_dist.variants.base import make_setup
-
-    setup = make_setup(cfg, data)
-    x_all = torch.randn(max(batch_sizes), *data.input_shape)
-    y_all = torch.randint(0, data.num_classes, (max(batch_sizes),))
+    ``train.threads`` threads), the bare loop: no data loading, logging or accounting, each
+    step the unit loop's own loss (:func:`unit_step`)."""
+    B = max(batch_sizes)
+    x_all = torch.randn(B, *data.input_shape)
+    y_all = torch.randint(0, data.num_classes, (B,))
     out: dict[str, dict[str, float]] = {}
     params: dict[str, int] = {}
     memory: dict[str, dict[str, int]] = {}
     small: dict[str, int] = {}
-    B = max(batch_sizes)
-
-    block = DTObjective().build_module(block(1), setup).train()
-    opt = torch.optim.AdamW(block.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    emb = setup.embedding
-    params["noprop_block"] = sum(p.numel() * 4 for p in block.parameters())
-    params["noprop_head"] = sum(p.numel() * 4 for p in DTObjective().build_module(HEAD, setup).parameters())
-    out["noprop_block"] = {}
-    for b in batch_sizes:
-        x, y = x_all[:b], y_all[:b]
-        u = emb[y]
-        z = schedule.sample_marginal(u, setup.alpha_bar[0], torch.randn_like(u))
-
-        def dt_step():
-            loss = dt_block_loss(block(z, x), emb, u, 1.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        out["noprop_block"][str(b)] = _timed_steps(dt_step, steps)
-        if b == B:
-            memory["noprop_block"] = _memory(block, opt, lambda: denoised_embedding(block(z, x), emb))
-    for variant in ("backprop", "backprop_cnn"):
-        vcfg = config.apply_overrides(cfg, {"variant": variant, "cluster.backend": "local"}, "benchmark")
-        net_setup = backprop.make_network_setup(vcfg, data)
-        net = backprop.build_network(net_setup).train()
-        params[variant] = sum(p.numel() * 4 for p in net.parameters())
-        opt_n = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        out[variant] = {}
+    for network, variant in (("noprop_block", None), ("backprop", "backprop"), ("backprop_cnn", "backprop_cnn")):
+        runner = unit_runner(cfg, data, variant)
+        rows_all = torch.randn(B, runner.setup.embedding.shape[1])       # DT: the target noise; baselines: z_0
+        params[network] = sum(p.numel() * 4 for p in runner.module.parameters())
+        out[network] = {}
         for b in batch_sizes:
-            x, y = x_all[:b], y_all[:b]
-            z_0 = torch.randn(b, emb.shape[1])
-            out[variant][str(b)] = _timed_steps(
-                lambda: backprop.train_step(net, opt_n, x, z_0, y, 1.0), max(2, steps // 4) if variant == "backprop" else steps)
+            x, y, rows = x_all[:b], y_all[:b], rows_all[:b]
+            out[network][str(b)] = _timed_steps(lambda: unit_step(runner, x, y, rows),
+                                                max(2, steps // 4) if network == "backprop" else steps)
             if b == B:
-                memory[variant] = _memory(net, opt_n, lambda: net(x, z_0))
-        # Global BatchNorm all-reduces its statistics per layer, forward and backward.
-        if cfg.cluster.sync_batchnorm:
-            small[variant] = 2 * sum(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules())
+                memory[network] = _memory(runner, x, y, rows)
+        if variant is None:
+            setup = runner.setup
+            head = next(u for u in setup.units if u.role == "head")
+            params["noprop_head"] = sum(p.numel() * 4 for p in setup.objective.build_module(head, setup).parameters())
+        elif cfg.cluster.sync_batchnorm:
+            # Global BatchNorm all-reduces its statistics per layer, forward and backward.
+            small[network] = 2 * sum(isinstance(m, torch.nn.BatchNorm1d) for m in runner.module.modules())
     return {"step_seconds": out, "param_bytes": params, "memory": memory, "small_allreduces_per_step": small,
             "device": "cpu"}
 
 
 def bare_block_epoch_seconds(cfg: config.Config, data) -> float:
     """One epoch of the bare step loop of one block over the real training split (data
-    pre-normalised in memory, targets drawn inline): the floor a NoProp block-epoch is held to."""
-    from noprop_dist.core import schedule
+    pre-normalised in memory, the epoch's target noise drawn as the unit loop draws it, each
+    step :func:`unit_step`): the floor a NoProp block-epoch is held to."""
     from noprop_dist.data import normalize
-    from noprop_dist.variants.dt import DTObjective, block, dt_block_loss
-    from noprop_dist.variants.base import make_setup
 
-    setup = make_setup(cfg, data)
-    block = DTObjective().build_module(block(2), setup).train()
-    opt = torch.optim.AdamW(block.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    runner = unit_runner(cfg, data, index=2)
+    setup = runner.setup
     x_all = normalize(np.asarray(data.train.x), setup.mean, setup.std)
     y_all = torch.from_numpy(np.array(data.train.y))
     order = torch.randperm(len(y_all))
     start = time.perf_counter()
+    noise = runner.objective.epoch_noise(runner.unit, setup, 1, len(y_all))
     for s in range(0, len(order), cfg.train.batch_size):
         idx = order[s:s + cfg.train.batch_size]
-        u = setup.embedding[y_all[idx]]
-        z = schedule.sample_marginal(u, setup.alpha_bar[1], torch.randn_like(u))
-        loss = dt_block_loss(block(z, x_all[idx]), setup.embedding, u, 1.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        unit_step(runner, x_all[idx], y_all[idx], noise[idx])
     return time.perf_counter() - start
 
 
@@ -169,15 +161,10 @@ def lean_loop(cfg: config.Config, data, repeats: int = 3) -> dict[str, float]:
     """The unit loop (UnitRunner.run_epoch: data gathering, closed-form targets, seeded
     dropout, memory accounting, metrics) against the bare step loop, in this process,
     alternated ``repeats`` times; the best of each."""
-    from noprop_dist.variants.dt import block
-    from noprop_dist.variants.base import make_setup
-    from noprop_dist.training.runner import UnitRunner
-
-    setup = make_setup(cfg, data)
     bare, unit = [], []
     for _ in range(repeats):
         bare.append(bare_block_epoch_seconds(cfg, data))
-        runner = UnitRunner(block(2), setup, data.train)
+        runner = unit_runner(cfg, data, index=2)
         start = time.perf_counter()
         runner.run_epoch(1)
         unit.append(time.perf_counter() - start)
@@ -185,11 +172,11 @@ def lean_loop(cfg: config.Config, data, repeats: int = 3) -> dict[str, float]:
 
 
 def _bare_epoch_process(cfg_dict: dict, start_at: float, queue) -> None:
+    from noprop_dist.data import load_dataset
+
     torch.set_num_threads(1)
     cfg = config.from_dict(cfg_dict)
-    from noprop_dist.run.lifecycle import load_data
-
-    data = load_data(cfg)
+    data = load_dataset(cfg.data)
     bare_block_epoch_seconds(cfg, data)   # warm up (allocator, caches) before the common start
     while time.time() < start_at:         # start together
         time.sleep(0.01)
@@ -264,51 +251,39 @@ def measure_local_link() -> dict[str, float]:
 # The runs.
 # ---------------------------------------------------------------------------------------
 def run_method(method: str, workers: int, cfg: config.Config, run_dir: Path) -> dict[str, Any]:
-    """Train one (method, N) and return its record."""
-    launched = time.perf_counter()
+    """Train one (method, N) from scratch with the trainer the registry gives it (NoProp: the
+    Ray coordinator; a baseline: this process at N = 1, DDP on Ray Train above) and return
+    its record."""
     if method == "noprop":
-        from noprop_dist.trainers.ray.coordinator import train_ray
-
-        mcfg = config.apply_overrides(cfg, {"cluster.backend": "ray", "cluster.workers": workers}, "benchmark")
-        summary = train_ray(mcfg, run_dir, show_progress=False)
+        overrides = {"cluster.backend": "ray", "cluster.workers": workers}
     else:
-        backend = "local" if workers == 1 else "ddp"
-        mcfg = config.apply_overrides(cfg, {"variant": method, "cluster.backend": backend,
-                                            "cluster.workers": workers}, "benchmark")
-        if backend == "local":
-            from noprop_dist.variants.backprop import train_backprop_local
-
-            summary = train_backprop_local(mcfg, run_dir, show_progress=False)
-        else:
-            from noprop_dist.trainers.ddp import train_ddp
-
-            summary = train_ddp(mcfg, run_dir, show_progress=False)
-    wall = time.perf_counter() - launched
-    return make_record(method, workers, mcfg, summary, run_dir, wall)
+        overrides = {"variant": method, "cluster.backend": "local" if workers == 1 else "ddp",
+                     "cluster.workers": workers}
+    mcfg = config.apply_overrides(cfg, overrides, "benchmark")
+    _, wall = train(mcfg, fresh_dir(run_dir))
+    return make_record(method, workers, mcfg, run_dir, wall)
 
 
-def make_record(method: str, workers: int, cfg: config.Config, summary: dict, run_dir: Path,
-                wall: float) -> dict[str, Any]:
-    from noprop_dist.run.rundir import RunDir
-
+def make_record(method: str, workers: int, cfg: config.Config, run_dir: Path, wall: float) -> dict[str, Any]:
+    run = read_run(run_dir)
+    summary = run.summary
     epochs = cfg.train.epochs
     n = summary["train_examples"]
-    metrics = RunDir(run_dir).read_metrics()
     record: dict[str, Any] = {"method": method, "workers": workers, "epochs": epochs,
                               "test_accuracy": summary["test_accuracy"], "wall_seconds": wall}
     if method == "noprop":
         epoch_seconds = summary["train_seconds"] / epochs
-        comm = [r for r in metrics if r.get("event") == "communication"]
+        comm = run.events("communication")
         control = np.mean([r["control_to_workers"] + r["control_from_workers"] for r in comm])
         ckpt = np.mean([r["checkpoint_from_workers"] + r["checkpoint_to_workers"] for r in comm])
-        unit_epochs = [r for r in metrics if r.get("event") == "unit_epoch"]
+        unit_epochs = run.events("unit_epoch")
         block_seconds = [r["seconds"] for r in unit_epochs if r["unit"] != "head"]
         record.update({
             "comm_bytes_per_epoch": float(control + ckpt), "comm_control_bytes_per_epoch": float(control),
             "comm_checkpoint_bytes_per_epoch": float(ckpt),
             "block_epoch_seconds": float(np.median(block_seconds)),
             "head_epoch_seconds": float(np.median([r["seconds"] for r in unit_epochs if r["unit"] == "head"])),
-            "peak_train_bytes_per_worker": noprop_worker_peak(summary, RunDir(run_dir)),
+            "peak_train_bytes_per_worker": noprop_worker_peak(summary, run.manifest),
             "rss_bytes_per_worker": max(r.get("rss_bytes", 0) for r in unit_epochs if r["unit"] != "head"),
             "launch_seconds": summary.get("launch_to_first_step_s"),
         })
@@ -317,8 +292,8 @@ def make_record(method: str, workers: int, cfg: config.Config, summary: dict, ru
         epoch_seconds = float(np.mean(per_epoch))
         record.update({
             "comm_bytes_per_epoch": float(summary["allreduce_bytes_per_worker_per_epoch"]),
-            "allreduce_calls_per_epoch": int(np.mean([r.get("allreduce_calls_per_worker", 0) for r in metrics
-                                                      if r.get("event") == "unit_epoch"])),
+            "allreduce_calls_per_epoch": int(np.mean([r.get("allreduce_calls_per_worker", 0)
+                                                      for r in run.events("unit_epoch")])),
             "peak_train_bytes_per_worker": int(summary["peak_memory_bytes"]["network"]),
             "rss_bytes_per_worker": int(summary["rss_bytes"]),
             "launch_seconds": wall - summary["train_seconds"] - summary["eval_seconds"],
@@ -327,12 +302,12 @@ def make_record(method: str, workers: int, cfg: config.Config, summary: dict, ru
     return record
 
 
-def noprop_worker_peak(summary: dict, run) -> int:
+def noprop_worker_peak(summary: dict, manifest: dict) -> int:
     """Peak training bytes of the busiest NoProp worker: the block it trains at its peak,
     plus, on the CPU, the resident state (checkpointed tensors) of the other blocks it hosts
     (on a GPU those are moved off the device between their epochs)."""
     peaks = summary["peak_memory_bytes"]
-    units = run.manifest()["units"]
+    units = manifest["units"]
     on_gpu = any(str(d).startswith("cuda") for d in summary.get("worker_devices", {}).values())
     worst = 0
     for hosted in summary.get("worker_devices", {}):
@@ -343,15 +318,6 @@ def noprop_worker_peak(summary: dict, run) -> int:
         for name in names:
             worst = max(worst, peaks[name] + resident - (0 if on_gpu else units[name]["bytes"]))
     return int(worst)
-
-
-def fresh_dir(path: Path) -> Path:
-    """A run directory that does not exist yet (an earlier benchmark's is removed)."""
-    import shutil
-
-    if path.exists():
-        shutil.rmtree(path)
-    return path
 
 
 def median_record(trials: list[dict]) -> dict:
@@ -429,24 +395,23 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--profile-steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1, help="runs per (method, N); the median is reported")
-    parser.add_argument("--smoke", "--smoke-test", action="store_true", help="tiny preset, 1 epoch: < 2 minutes")
+    add_smoke(parser, "tiny preset, 1 epoch: < 2 minutes")
     parser.add_argument("--out", default="benchmarks/results/vs_ddp")
     parser.add_argument("--address", default="", help="Ray cluster to run on (default: a private local Ray)")
-    args, extra = parser.parse_known_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    add_overrides(parser)
+    args = parse_args(parser)            # config overrides too, e.g. --data.root=/shared/torchvision
+    ray_environment()
     preset = "tiny" if args.smoke else args.config
     epochs = 1 if args.smoke else args.epochs
-    from noprop_dist.cli import parse_overrides   # e.g. --data.root=/shared/torchvision
-
     cfg = config.resolve(preset, {"train.epochs": epochs, "train.threads": 1, "cluster.threads_per_worker": 1,
-                                  "cluster.address": args.address, **parse_overrides(extra)})
+                                  "cluster.address": args.address, **args.overrides})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from noprop_dist.run.lifecycle import load_data
+    from noprop_dist.data import load_dataset
     from noprop_dist.trainers.ray.cluster import connect
 
-    data = load_data(cfg)
+    data = load_dataset(cfg.data)
     torch.set_num_threads(1)
     print(f"[vs_ddp] profiling bare step loops ({preset}, batch {cfg.train.batch_size})", flush=True)
     profile = profile_steps(cfg, data, [cfg.train.batch_size, cfg.train.batch_size // 2], args.profile_steps)
@@ -494,7 +459,6 @@ def main() -> int:
         },
         "runs": records,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown_table(records)
     lean_text = (f"\nUnit loop in this process: {lean['unit_seconds']:.3f} s per block-epoch; bare step loop "
                  f"{lean['bare_seconds']:.3f} s; ratio {lean['ratio']:.3f}\n")
@@ -506,7 +470,7 @@ def main() -> int:
         lean_text += (f"\nMachine ceiling: the bare block loop alone {ceiling['alone_seconds']:.3f} s; "
                  f"{ceiling['processes']} at once (no Ray) {max(ceiling['concurrent_seconds']):.3f} s: "
                  f"parallel efficiency {ceiling['efficiency']:.2f}\n")
-    (out / "results.md").write_text(f"# NoProp-DT vs DDP backprop ({results['date']}, {preset})\n\n{table}{lean_text}")
+    write_results(out, results, f"# NoProp-DT vs DDP backprop ({results['date']}, {preset})\n\n{table}{lean_text}")
     plot(records, out)
     print(table + lean_text)
     try:

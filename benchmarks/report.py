@@ -10,23 +10,20 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from noprop_dist.run.rundir import RunDir  # noqa: E402
+from common import FinishedRun, read_run
+from noprop_dist.errors import NoPropError
 
 
 def report(run_dir: str) -> dict:
-    run = RunDir(run_dir)
-    summary = json.loads((run.path / "summary.json").read_text())
+    run = read_run(run_dir)
+    summary = run.summary
     per_unit: dict[str, list[float]] = {}
-    for rec in run.read_metrics():
-        if rec.get("event") == "unit_epoch":
-            per_unit.setdefault(rec["unit"], []).append(rec["seconds"])
+    for rec in run.events("unit_epoch"):
+        per_unit.setdefault(rec["unit"], []).append(rec["seconds"])
     blocks = {u: statistics.mean(s) for u, s in per_unit.items() if u != "head"}
     return {
-        **worker_busy(run, summary),
+        **worker_busy(run),
         "variant": summary.get("variant", "dt"), "intervals": summary.get("intervals"), "steps": summary.get("steps"),
         "dataset": summary["dataset"], "block": summary["block"], "T": summary["T"],
         "epochs": summary["epochs"], "backend": summary["backend"], "workers": summary["workers"],
@@ -45,13 +42,13 @@ def report(run_dir: str) -> dict:
     }
 
 
-def worker_busy(run: RunDir, summary: dict) -> dict:
+def worker_busy(run: FinishedRun) -> dict:
     """How busy each Ray block worker was: the sum of its unit-epochs' seconds against the
     training phase, and the gaps between one unit-epoch's end and the next one's start (both
     from the metrics' wall-clock times), over this session's records."""
     by_worker: dict[int, list[dict]] = {}
-    for rec in run.read_metrics():
-        if rec.get("event") == "unit_epoch" and rec.get("worker") and rec.get("unit") != "head":
+    for rec in run.events("unit_epoch"):
+        if rec.get("worker") and rec.get("unit") != "head":
             by_worker.setdefault(rec["worker"], []).append(rec)
     if not by_worker:
         return {"worker_busy_seconds": {}, "worker_gap_seconds_max": None}
@@ -69,7 +66,10 @@ def main() -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    r = report(args.run_dir)
+    try:
+        r = report(args.run_dir)
+    except NoPropError as exc:
+        parser.error(str(exc))
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

@@ -7,8 +7,9 @@ time from launch to the first training step, and the share of the training phase
 coordinator spent sampling and dispatching targets.
 
     python benchmarks/scaling.py                      # demo data, T=10, 1 vs 2 workers
-    python benchmarks/scaling.py --smoke-test         # seconds: tiny preset
+    python benchmarks/scaling.py --smoke              # seconds: tiny preset (--smoke-test: the same)
     python benchmarks/scaling.py --workers 1 2 4 --epochs 2 --ship-targets tensors
+    python benchmarks/scaling.py --epochs 1 --workers 2 --override model.dropout=0.2
 
 Writes benchmarks/results/scaling.json (or --out).
 """
@@ -16,16 +17,12 @@ Writes benchmarks/results/scaling.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from noprop_dist import config  # noqa: E402
+from common import add_overrides, add_smoke, parse_args, ray_environment, train, write_json
+from noprop_dist import config
 
 
 def main() -> int:
@@ -36,16 +33,14 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--ship-targets", default="recipe", choices=["recipe", "tensors"])
     parser.add_argument("--address", default="", help="Ray cluster to use (default: a private local Ray)")
-    parser.add_argument("--smoke-test", action="store_true", help="tiny preset, for CI")
-    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. model.dropout=0.2 (the demo preset's value before issue 10)")
+    add_smoke(parser, "tiny preset, for CI")
+    add_overrides(parser)
     parser.add_argument("--out", default="benchmarks/results/scaling.json")
-    args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    preset = "tiny" if args.smoke_test else args.config
+    args = parse_args(parser)
+    ray_environment()
+    preset = "tiny" if args.smoke else args.config
 
-    from noprop_dist.trainers.ray.coordinator import connect
-    from noprop_dist.trainers.ray.coordinator import train_ray
+    from noprop_dist.trainers.ray.cluster import connect
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="noprop-scaling-") as tmp:
@@ -53,13 +48,12 @@ def main() -> int:
             cfg = config.resolve(preset, {
                 "cluster.backend": "ray", "cluster.workers": workers, "cluster.address": args.address,
                 "cluster.threads_per_worker": args.threads_per_worker, "cluster.ship_targets": args.ship_targets,
-                "train.epochs": args.epochs, **dict(kv.split("=", 1) for kv in args.override)})
-            connect(cfg.cluster)
-            start = time.perf_counter()
-            summary = train_ray(cfg, Path(tmp) / f"w{workers}", show_progress=False)
+                "train.epochs": args.epochs, **args.overrides})
+            connect(cfg.cluster)        # Ray's start-up stays out of the wall time
+            summary, wall = train(cfg, Path(tmp) / f"w{workers}")
             rows.append({"workers": workers, "threads_per_worker": args.threads_per_worker,
                          "train_seconds": summary["train_seconds"],
-                         "wall_seconds": time.perf_counter() - start,
+                         "wall_seconds": wall,
                          "launch_to_first_step_s": summary["launch_to_first_step_s"],
                          "dispatch_share": summary["dispatch_share"],
                          "target_share": summary["target_share"],
@@ -74,9 +68,7 @@ def main() -> int:
         print(f"{row['workers']:>7} {row['train_seconds']:>8.1f} {row['speedup_vs_first']:>8.2f} "
               f"{row['launch_to_first_step_s']:>14.1f} {100 * row['dispatch_share']:>10.3f} "
               f"{100 * row['target_share']:>9.3f} {row['test_accuracy']:>6.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"preset": preset, "epochs": args.epochs, "rows": rows}, indent=2))
+    write_json(args.out, {"preset": preset, "epochs": args.epochs, "rows": rows})
     return 0
 
 

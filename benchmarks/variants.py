@@ -28,10 +28,8 @@ shared machine is meaningless: run it alone (2 cores here: one setting at a time
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -39,11 +37,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from common import add_smoke, fmt, md_table, read_json, read_run, ray_environment, run_or_reuse, write_results
+from noprop_dist import config
+from noprop_dist.cli import parse_overrides
 
-COMMON = ["--model.dropout=0", "--no-progress"]
+COMMON = ["--model.dropout=0"]
 SETTINGS: dict[str, list[str]] = {
     "dt": ["--config", "demo"],
     "ct_time_K1": ["--config", "demo_ct", "--variant=ct", "--continuous.intervals=1", "--cluster.backend=ray", "--cluster.workers=1"],
@@ -55,35 +55,35 @@ SETTINGS: dict[str, list[str]] = {
     "fm_ddp_1": ["--config", "demo_fm", "--variant=fm", "--continuous.intervals=1", "--cluster.backend=ddp", "--cluster.workers=1"],
     "fm_ddp_2": ["--config", "demo_fm", "--variant=fm", "--continuous.intervals=1", "--cluster.backend=ddp", "--cluster.workers=2"],
 }
-SMOKE = {"--config": "tiny"}
 
 
-def cli() -> list[str]:
-    return [sys.executable, "-m", "noprop_dist.cli"]
-
-
-def train(args: list[str], run_dir: Path, epochs: int, smoke: bool) -> dict[str, Any]:
-    """One ``noprop-dist train`` run; returns its summary.json. A finished run of the same
-    epochs in ``run_dir`` is read, not retrained; an unfinished one (this script's own) is
-    started again."""
-    if (run_dir / "summary.json").exists():
-        done = json.loads((run_dir / "summary.json").read_text())
-        if done.get("epochs") == epochs:
-            return done
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    argv = list(args)
+def command(name: str, epochs: int, smoke: bool) -> tuple[list[str], config.Config]:
+    """The ``noprop-dist train`` arguments of a setting and the config they resolve to (through
+    the command's own parser of overrides)."""
+    argv = [*SETTINGS[name], *COMMON, f"--train.epochs={epochs}"]
     if smoke:
         argv[argv.index("--config") + 1] = "tiny"
         argv += ["--continuous.steps=8"]
-    cmd = cli() + ["train", *argv, *COMMON, f"--train.epochs={epochs}", "--run-dir", str(run_dir)]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    summary["wall_seconds"] = time.perf_counter() - start
-    return summary
+    at = argv.index("--config")
+    return argv, config.resolve(argv[at + 1], parse_overrides(argv[:at] + argv[at + 2:]))
+
+
+def train(name: str, run_dir: Path, epochs: int, smoke: bool) -> dict[str, Any]:
+    """One ``noprop-dist train`` run, in a subprocess; returns its summary.json (with the
+    subprocess's ``wall_seconds``). A finished run of the same config in ``run_dir`` is read,
+    not retrained (``wall_seconds`` None); anything else there is removed first."""
+    argv, cfg = command(name, epochs, smoke)
+
+    def in_subprocess(_cfg, path: Path, _resume: bool) -> tuple[dict[str, Any], float]:
+        cmd = [sys.executable, "-m", "noprop_dist.cli", "train", *argv, "--no-progress", "--run-dir", str(path)]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        return read_run(path).summary, time.perf_counter() - start
+
+    summary, wall = run_or_reuse(cfg, run_dir, replace=True, trainer=in_subprocess)
+    return {**summary, "wall_seconds": wall}
 
 
 def epoch_cost(summary: dict[str, Any]) -> float:
@@ -97,13 +97,12 @@ def epoch_cost(summary: dict[str, Any]) -> float:
 
 def steps_sweep(run_dir: Path, steps: list[int]) -> list[dict[str, Any]]:
     """Accuracy and seconds per 1,000 images of a CT/FM run at each number of steps."""
-    from noprop_dist.run.rundir import RunDir
+    from noprop_dist.data import load_dataset
     from noprop_dist.nets.time_conditioned import CTChain, evaluate_continuous
-    from noprop_dist.training.common import load_run_units
+    from noprop_dist.rundir import RunDir
+    from noprop_dist.variants.base import load_run_units
 
     setup, cfg, _, states, embedding = load_run_units(RunDir(run_dir))
-    from noprop_dist.data import load_dataset
-
     test = load_dataset(cfg.data).test
     rows = []
     for s in steps:
@@ -117,30 +116,22 @@ def steps_sweep(run_dir: Path, steps: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
-def fmt(value: Any, spec: str = ".3f") -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def write(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:
-    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    rows = [[name, fmt(r["probe_seconds"], ".1f"), r["epochs"],
+             f"{fmt(r['summary']['train_seconds'], '.1f')} ({fmt(r.get('epochs_seconds'), '.1f')})",
+             fmt(r["summary"]["test_accuracy"]), fmt(r["summary"].get("chain_accuracy_no_noise")),
+             r["summary"].get("workers", "")]
+            for name, r in results.items() if "summary" in r]
+    steps = [[name, row["steps"], fmt(row["accuracy"]), fmt(row.get("accuracy_no_noise")),
+              fmt(row["seconds_per_1000"], ".2f")]
+             for name, r in results.items() for row in r.get("steps", [])]
     lines = [f"# NoProp variants at {meta['budget']} s of training (MNIST subset)", "",
-             f"Machine: {meta['machine']}; command: `{meta['command']}`", "",
-             "| setting | epoch s (probe) | epochs | train s (epochs alone) | test accuracy | CT: no noise | workers |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        if "summary" not in r:
-            continue
-        s = r["summary"]
-        lines.append(f"| {name} | {fmt(r['probe_seconds'], '.1f')} | {r['epochs']} | {fmt(s['train_seconds'], '.1f')} "
-                     f"({fmt(r.get('epochs_seconds'), '.1f')}) | "
-                     f"{fmt(s['test_accuracy'])} | {fmt(s.get('chain_accuracy_no_noise'))} | {s.get('workers', '')} |")
-    lines += ["", "## Inference against integration steps (seconds per 1,000 test images)", "",
-              "| setting | steps | accuracy | CT: no noise | s / 1,000 images |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        for row in r.get("steps", []):
-            lines.append(f"| {name} | {row['steps']} | {fmt(row['accuracy'])} | "
-                         f"{fmt(row.get('accuracy_no_noise'))} | {fmt(row['seconds_per_1000'], '.2f')} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+             f"Machine: {meta['machine']}; command: `{meta['command']}`", ""]
+    lines += md_table(["setting", "epoch s (probe)", "epochs", "train s (epochs alone)", "test accuracy",
+                       "CT: no noise", "workers"], rows)
+    lines += ["", "## Inference against integration steps (seconds per 1,000 test images)", ""]
+    lines += md_table(["setting", "steps", "accuracy", "CT: no noise", "s / 1,000 images"], steps)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -149,22 +140,21 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=150.0, help="training seconds per setting")
     parser.add_argument("--only", nargs="+", choices=list(SETTINGS))
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--smoke", action="store_true", help="tiny preset, 1 epoch, 2 settings: seconds")
+    add_smoke(parser, "tiny preset, 1 epoch, 2 settings: seconds")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray_environment()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = args.only or (["fm_time_K1", "ct_time_K2"] if args.smoke else list(SETTINGS))
     steps = [2, 4] if args.smoke else args.steps
     meta = {"budget": args.budget, "command": " ".join(sys.argv), "threads": torch.get_num_threads(),
             "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, cuda={torch.cuda.is_available()}"}
-    previous = json.loads((out / "results.json").read_text())["results"] if (out / "results.json").exists() else {}
-    results: dict[str, Any] = dict(previous)
+    results: dict[str, Any] = dict(read_json(out / "results.json", {}).get("results", {}))
     for name in names:
-        probe = train(SETTINGS[name], out / "runs" / f"{name}-probe", 1, args.smoke) if not args.smoke else None
+        probe = train(name, out / "runs" / f"{name}-probe", 1, args.smoke) if not args.smoke else None
         epoch_seconds = epoch_cost(probe) if probe else 0.0
         epochs = 1 if args.smoke else max(1, math.floor(args.budget / epoch_seconds))
-        summary = train(SETTINGS[name], out / "runs" / name, epochs, args.smoke)
+        summary = train(name, out / "runs" / name, epochs, args.smoke)
         results[name] = {"args": SETTINGS[name], "probe_seconds": epoch_seconds, "epochs": epochs,
                          "summary": {k: summary.get(k) for k in (
                              "test_accuracy", "chain_accuracy_noise", "chain_accuracy_no_noise", "train_seconds",
@@ -172,7 +162,7 @@ def main() -> int:
                          "epochs_seconds": epoch_cost(summary) * epochs}
         if not name.startswith("dt"):
             results[name]["steps"] = steps_sweep(out / "runs" / name, steps)
-        write(out, results, meta)
+        write_results(out, {"meta": meta, "results": results}, markdown(results, meta))
         print(f"{name}: {epochs} epochs, {summary['train_seconds']:.1f} s, accuracy {summary['test_accuracy']:.3f}",
               flush=True)
     print(f"wrote {out / 'results.md'}")

@@ -22,7 +22,7 @@ from test_config_cli import one_error_line
 
 from noprop_dist import config as config_mod
 from noprop_dist.training import preflight
-from noprop_dist.run.rundir import RunDir
+from noprop_dist.rundir import RunDir
 from noprop_dist.cli import main
 from noprop_dist.config import from_dict, resolve, to_toml
 from noprop_dist.errors import ConfigError, NoPropError

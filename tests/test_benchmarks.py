@@ -1,7 +1,9 @@
-"""Smoke runs of every benchmark script (their --smoke-test mode), as a user runs them."""
+"""Smoke runs of every benchmark script (their --smoke mode, or its alias --smoke-test), as a
+user runs them; and the helpers they share (benchmarks/common.py)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -11,6 +13,54 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def common(monkeypatch):
+    """benchmarks/common.py, imported as a script beside it does."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import common
+
+    return common
+
+
+def test_common_options_smoke_alias_and_overrides(common):
+    parser = argparse.ArgumentParser()
+    common.add_smoke(parser, "tiny")
+    common.add_overrides(parser)
+    args = common.parse_args(parser, ["--smoke-test", "--override", "model.dropout=0.2", "--train.lr=3e-4"])
+    assert args.smoke and args.overrides == {"model.dropout": "0.2", "train.lr": "3e-4"}
+    assert not common.parse_args(parser, []).smoke
+    for bad in (["--override", "model.dropout"], ["--nonsense"]):
+        with pytest.raises(SystemExit):
+            common.parse_args(parser, bad)
+
+
+def test_common_formatting(common):
+    assert [common.fmt(v) for v in (None, float("nan"), 0.12345, 2, "x")] == ["-", "-", "0.123", "2.000", "x"]
+    assert common.fmt(0.25, "+.1%") == "+25.0%"
+    assert common.md_table(["a", "b"], [[1, "-"]]) == ["| a | b |", "|---|---|", "| 1 | - |"]
+
+
+def test_common_run_or_reuse_and_read_run(common, trained_run, tiny_cfg, tiny_config, run_copy, tmp_path):
+    """A finished run of the same config is read, not retrained; one of another config is
+    refused, or replaced when asked; read_run reads it through RunDir."""
+    def must_not_train(cfg, run_dir, resume):
+        raise AssertionError("trained again")
+
+    summary, wall = common.run_or_reuse(tiny_cfg, run_copy, trainer=must_not_train)
+    assert wall is None and summary == trained_run[1]
+    other = tiny_config({"train.lr": "3e-4"})
+    with pytest.raises(SystemExit):
+        common.run_or_reuse(other, run_copy, trainer=must_not_train)
+    calls = []
+    summary, wall = common.run_or_reuse(other, run_copy, replace=True,
+                                        trainer=lambda cfg, run_dir, resume: calls.append((cfg, resume)) or ({}, 1.0))
+    assert calls == [(other, False)] and not run_copy.exists() and wall == 1.0
+    run = common.read_run(trained_run[0])
+    assert run.summary == trained_run[1] and run.config == tiny_cfg and run.events("unit_epoch")
+    common.write_results(tmp_path / "out", {"a": 1}, "# a\n")
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == {"a": 1}
 
 
 def run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -36,7 +36,7 @@ def test_chain_gap_smoke(tmp_path):
         assert [p["epoch"] for p in r["curve"]] == [1]
         assert (out / "runs" / name / "summary.json").exists()
         a = r["analysis"]
-        # The script's own chain loop reproduces the package's evaluation of the same seed.
+        # The chain rebuilt from its checkpoints scores, through the package's evaluation, what the summary says.
         assert a["matches_summary"]
         assert len(a["eval_seeds"]["chain_accuracy_noise"]) == a["eval_seeds"]["k"] == 3
         for key in ("as_trained", "batch_statistics", "recomputed_q", "recomputed_chain"):

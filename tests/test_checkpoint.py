@@ -1,5 +1,5 @@
 """Tests of run directories, checkpoints, the summary and the export
-(noprop_dist.run.rundir, noprop_dist.run.results).
+(noprop_dist.rundir, noprop_dist.run.results).
 
 All tests share the session's trained tiny run; those that damage a run work on a copy.
 """
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from noprop_dist.run import rundir as checkpoint
-from noprop_dist.run.rundir import SCHEMA_VERSION, RunDir, atomic_write, sha256
+from noprop_dist import rundir as checkpoint
+from noprop_dist.rundir import SCHEMA_VERSION, RunDir, atomic_write, sha256
 from noprop_dist.cli import main
 from noprop_dist.config import from_dict, to_toml
 from noprop_dist.data import normalize
@@ -404,7 +404,7 @@ UNIT_FILE_CASES = {
 IN_CHILD = {"dev_zero", "link_dev_zero", "fifo"}
 CHILD = """
 import resource, sys
-from noprop_dist.run.rundir import RunDir
+from noprop_dist.rundir import RunDir
 from noprop_dist.errors import CheckpointError
 resource.setrlimit(resource.RLIMIT_DATA, (2**31, resource.RLIM_INFINITY))
 try:

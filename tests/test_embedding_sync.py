@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noprop_dist.run.rundir import RunDir
+from noprop_dist.rundir import RunDir
 from noprop_dist.config import TrainConfig
 from noprop_dist.training.embedding_sync import EmbeddingOwner, per_step
 from noprop_dist.trainers.local import train_local
-from noprop_dist.variants.dt import HEAD, block
+from noprop_dist.variants.base import HEAD
+from noprop_dist.variants.dt import block
 from noprop_dist.variants.base import make_setup
 from noprop_dist.training.runner import UnitRunner
 

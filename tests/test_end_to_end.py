@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from noprop_dist.run.rundir import RunDir
+from noprop_dist.rundir import RunDir
 from noprop_dist.cli import main
 from noprop_dist.data import ArraySplit
 from noprop_dist.trainers.local import train_local

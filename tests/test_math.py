@@ -22,7 +22,8 @@ from noprop_dist.core import schedule
 from noprop_dist.data import load_dataset
 from noprop_dist.nets.chain import NoPropChain
 from noprop_dist.nets.blocks import class_medoids, denoised_embedding, initial_embedding
-from noprop_dist.variants.dt import HEAD, block
+from noprop_dist.variants.base import HEAD
+from noprop_dist.variants.dt import block
 from noprop_dist.variants.base import make_setup
 from noprop_dist.training.runner import UnitRunner
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from noprop_dist import config  # noqa: E402
-from noprop_dist.run.rundir import RunDir  # noqa: E402
+from noprop_dist.rundir import RunDir  # noqa: E402
 from noprop_dist.trainers.ray.coordinator import train_ray  # noqa: E402
 from noprop_dist.trainers.local import train_local  # noqa: E402
 

@@ -7,18 +7,20 @@ is a pure function of (seed, unit, epoch), and a checkpointed unit resumes bit-e
 from __future__ import annotations
 
 import dataclasses
+import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from noprop_dist.core import schedule
-from noprop_dist.run.rundir import tensors_from_bytes, tensors_to_bytes
+from noprop_dist.rundir import tensors_from_bytes, tensors_to_bytes
 from noprop_dist.config import apply_overrides, validate
 from noprop_dist.data import load_dataset, normalize
-from noprop_dist.nets.blocks import BLOCK_SIZES, DTBlock, denoised_embedding
-from noprop_dist.variants.dt import HEAD, block
+from noprop_dist.nets.blocks import BLOCK_SIZES, DTBlock
+from noprop_dist.variants.base import HEAD
+from noprop_dist.variants.dt import DTObjective, block
 from noprop_dist.variants.base import DROPOUT, average_embeddings, derive_seed, epoch_order, make_setup
 from noprop_dist.training.runner import UnitRunner, train_unit
 
@@ -57,15 +59,13 @@ def states_differ(a: dict, b: dict) -> bool:
 
 
 def block_loss(runner: UnitRunner, idx: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Block t's weighted L2 loss on the examples ``idx``, written out as in _block_epoch (Eq. 8)."""
+    """Block t's loss on the examples ``idx``: the DT variant's own ``batch_loss`` on the batch
+    run_epoch builds (normalised images, labels, the epoch noise's rows). Its value is checked
+    against Eq. 8 worked out by hand in test_dt_block_loss_is_eq8_by_hand."""
     train, setup = runner.train, runner.setup
     x = normalize(np.asarray(train.x[idx.numpy()]), setup.mean, setup.std)       # (B, C, H, W)
     y = torch.from_numpy(np.asarray(train.y)[idx.numpy()])                        # (B,)
-    u_y = runner.embedding[y]                                                     # (B, d)
-    z_prev = schedule.sample_marginal(u_y, setup.alpha_bar[runner.unit.index - 1], noise[idx])  # (B, d)
-    u_hat = denoised_embedding(runner.module(z_prev, x), runner.embedding)       # (B, d)
-    weight = schedule.dt_loss_weights(np.array(setup.alpha_bar), setup.train.eta)[runner.unit.index]
-    return weight * ((u_hat - u_y) ** 2).sum(-1).mean()
+    return DTObjective().batch_loss(runner, x, y, noise[idx])
 
 
 def graph_leaves(loss: torch.Tensor) -> set[int]:
@@ -85,8 +85,9 @@ def graph_leaves(loss: torch.Tensor) -> set[int]:
 # ------------------------------------------------------------------ locality of the gradient
 
 def test_block_loss_reproduction_is_the_training_step(small):
-    """block_loss (below) is exactly the loss run_epoch descends: one full-batch step by hand
-    equals one epoch of run_epoch. This makes the gradient-locality test meaningful."""
+    """block_loss (above: DTObjective.batch_loss on a batch built by hand) is exactly the loss
+    run_epoch descends: one full-batch step by hand equals one epoch of run_epoch. This makes
+    the gradient-locality tests meaningful."""
     _, data, setup0 = small
     setup = dataclasses.replace(setup0, train=dataclasses.replace(setup0.train, batch_size=LIMIT))
     by_hand, reference = UnitRunner(block(2), setup, data.train), UnitRunner(block(2), setup, data.train)
@@ -169,6 +170,119 @@ def test_prototype_embedding_is_a_training_image_of_each_class(small):
         others = images[torch.from_numpy(data.train.y != k)]
         assert (own == setup.embedding[k]).all(1).any(), f"class {k}"
         assert not (others == setup.embedding[k]).all(1).any(), f"class {k}"
+
+
+# ------------------------------------------------------------------ the loss, worked out by hand (Eq. 8)
+
+class Recorder(nn.Module):
+    """A stand-in unit module: records its inputs and returns the given logits."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits, self.calls = logits, []
+
+    def forward(self, *inputs):
+        self.calls.append(inputs)
+        return self.logits
+
+
+def fake_runner(setup, unit, logits, embedding):
+    """What ``batch_loss`` reads from a runner: its setup, unit, module and W_embed copy."""
+    return SimpleNamespace(setup=setup, unit=unit, module=Recorder(logits), embedding=embedding)
+
+
+def softmax64(row) -> list[float]:
+    exps = [math.exp(v) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def test_dt_block_loss_is_eq8_by_hand(small):
+    """Block t's loss, worked out from Eq. 8 in float64 plain Python: the block sees
+    z_{t-1} = sqrt(ab_{t-1}) u_y + sqrt(1 - ab_{t-1}) eps (and the images unchanged), and the
+    loss is (T/2) eta (SNR(t) - SNR(t-1)) * mean_b ||softmax(logits_b) W_embed - u_y||^2,
+    with SNR(s) = ab_s / (1 - ab_s). A general W_embed (m x d, d != m) and logits."""
+    _, _, setup = small
+    gen = torch.Generator().manual_seed(7)
+    m, d, t = setup.num_classes, 3, 2
+    W = torch.randn(m, d, generator=gen)
+    logits = torch.randn(4, m, generator=gen) * 2
+    eps = torch.randn(4, d, generator=gen)
+    y = torch.tensor([3, 0, 9, 3])
+    x = torch.randn(4, *setup.input_shape, generator=gen)
+    runner = fake_runner(setup, block(t), logits, W)
+    loss = DTObjective().batch_loss(runner, x, y, eps)
+
+    ab, T, eta = setup.alpha_bar, setup.T, setup.train.eta
+    weight = T / 2 * eta * (ab[t] / (1 - ab[t]) - ab[t - 1] / (1 - ab[t - 1]))
+    Wl, el, ll = W.double().tolist(), eps.double().tolist(), logits.double().tolist()
+    per_example = []
+    for b, label in enumerate(y.tolist()):
+        p = softmax64(ll[b])
+        u_hat = [sum(p[k] * Wl[k][j] for k in range(m)) for j in range(d)]
+        per_example.append(sum((u_hat[j] - Wl[label][j]) ** 2 for j in range(d)))
+    expected = weight * sum(per_example) / len(per_example)
+    assert weight > 0 and expected > 0
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+    (z_seen, x_seen), = runner.module.calls
+    z_expected = [[math.sqrt(ab[t - 1]) * Wl[label][j] + math.sqrt(1 - ab[t - 1]) * el[b][j] for j in range(d)]
+                  for b, label in enumerate(y.tolist())]
+    torch.testing.assert_close(z_seen.double(), torch.tensor(z_expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    assert x_seen is x
+
+
+def test_dt_block_loss_identities(small):
+    """Two closed forms of block t's loss with the one-hot embedding: logits sure of the true
+    class give u_hat = u_y (loss 0); uniform logits give u_hat = (1/m, ..., 1/m), so
+    ||u_hat - e_y||^2 = (1 - 1/m)^2 + (m - 1)/m^2 = (m - 1)/m for every example."""
+    _, _, setup = small
+    m, T, eta = setup.num_classes, setup.T, setup.train.eta
+    W = torch.eye(m)
+    y = torch.tensor([1, 4, 4, 8, 0])
+    eps = torch.randn(len(y), m, generator=torch.Generator().manual_seed(1))
+    x = torch.zeros(len(y), *setup.input_shape)
+    for t in range(1, T + 1):
+        ab = setup.alpha_bar
+        weight = T / 2 * eta * (ab[t] / (1 - ab[t]) - ab[t - 1] / (1 - ab[t - 1]))
+        sure = torch.nn.functional.one_hot(y, m).float() * 60.0
+        assert float(DTObjective().batch_loss(fake_runner(setup, block(t), sure, W), x, y, eps)) <= 1e-12
+        uniform = torch.full((len(y), m), 0.3)
+        got = float(DTObjective().batch_loss(fake_runner(setup, block(t), uniform, W), x, y, eps))
+        assert got == pytest.approx(weight * (m - 1) / m, rel=1e-6), t
+
+
+@pytest.mark.parametrize("embedding", ["one_hot", "learned"])
+def test_dt_head_loss_is_eq8_by_hand(small, embedding):
+    """The head's loss, from Eq. 8 in float64 plain Python: the head sees only
+    z_T = sqrt(ab_T) u_y + sqrt(1 - ab_T) eps (no image) and its loss is the cross-entropy
+    -logit_y + log sum_k exp(logit_k), plus, for a learned W_embed only,
+    KL(N(sqrt(ab_0) u_y, (1 - ab_0) I) || N(0, I)) = 0.5 sum_j (ab_0 u_j^2 + (1 - ab_0) - 1 - log(1 - ab_0))."""
+    setup = small[2] if embedding == "one_hot" else setup_for(small, **{"model.embedding": embedding})
+    assert setup.learnable_embedding == (embedding == "learned")
+    gen = torch.Generator().manual_seed(11)
+    m, d = setup.num_classes, 6
+    W = torch.randn(m, d, generator=gen)
+    logits = torch.randn(5, m, generator=gen) * 3
+    eps = torch.randn(5, d, generator=gen)
+    y = torch.tensor([2, 2, 7, 0, 5])
+    runner = fake_runner(setup, HEAD, logits, W)
+    loss = DTObjective().batch_loss(runner, None, y, eps)
+
+    ab, Wl, ll = setup.alpha_bar, W.double().tolist(), logits.double().tolist()
+    ce = [-ll[b][label] + math.log(sum(math.exp(v) for v in ll[b])) for b, label in enumerate(y.tolist())]
+    expected = sum(ce) / len(ce)
+    if embedding == "learned":
+        kl = [0.5 * sum(ab[0] * Wl[label][j] ** 2 + (1 - ab[0]) - 1 - math.log(1 - ab[0]) for j in range(d))
+              for label in y.tolist()]
+        assert min(kl) > 0
+        expected += sum(kl) / len(kl)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+    (z_seen,), = runner.module.calls
+    el = eps.double().tolist()
+    z_expected = [[math.sqrt(ab[-1]) * Wl[label][j] + math.sqrt(1 - ab[-1]) * el[b][j] for j in range(d)]
+                  for b, label in enumerate(y.tolist())]
+    torch.testing.assert_close(z_seen.double(), torch.tensor(z_expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------ learning
@@ -320,13 +434,11 @@ def test_paper_block_matches_figure_6():
 
 @pytest.mark.parametrize("n, world", [(64, 2), (63, 2), (10, 3), (5, 4)])
 def test_data_parallel_shards_partition_each_global_batch(n, world):
-    """units.shard (one definition, also the backprop trainer's): contiguous shares, in rank
-    order, sizes differing by at most one."""
-    from noprop_dist.variants import backprop
-    from noprop_dist.training import runner as units
+    """data_parallel.shard (the one definition every data-parallel unit uses): contiguous
+    shares, in rank order, sizes differing by at most one."""
+    from noprop_dist.training.data_parallel import shard
 
-    assert backprop.shard is units.shard and backprop.RANK_STREAM_STRIDE == units.RANK_STREAM_STRIDE
     idx = torch.randperm(n)
-    parts = [units.shard(idx, r, world) for r in range(world)]
+    parts = [shard(idx, r, world) for r in range(world)]
     assert torch.equal(torch.cat(parts), idx)
     assert max(map(len, parts)) - min(map(len, parts)) <= 1

@@ -14,7 +14,7 @@ import torch
 
 from noprop_dist.data import ArraySplit, load_dataset, validate_split
 from noprop_dist.errors import CheckpointError, ConfigError
-from noprop_dist.rundir import RunDir, load_run_config  # noqa: F401  (load_run_config: its old home)
+from noprop_dist.rundir import RunDir
 from noprop_dist.variants.registry import get_variant
 
 

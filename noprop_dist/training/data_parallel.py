@@ -107,6 +107,7 @@ class Parallel(Serial):
         self.min_batch = max(2, world)       # every rank needs an example
         self.dropout_stream = DROPOUT + RANK_STREAM_STRIDE * rank
         self.counter = ByteCounter()
+        self.loss_bytes = self.loss_calls = 0
         batchnorms = [m for m in runner.module.modules() if isinstance(m, nn.BatchNorm1d)]
         broadcast = bool(batchnorms) and not sync_batchnorm
         if sync_batchnorm:
@@ -137,10 +138,11 @@ class Parallel(Serial):
         """Each rank holds its share's part of every step's global-batch mean: the sum over
         ranks is that mean, the same on every rank (so all ranks stop at the same epoch)."""
         dist.all_reduce(per_step)
-        self.counter.count(per_step)
+        self.loss_bytes += per_step.numel() * per_step.element_size()
+        self.loss_calls += 1
 
     def begin_epoch(self) -> None:
-        self.counter.bytes = self.counter.calls = 0
+        self.counter.bytes = self.counter.calls = self.loss_bytes = self.loss_calls = 0
         GlobalBatchNorm1d.payload_bytes = GlobalBatchNorm1d.calls = 0
 
     def epoch_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -151,11 +153,14 @@ class Parallel(Serial):
                              dtype=torch.float64, device=device)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         seconds, peak, rss = worst.cpu().tolist()
-        bn_bytes = GlobalBatchNorm1d.payload_bytes
+        grad, bn, losses = self.counter.bytes, GlobalBatchNorm1d.payload_bytes, self.loss_bytes
+        # Per worker and epoch: gradients (DDP's buckets, W_embed by hand, buffers DDP broadcasts),
+        # global BatchNorm's statistics, the epoch's losses; and all of it.
         return {**metrics, "seconds": seconds, "samples_per_s": metrics["samples_per_s"] * metrics["seconds"] / seconds,
                 "peak_memory_bytes": int(peak), "rss_bytes": int(rss), "workers": self.world,
-                "allreduce_bytes": self.counter.bytes + bn_bytes, "allreduce_grad_bytes": self.counter.bytes,
-                "allreduce_batchnorm_bytes": bn_bytes, "allreduce_calls": self.counter.calls + GlobalBatchNorm1d.calls}
+                "allreduce_bytes": grad + bn + losses, "allreduce_grad_bytes_per_worker": grad,
+                "allreduce_batchnorm_bytes_per_worker": bn, "allreduce_loss_bytes_per_worker": losses,
+                "allreduce_calls_per_worker": self.counter.calls + GlobalBatchNorm1d.calls + self.loss_calls}
 
 
 class UnitLoss(nn.Module):
