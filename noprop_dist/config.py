@@ -138,7 +138,7 @@ class ClusterConfig:
     address: str = ""
     """Ray address: empty = start a private local Ray; 'auto' or host:port = join that cluster."""
     workers: int = 0
-    """ray: block workers running at once (0 = one per block; fewer: blocks queue). ddp: DDP workers (0 = as many as fit)."""
+    """ray: unit workers (0 = one per unit, or as many as fit; fewer than units: units share workers and a unit is split into replicas where that evens the load; more: units get replica groups). ddp: DDP workers (0 = as many as fit)."""
     threads_per_worker: int = 1
     """CPU threads (and Ray CPUs) per worker."""
     gpus_per_worker: float = -1.0

@@ -28,6 +28,7 @@ from noprop_dist.trainers.ray.placement import plan_layout  # noqa: E402
 from noprop_dist.variants.dt import block  # noqa: E402
 from noprop_dist.errors import ClusterError  # noqa: E402
 from noprop_dist.trainers.local import train_local  # noqa: E402
+from noprop_dist.data import load_dataset  # noqa: E402
 from noprop_dist.nets.blocks import initial_embedding  # noqa: E402
 from noprop_dist.variants.base import EMBED_SEED_UNIT, INIT, derive_seed  # noqa: E402
 
@@ -498,3 +499,48 @@ def train_ddp_noprop(cfg, run_dir, show_progress=False):
     from noprop_dist.trainers.ddp import train_ddp
 
     return train_ddp(cfg, run_dir, show_progress=show_progress)
+
+
+# ---- block replicas (issue 16) ---------------------------------------------------------------
+def test_more_workers_than_blocks_give_each_block_a_replica_group(ray_session, cache, tmp_path):
+    """T = 4 on 8 logical workers: every block trains as a group of 2 replicas on disjoint shares
+    of each batch, all-reducing its gradients inside the group only; it learns what 4 workers
+    learn (the same seed; Adam turns in-group rounding into small differences); the bytes each
+    replica all-reduces are its gradients once per step, and nothing else crosses between groups."""
+    over = {"train.epochs": 3, "model.dropout": 0, "cluster.gpus_per_worker": 0}
+    replicated = train_ray(tiny(cache, **over, **{"cluster.workers": 8}), tmp_path / "r8", show_progress=False)
+    plain = train_ray(tiny(cache, **over, **{"cluster.workers": 4}), tmp_path / "r4", show_progress=False)
+    assert replicated["workers"] == 8 and len(replicated["plan"]) == 8
+    assert all("(1/2)" in line or "(2/2)" in line for line in replicated["plan"])
+    assert replicated["test_accuracy"] == pytest.approx(plain["test_accuracy"], abs=0.05)
+    data = load_dataset(tiny(cache).data)
+    steps = -(-len(data.train) // tiny(cache).train.batch_size)
+    tensors = unit_tensors(tmp_path / "r8")["block_01"]
+    param_bytes = sum(v.numel() * 4 for k, v in tensors.items() if k.startswith("model/") and "running" not in k
+                      and "num_batches" not in k)
+    epochs = [r for r in RunDir(tmp_path / "r8").read_metrics() if r.get("event") == "unit_epoch"
+              and r["unit"].startswith("block")]
+    assert epochs and all(e["workers"] == 2 and e["allreduce_grad_bytes_per_worker"] == steps * param_bytes
+                          for e in epochs)
+    assert replicated["bytes_checkpoint_to_workers"] == 0   # the coordinator sent recipes, not tensors
+
+
+def test_uneven_blocks_split_one_block_and_a_killed_replica_restarts_only_its_group(ray_session, cache, tmp_path):
+    """T = 4 on 3 workers: three blocks whole and the fourth split into 3 replicas (loads 4/3
+    each, not 2 on one worker as round-robin). SIGKILL a replica: its group restarts from the
+    checkpoint and the run ends with the weights of the same layout uninterrupted."""
+    cfg = tiny(cache, **{"train.epochs": 6, "model.dropout": 0, "cluster.workers": 3, "cluster.gpus_per_worker": 0})
+    run_dir = tmp_path / "killed"
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train_ray(cfg, run_dir, show_progress=False)))
+    thread.start()
+    pid = _pid_of(run_dir, "block_04")
+    _wait_for(lambda: ("block_04", 1) in (unit_epochs(run_dir) if (run_dir / "metrics.jsonl").exists() else []))
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert result, "the run did not complete after the kill"
+    assert len(result["plan"]) == 3 and all(f"block_04 ({k}/3)" in line for k, line in zip((1, 2, 3), result["plan"]))
+    assert all(line.endswith("load 1.33") for line in result["plan"])
+    assert len(result["restarts"]) == 1 and "block_04" in result["restarts"][0]["worker"]
+    train_ray(cfg, tmp_path / "clean", show_progress=False)
+    assert max_weight_diff(run_dir, tmp_path / "clean") <= 1e-5

@@ -26,6 +26,8 @@ stops with one line; every checkpoint stays on disk and ``--resume`` continues.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +44,7 @@ from noprop_dist.errors import ClusterError, TrainingDiverged
 from noprop_dist.run.lifecycle import Placement, RunTrainer, batch_share, train_run
 from noprop_dist.rundir import RunDir
 from noprop_dist.trainers.ray.cluster import connect, first_line
-from noprop_dist.trainers.ray.placement import Layout, Traffic, plan_layout, serialized_bytes, worker_name
+from noprop_dist.trainers.ray.placement import Layout, ReplicaPlan, Traffic, plan_layout, serialized_bytes, worker_name
 from noprop_dist.trainers.ray.progress import Progress
 from noprop_dist.trainers.ray.syncs import SyncBook
 from noprop_dist.trainers.ray.worker import UnitWorker
@@ -58,18 +60,30 @@ RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErr
 @dataclass
 class UnitTrack:
     unit: UnitSpec
-    worker: int                     # index into Coordinator.workers
+    workers: list[int] = field(default_factory=list)   # its replica group: worker per replica index
     epochs_done: int = 0
-    inflight: Any = None            # ObjectRef of the running epoch
+    inflight: dict = field(default_factory=dict)       # replica index -> ObjectRef of the running epoch
+    results: dict = field(default_factory=dict)        # replica index -> its result of that epoch
+    attempt: int = 0                                   # (re)starts of its replica group
+
+    @property
+    def running(self) -> bool:
+        return bool(self.inflight) or bool(self.results)
 
 
 @dataclass
 class WorkerSlot:
     units: list[UnitSpec]
     bundle: int | None              # placement-group bundle index (None: the head, no bundle)
+    replicas: list[tuple[int, int]] = field(default_factory=list)   # (index, replicas) per unit
     handle: Any = None
-    restarts: int = 0
+    restarts: int = 0               # deaths of this worker (counted against cluster.max_restarts)
+    spawns: int = 0                 # starts, its own or with a restarted group (names the actor)
     info: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return "+".join(u.name if n == 1 else f"{u.name}[{i + 1}of{n}]" for u, (i, n) in zip(self.units, self.replicas))
 
 
 @dataclass
@@ -102,10 +116,20 @@ class Coordinator:
         self.data_bytes = int(data.train.x.nbytes + data.train.y.nbytes)
         self.data_put_seconds = time.perf_counter() - put_start
         heads = [u for u in setup.units if u.role == "head"]
-        self.workers = [WorkerSlot(units=g, bundle=i) for i, g in enumerate(layout.groups)]
-        self.workers += [WorkerSlot(units=heads, bundle=None)] if heads else []
-        self.tracks = {u.name: UnitTrack(unit=u, worker=w) for w, slot in enumerate(self.workers) for u in slot.units}
+        self.workers = [WorkerSlot(units=g, bundle=i, replicas=[(r.index, r.replicas) for r in layout.replicas[i]])
+                        for i, g in enumerate(layout.groups)]
+        self.workers += [WorkerSlot(units=heads, bundle=None, replicas=[(0, 1)] * len(heads))] if heads else []
+        self.tracks = {u.name: UnitTrack(unit=u) for u in setup.units}
+        for w, slot in enumerate(self.workers):
+            for unit, (index, n) in zip(slot.units, slot.replicas):
+                workers = self.tracks[unit.name].workers
+                workers.extend([None] * (n - len(workers)))
+                workers[index] = w
         self.run_tag = f"{run.path.resolve().name}-{os.getpid()}"
+        # Replica groups meet through files: a private Ray's workers share this machine's /tmp;
+        # on a cluster the run directory must be on storage every node sees (as for DDP).
+        self.group_dir = (tempfile.mkdtemp(prefix="noprop-groups-") if not cfg.cluster.address
+                          else str(run.path.resolve() / ".replica_groups"))
         self.pg = None
 
     # ---- workers -----------------------------------------------------------------------
@@ -129,7 +153,7 @@ class Coordinator:
         """(Re)start worker ``w`` and load each of its units from its last checkpoint; returns
         the pending calls (:meth:`_await_spawn` collects them)."""
         slot = self.workers[w]
-        options: dict[str, Any] = {"name": worker_name(self.run_tag, slot.units, slot.restarts),
+        options: dict[str, Any] = {"name": worker_name(self.run_tag, slot.label, slot.spawns),
                                    "max_restarts": 0, "max_concurrency": 1}
         if slot.bundle is None:
             options.update(num_cpus=0, num_gpus=0)   # the head: a linear layer on d-dim vectors
@@ -138,17 +162,23 @@ class Coordinator:
                            scheduling_strategy=PlacementGroupSchedulingStrategy(
                                placement_group=self.pg, placement_group_bundle_index=slot.bundle))
         threads = 1 if slot.bundle is None else self.layout.cpus
+        slot.spawns += 1
         slot.handle = UnitWorker.options(**options).remote(self.setup, *self.train_refs, threads, self.progress.queue)
         manifest_units = self.run.manifest()["units"]
         starts = []
-        for unit in slot.units:
+        for unit, (index, n) in zip(slot.units, slot.replicas):
             state = None
             if unit.name in manifest_units:
                 state = self.run.load_unit(unit.name)
                 self.traffic.add(0, "checkpoint_to_workers", serialized_bytes(state))
                 self.syncs.learn_from_checkpoint(state)
-            starts.append(slot.handle.start_unit.remote(unit, state))
-            self.tracks[unit.name].inflight = None
+            track = self.tracks[unit.name]
+            replica = None
+            if n > 1:
+                store = os.path.join(self.group_dir, f"{self.run_tag}-{unit.name}-{track.attempt}")
+                replica = (index, n, store, not self.cfg.cluster.address)
+            starts.append(slot.handle.start_unit.remote(unit, state, replica))
+            track.inflight, track.results = {}, {}
         return starts, slot.handle.info.remote()
 
     def _await_spawn(self, w: int, pending: tuple[list, Any]) -> None:
@@ -158,7 +188,7 @@ class Coordinator:
             self.tracks[unit.name].epochs_done = done
         slot.info = ray.get(info)
         self.run.append_metrics({"event": "worker_started", "units": [u.name for u in slot.units],
-                                 "restart": slot.restarts, **slot.info})
+                                 "replicas": [list(r) for r in slot.replicas], "restart": slot.restarts, **slot.info})
 
     # ---- the loop ----------------------------------------------------------------------
     def train(self) -> float:
@@ -168,7 +198,7 @@ class Coordinator:
             for track in self.tracks.values():
                 if self._can_start(track):
                     self._dispatch(track)
-            inflight = {t.inflight: t for t in self.tracks.values() if t.inflight is not None}
+            inflight = {ref: (t, i) for t in self.tracks.values() for i, ref in t.inflight.items()}
             if not inflight:
                 if all(t.epochs_done >= self.epochs for t in self.tracks.values()):
                     return time.perf_counter() - start
@@ -176,19 +206,24 @@ class Coordinator:
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
             self.progress.drain()
             for ref in ready:
-                track = inflight[ref]
-                track.inflight = None
+                track, index = inflight[ref]
+                if track.inflight.get(index) is not ref:
+                    continue   # a replica of a group restarted meanwhile
                 try:
                     result = ray.get(ref)
                 except RAY_FAILURES as exc:
-                    self._on_failure(track, exc)
+                    self._on_failure(track, exc, track.workers[index])
                     continue
-                self._on_result(track, result)
+                del track.inflight[index]
+                track.results[index] = result
+                if not track.inflight:   # every replica is done: replica 0 speaks for the group
+                    results, track.results = track.results, {}
+                    self._on_result(track, results[0])
 
     def _can_start(self, track: UnitTrack) -> bool:
         """Epoch e+1 may start unless epoch e is a sync point not yet synchronised."""
         e = track.epochs_done
-        return track.inflight is None and e < self.epochs and not self.syncs.blocks(e, track.unit.name)
+        return not track.running and e < self.epochs and not self.syncs.blocks(e, track.unit.name)
 
     def _dispatch(self, track: UnitTrack) -> None:
         start = time.perf_counter()
@@ -198,9 +233,13 @@ class Coordinator:
             noise = self.setup.objective.epoch_noise(track.unit, self.setup, epoch, self.n).numpy()
         want_state = (checkpoint_due(self.cfg.train, epoch, self.setup.syncs_shared)
                       or eval_due(self.cfg.eval, epoch, self.epochs))
-        args = (track.unit.name, epoch, noise, self.syncs.shared_for(epoch), want_state, self.syncs.wants_shared(epoch))
-        self.traffic.add(epoch, "control_to_workers", serialized_bytes(args))
-        track.inflight = self.workers[track.worker].handle.run_epoch.remote(*args)
+        shared, wants_shared = self.syncs.shared_for(epoch), self.syncs.wants_shared(epoch)
+        # Every replica trains its share (in one order on every worker: the coordinator's);
+        # replica 0 returns the state, whose weights are the group's.
+        for index, w in enumerate(track.workers):
+            args = (track.unit.name, epoch, noise, shared, want_state and index == 0, wants_shared)
+            self.traffic.add(epoch, "control_to_workers", serialized_bytes(args))
+            track.inflight[index] = self.workers[w].handle.run_epoch.remote(*args)
         self.figures.dispatch_seconds += time.perf_counter() - start
 
     def _on_result(self, track: UnitTrack, result: dict) -> None:
@@ -215,7 +254,8 @@ class Coordinator:
         track.epochs_done = epoch
         self.figures.first_steps.append(metrics["first_step_at"])
         self.figures.worker_target_seconds += metrics["target_seconds"]
-        self.run.append_metrics({"event": "unit_epoch", "worker": self.workers[track.worker].info.get("pid"), **metrics})
+        self.run.append_metrics({"event": "unit_epoch", "worker": self.workers[track.workers[0]].info.get("pid"),
+                                 **metrics})
         self.progress.show(metrics["unit"], f"epoch {epoch}/{self.epochs} loss {metrics['loss']:.4g} "
                            f"{metrics['samples_per_s']:.0f} samples/s", done=True)
         if "state" in result and eval_due(self.cfg.eval, epoch, self.epochs):
@@ -238,14 +278,15 @@ class Coordinator:
             evaluate_during_training(self.run, self.setup, held, self.test, self.cfg.eval, epoch,
                                      resolve_device(self.cfg.train.device))
 
-    def _on_failure(self, track: UnitTrack, exc: Exception) -> None:
-        """The restart policy: replace the dead worker; its units restart from their checkpoints."""
-        w = track.worker
-        slot = self.workers[w]
+    def _on_failure(self, track: UnitTrack, exc: Exception, dead: int) -> None:
+        """The restart policy: replace the dead worker; its units restart from their checkpoints.
+        A replica group cannot go on without a member: the workers that share a group with the
+        dead one (and theirs) are replaced too, and their groups meet again from the checkpoints."""
+        slot = self.workers[dead]
         slot.restarts += 1
         names = ", ".join(u.name for u in slot.units)
         reason = first_line(exc)
-        self.figures.restarts.append({"worker": names, "restart": slot.restarts, "reason": reason[:300]})
+        self.figures.restarts.append({"worker": slot.label, "restart": slot.restarts, "reason": reason[:300]})
         self.run.append_metrics({"event": "worker_died", "units": names, "restart": slot.restarts,
                                  "reason": reason[:300]})
         if slot.restarts > self.cfg.cluster.max_restarts:
@@ -255,12 +296,32 @@ class Coordinator:
                 f"--cluster.max_restarts={self.cfg.cluster.max_restarts}. Checkpoints of "
                 f"{len(finished)} finished units are kept in {self.run.path}; fix the cause and run "
                 f"`noprop-dist train --resume {self.run.path}`")
-        for unit in slot.units:
-            self.tracks[unit.name].inflight = None
-            self.syncs.forget(unit.name)
+        group = self._group_closure(dead)
+        for w in group:
+            for unit in self.workers[w].units:
+                track = self.tracks[unit.name]
+                track.inflight, track.results = {}, {}
+                self.syncs.forget(unit.name)
+            if w != dead:
+                _quietly(ray.kill, self.workers[w].handle)
+        for unit in {u.name for w in group for u in self.workers[w].units}:
+            self.tracks[unit].attempt += 1
         self.progress.show(names, f"worker died; restart {slot.restarts}/{self.cfg.cluster.max_restarts} "
                            "from the last checkpoint")
-        self._await_spawn(w, self._spawn(w))
+        waits = {w: self._spawn(w) for w in sorted(group)}   # all of a group's members start together
+        for w, wait in waits.items():
+            self._await_spawn(w, wait)
+
+    def _group_closure(self, w: int) -> set[int]:
+        """Worker ``w`` and every worker that shares a replica group with it, transitively."""
+        found, todo = {w}, [w]
+        while todo:
+            for unit in self.workers[todo.pop()].units:
+                for peer in self.tracks[unit.name].workers:
+                    if peer not in found:
+                        found.add(peer)
+                        todo.append(peer)
+        return found
 
     def close(self) -> None:
         """Best effort: after a failure some of these may already be gone."""
@@ -270,6 +331,8 @@ class Coordinator:
                 _quietly(ray.kill, slot.handle)
         if self.pg is not None:
             _quietly(remove_placement_group, self.pg)
+        if not self.cfg.cluster.address:
+            shutil.rmtree(self.group_dir, ignore_errors=True)
 
 
 def data_copies(coordinator: Coordinator) -> dict[str, Any]:
@@ -290,7 +353,7 @@ def ray_summary(coordinator: Coordinator, train_seconds: float, launched: float)
     """The Ray trainer's fields of summary.json (after the loop)."""
     figures, traffic = coordinator.figures, coordinator.traffic
     first = [t for t in figures.first_steps if t is not None]
-    slots = {"+".join(u.name for u in s.units): s.info for s in coordinator.workers}
+    slots = {s.label: s.info for s in coordinator.workers}
     return {
         "backend": "ray", "workers": len(coordinator.layout.groups), "head_workers": len(coordinator.workers) - len(coordinator.layout.groups),
         "threads_per_worker": coordinator.layout.cpus, "gpus_per_worker": coordinator.layout.gpus,
@@ -310,6 +373,11 @@ def ray_summary(coordinator: Coordinator, train_seconds: float, launched: float)
         "launch_to_first_step_s": (min(first) - launched) if first else None,
         "restarts": figures.restarts,
     }
+
+
+def plan_lines(layout: Layout) -> list[str]:
+    """The plan, one line per worker (printed at start, recorded in summary.json)."""
+    return ReplicaPlan(layout.replicas).lines()
 
 
 def _quietly(fn, *args) -> None:
@@ -336,12 +404,16 @@ class RayTrainer(RunTrainer):
         layout = placement.plan
         if layout.note:
             print(f"noprop-dist: {layout.note}")
+        if any(n > 1 for held in layout.replicas for n in [r.replicas for r in held]):
+            print("noprop-dist: replica groups (a split unit trains equal shares of every batch on each of its workers):")
+            for line in plan_lines(layout):
+                print(f"  {line}")
         coordinator = Coordinator(cfg, run, setup, data, layout, show_progress)
         try:
             coordinator.start()
             seconds = coordinator.train()
             run.save_tensors(EMBEDDING_FILE, {"embedding": coordinator.syncs.final_embedding()})
-            return seconds, ray_summary(coordinator, seconds, self.launched)
+            return seconds, {**ray_summary(coordinator, seconds, self.launched), "plan": plan_lines(layout)}
         finally:
             coordinator.close()
 

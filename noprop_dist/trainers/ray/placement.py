@@ -25,17 +25,25 @@ from noprop_dist.variants.base import UnitSpec
 # ---------------------------------------------------------------------------------------
 @dataclass
 class Layout:
-    """Which worker hosts which blocks, and what each worker reserves."""
+    """Which worker hosts which units (and which replica of each), and what each worker reserves."""
 
     groups: list[list[UnitSpec]]     # units per worker, e.g. blocks [[1, 3, 5], [2, 4]]
     cpus: int
     gpus: float
     note: str = ""
+    replicas: list[list["Replica"]] = field(default_factory=list)   # per worker, aligned with groups
+
+    def group_of(self, unit: str) -> list[int]:
+        """The workers of ``unit``'s replica group, by replica index."""
+        return sorted((r.index, w) for w, held in enumerate(self.replicas) for r in held if r.unit == unit)
 
 
 def plan_layout(units: list[UnitSpec], cluster: ClusterConfig, resources: dict[str, float]) -> Layout:
     """One worker per unit (block or time interval) when the cluster has room; fewer (units
-    queue) when asked or when it has not; a clear error when even the request cannot be met."""
+    share workers) when asked or when it has not; more when asked (units get replica groups);
+    a clear error when even the request cannot be met. Which worker trains what is
+    :func:`plan_replicas`'s plan for units of equal cost (every DT block and CT/FM interval
+    has the same shapes)."""
     T = len(units)
     have_cpu = resources.get("CPU", 0.0)
     have_gpu = resources.get("GPU", 0.0)
@@ -43,7 +51,7 @@ def plan_layout(units: list[UnitSpec], cluster: ClusterConfig, resources: dict[s
     fits, gpus = worker_capacity(cluster, resources)
     note = ""
     if cluster.workers:
-        workers = min(cluster.workers, T)
+        workers = cluster.workers
         if workers > fits:
             raise ClusterError(
                 f"placement needs {workers} workers of {cpus} CPU and {gpus:g} GPU "
@@ -59,8 +67,10 @@ def plan_layout(units: list[UnitSpec], cluster: ClusterConfig, resources: dict[s
         if workers < T:
             note = (f"the cluster fits {workers} workers of {cpus} CPU/{gpus:g} GPU: "
                     f"{T} units queue on them")
-    groups = [units[k::workers] for k in range(workers)]
-    return Layout(groups=groups, cpus=cpus, gpus=gpus, note=note)
+    plan = plan_replicas({u.name: 1.0 for u in units}, workers)
+    by_name = {u.name: u for u in units}
+    groups = [[by_name[r.unit] for r in held] for held in plan.workers]
+    return Layout(groups=groups, cpus=cpus, gpus=gpus, note=note, replicas=plan.workers)
 
 
 @dataclass(frozen=True)
@@ -150,9 +160,9 @@ def _pack(costs: dict[str, float], workers: int, limit: float, tolerance: float)
     return ReplicaPlan(held)
 
 
-def worker_name(run_tag: str, units: list[UnitSpec], attempt: int) -> str:
-    names = "+".join(u.name for u in units)
-    return f"{run_tag}/{names}" + (f"/restart{attempt}" if attempt else "")
+def worker_name(run_tag: str, label: str, attempt: int) -> str:
+    """The worker's actor name in the Ray dashboard: ``<run>/block_03+block_05[1of2]``."""
+    return f"{run_tag}/{label}" + (f"/restart{attempt}" if attempt else "")
 
 
 def serialized_bytes(obj: Any) -> int:

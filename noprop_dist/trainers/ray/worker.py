@@ -16,6 +16,7 @@ from ray.util.queue import Queue
 
 from noprop_dist.data import ArraySplit
 from noprop_dist.errors import TrainingDiverged
+from noprop_dist.training.data_parallel import DataParallel, replica_group
 from noprop_dist.training.runner import UnitRunner
 from noprop_dist.variants.base import UnitSetup, UnitSpec
 
@@ -40,21 +41,34 @@ class UnitWorker:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "device": str(self.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
-    def start_unit(self, unit: UnitSpec, state: dict[str, torch.Tensor] | None) -> int:
-        """Create a unit from its seed, or from its last checkpoint; returns its epochs done."""
-        runner = UnitRunner(unit, self.setup, self.train, self.device)
+    def start_unit(self, unit: UnitSpec, state: dict[str, torch.Tensor] | None,
+                   replica: tuple[int, int, str, bool] | None = None) -> int:
+        """Create a unit from its seed, or from its last checkpoint; returns its epochs done.
+
+        ``replica = (index, replicas, store path, loopback)``: this worker trains share ``index``
+        of the unit's replica group, whose process group the replicas meet to build here (every
+        member must be starting it: the coordinator starts groups in one order on every worker);
+        ``loopback``: a private Ray's group talks over 127.0.0.1 only."""
+        parallel = None
+        if replica is not None:
+            index, size, store, loopback = replica
+            if loopback:
+                os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+            parallel = DataParallel(index, size, sync_batchnorm=True, group=replica_group(store, index, size))
+        runner = UnitRunner(unit, self.setup, self.train, self.device, parallel)
         if state is not None:
             runner.load_state_tensors(state)
         self.runners[unit.name] = runner
         if self.device.type == "cuda" and len(self.runners) > 1:
             for hosted in self.runners.values():
-                hosted.to("cpu")     # moved to the GPU for its own epochs only
+                if not hosted.data_parallel:   # a replica stays on its device
+                    hosted.to("cpu")     # moved to the GPU for its own epochs only
         return runner.epochs_done
 
     def run_epoch(self, unit: str, epoch: int, noise: np.ndarray | None,
                   shared: dict[str, torch.Tensor] | None, want_state: bool, want_shared: bool) -> dict:
         runner = self.runners[unit]
-        offload = self.device.type == "cuda" and len(self.runners) > 1
+        offload = self.device.type == "cuda" and len(self.runners) > 1 and not runner.data_parallel
         if offload:
             runner.to(self.device)   # only the unit being trained lives on the GPU
         if shared is not None:
