@@ -311,7 +311,7 @@ def noprop_worker_peak(summary: dict, manifest: dict) -> int:
     on_gpu = any(str(d).startswith("cuda") for d in summary.get("worker_devices", {}).values())
     worst = 0
     for hosted in summary.get("worker_devices", {}):
-        names = [n for n in hosted.split("+") if n != "head"]
+        names = [n.split("[")[0] for n in hosted.split("+") if n != "head"]   # "block_05[1of2]": a replica
         if not names:
             continue
         resident = 0 if on_gpu else sum(units[n]["bytes"] for n in names)
