@@ -211,6 +211,19 @@ def _pid_of(run_dir: Path, unit: str, timeout: float = 120.0) -> int:
     raise AssertionError(f"no worker_started event for {unit}")
 
 
+def _train_killing(cfg: config.Config, run_dir: Path, unit: str) -> dict:
+    """Train on Ray and SIGKILL the worker of ``unit`` after its first epoch; the run's summary."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train_ray(cfg, run_dir, show_progress=False)))
+    thread.start()
+    pid = _pid_of(run_dir, unit)
+    _wait_for(lambda: (unit, 1) in (unit_epochs(run_dir) if (run_dir / "metrics.jsonl").exists() else []))
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert result, "the run did not complete after the kill"
+    return result
+
+
 def _wait_for(predicate, timeout: float = 120.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -225,14 +238,7 @@ def test_killed_block_worker_restarts_only_that_block(ray_session, cache, tmp_pa
     checkpoint, and the final weights equal an uninterrupted run's."""
     cfg = tiny(cache, **{"train.epochs": 6})
     run_dir = tmp_path / "killed"
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(train_ray(cfg, run_dir, show_progress=False)))
-    thread.start()
-    pid = _pid_of(run_dir, "block_02")
-    _wait_for(lambda: ("block_02", 1) in (unit_epochs(run_dir) if (run_dir / "metrics.jsonl").exists() else []))
-    os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=300)
-    assert result, "the run did not complete after the kill"
+    result = _train_killing(cfg, run_dir, "block_02")
     assert [r["worker"] for r in result["restarts"]] == ["block_02"]
     epochs = unit_epochs(run_dir)
     for unit in ("block_01", "block_03", "block_04", "head"):
@@ -531,14 +537,7 @@ def test_uneven_blocks_split_one_block_and_a_killed_replica_restarts_only_its_gr
     checkpoint and the run ends with the weights of the same layout uninterrupted."""
     cfg = tiny(cache, **{"train.epochs": 6, "model.dropout": 0, "cluster.workers": 3, "cluster.gpus_per_worker": 0})
     run_dir = tmp_path / "killed"
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(train_ray(cfg, run_dir, show_progress=False)))
-    thread.start()
-    pid = _pid_of(run_dir, "block_04")
-    _wait_for(lambda: ("block_04", 1) in (unit_epochs(run_dir) if (run_dir / "metrics.jsonl").exists() else []))
-    os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=300)
-    assert result, "the run did not complete after the kill"
+    result = _train_killing(cfg, run_dir, "block_04")
     assert len(result["plan"]) == 3 and all(f"block_04 ({k}/3)" in line for k, line in zip((1, 2, 3), result["plan"]))
     assert all(line.endswith("load 1.33") for line in result["plan"])
     assert len(result["restarts"]) == 1 and "block_04" in result["restarts"][0]["worker"]
