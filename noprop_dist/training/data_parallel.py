@@ -24,6 +24,7 @@ statistics and DDP broadcasts rank 0's buffers before each forward (PyTorch's de
 from __future__ import annotations
 
 import warnings
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -233,8 +234,6 @@ def replica_group(store_path: str, rank: int, size: int, timeout_s: float = 300.
     sees (``store_path``; a fresh path per group and attempt). No default process group is
     needed, and a process may belong to several such groups. On a private local Ray set
     ``GLOO_SOCKET_IFNAME=lo`` so that its transport stays on loopback."""
-    from datetime import timedelta
-
     store = dist.FileStore(store_path, size)
     return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s))
 
