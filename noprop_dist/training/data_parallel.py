@@ -62,7 +62,7 @@ class Serial:
     def reduce_grad(self, grad: torch.Tensor) -> None:
         pass
 
-    def after_backward(self, module: nn.Module) -> None:
+    def after_backward(self) -> None:
         pass
 
     def reduce_losses(self, per_step: torch.Tensor) -> None:
@@ -110,16 +110,21 @@ class DataParallel:
 
 
 class Parallel(Serial):
-    """One unit trained data-parallel: DDP around the unit's loss, counted all-reduces."""
+    """One unit trained data-parallel: DDP around the unit's loss (the default process group),
+    counted all-reduces. :class:`GroupParallel` is the same in a group of its own."""
 
-    def __init__(self, runner: Any, rank: int, world: int, sync_batchnorm: bool):
-        from torch.nn.parallel import DistributedDataParallel
-
-        self.rank, self.world = rank, world
+    def __init__(self, runner: Any, rank: int, world: int, sync_batchnorm: bool, group: Any = None):
+        self.rank, self.world, self.group = rank, world, group     # group None: the default one
         self.min_batch = max(2, world)       # every rank needs an example
         self.dropout_stream = DROPOUT + RANK_STREAM_STRIDE * rank
         self.counter = ByteCounter()
         self.loss_bytes = self.loss_calls = 0
+        self.device = runner.device          # a data-parallel unit stays on its device
+        self._prepare(runner, sync_batchnorm)
+
+    def _prepare(self, runner: Any, sync_batchnorm: bool) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
         batchnorms = [m for m in runner.module.modules() if isinstance(m, nn.BatchNorm1d)]
         broadcast = bool(batchnorms) and not sync_batchnorm
         if sync_batchnorm:
@@ -127,7 +132,7 @@ class Parallel(Serial):
         if broadcast:
             # DDP broadcasts rank 0's buffers at every forward (counted per step).
             self.counter.per_step = sum(b.numel() * b.element_size() for b in runner.module.buffers())
-        device = runner.device
+        device = self.device
         # Building DDP broadcasts rank 0's weights (the same on every rank: one seed, or one checkpoint).
         self.ddp = DistributedDataParallel(UnitLoss(runner), device_ids=[device.index] if device.type == "cuda" else None,
                                            broadcast_buffers=broadcast)
@@ -142,14 +147,14 @@ class Parallel(Serial):
 
     def reduce_grad(self, grad: torch.Tensor) -> None:
         """Average a gradient held outside the DDP module (the runner's W_embed)."""
-        dist.all_reduce(grad)
+        dist.all_reduce(grad, group=self.group)
         grad.div_(self.world)
         self.counter.count(grad)
 
     def reduce_losses(self, per_step: torch.Tensor) -> None:
         """Each rank holds its share's part of every step's global-batch mean: the sum over
         ranks is that mean, the same on every rank (so all ranks stop at the same epoch)."""
-        dist.all_reduce(per_step)
+        dist.all_reduce(per_step, group=self.group)
         self.loss_bytes += per_step.numel() * per_step.element_size()
         self.loss_calls += 1
 
@@ -160,48 +165,38 @@ class Parallel(Serial):
     def epoch_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """This rank's all-reduce figures, and the slowest rank's seconds and memory (one
         all-reduce of three numbers, outside the timed loop; on the unit's device for nccl)."""
-        device = next(self.ddp.parameters()).device
         worst = torch.tensor([metrics["seconds"], float(metrics["peak_memory_bytes"]), float(metrics["rss_bytes"])],
-                             dtype=torch.float64, device=device)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        return _parallel_metrics(self, metrics, worst)
-
-
-def _parallel_metrics(parallel: Parallel, metrics: dict[str, Any], worst: torch.Tensor) -> dict[str, Any]:
-    seconds, peak, rss = worst.cpu().tolist()
-    grad, bn, losses = parallel.counter.bytes, GlobalBatchNorm1d.payload_bytes, parallel.loss_bytes
-    # Per worker and epoch: gradients (DDP's buckets, W_embed by hand, buffers DDP broadcasts),
-    # global BatchNorm's statistics, the epoch's losses; and all of it.
-    return {**metrics, "seconds": seconds, "samples_per_s": metrics["samples_per_s"] * metrics["seconds"] / seconds,
-            "peak_memory_bytes": int(peak), "rss_bytes": int(rss), "workers": parallel.world,
-            "allreduce_bytes": grad + bn + losses, "allreduce_grad_bytes_per_worker": grad,
-            "allreduce_batchnorm_bytes_per_worker": bn, "allreduce_loss_bytes_per_worker": losses,
-            "allreduce_calls_per_worker": parallel.counter.calls + GlobalBatchNorm1d.calls + parallel.loss_calls}
+                             dtype=torch.float64, device=self.device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.group)
+        seconds, peak, rss = worst.cpu().tolist()
+        grad, bn, losses = self.counter.bytes, GlobalBatchNorm1d.payload_bytes, self.loss_bytes
+        # Per worker and epoch: gradients (DDP's buckets or the flat all-reduce, W_embed by hand,
+        # buffers DDP broadcasts), global BatchNorm's statistics, the epoch's losses; and all of it.
+        return {**metrics, "seconds": seconds, "samples_per_s": metrics["samples_per_s"] * metrics["seconds"] / seconds,
+                "peak_memory_bytes": int(peak), "rss_bytes": int(rss), "workers": self.world,
+                "allreduce_bytes": grad + bn + losses, "allreduce_grad_bytes_per_worker": grad,
+                "allreduce_batchnorm_bytes_per_worker": bn, "allreduce_loss_bytes_per_worker": losses,
+                "allreduce_calls_per_worker": self.counter.calls + GlobalBatchNorm1d.calls + self.loss_calls}
 
 
 class GroupParallel(Parallel):
     """One unit trained by the replicas of its own process group (block x data parallelism):
     the same shares, dropout streams, global BatchNorm and counts as :class:`Parallel`, with the
-    module's gradients averaged by one flat all-reduce in ``group`` after each backward."""
+    module's gradients averaged by one flat all-reduce in ``group`` after each backward (torch's
+    DDP takes only the default kind of group)."""
 
-    def __init__(self, runner: Any, rank: int, world: int, sync_batchnorm: bool, group: Any):
-        self.rank, self.world, self.group = rank, world, group
-        self.min_batch = max(2, world)
-        self.dropout_stream = DROPOUT + RANK_STREAM_STRIDE * rank
-        self.counter = ByteCounter()
-        self.loss_bytes = self.loss_calls = 0
+    def _prepare(self, runner: Any, sync_batchnorm: bool) -> None:
         if sync_batchnorm:
-            use_global_batchnorm(runner.module, group)
+            use_global_batchnorm(runner.module, self.group)
         self.params = [p for p in runner.module.parameters() if p.requires_grad]
         with torch.no_grad():   # every replica starts from replica 0's weights (one seed, or one checkpoint)
             for tensor in list(runner.module.parameters()) + list(runner.module.buffers()):
-                dist.broadcast(tensor, group=group, group_src=0)
-        self.device = runner.device
+                dist.broadcast(tensor, group=self.group, group_src=0)
 
     def loss(self, runner: Any, x: torch.Tensor | None, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return runner.objective.batch_loss(runner, x, y, rows)
 
-    def after_backward(self, module: nn.Module) -> None:
+    def after_backward(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=self.group)
@@ -211,22 +206,6 @@ class GroupParallel(Parallel):
         for p, g in zip(self.params, grads):
             p.grad = flat[offset:offset + g.numel()].view_as(g)
             offset += g.numel()
-
-    def reduce_grad(self, grad: torch.Tensor) -> None:
-        dist.all_reduce(grad, group=self.group)
-        grad.div_(self.world)
-        self.counter.count(grad)
-
-    def reduce_losses(self, per_step: torch.Tensor) -> None:
-        dist.all_reduce(per_step, group=self.group)
-        self.loss_bytes += per_step.numel() * per_step.element_size()
-        self.loss_calls += 1
-
-    def epoch_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        worst = torch.tensor([metrics["seconds"], float(metrics["peak_memory_bytes"]), float(metrics["rss_bytes"])],
-                             dtype=torch.float64, device=self.device)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.group)
-        return _parallel_metrics(self, metrics, worst)
 
 
 def replica_group(store_path: str, rank: int, size: int, timeout_s: float = 300.0) -> Any:

@@ -238,7 +238,7 @@ class UnitRunner:
     def _step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.parallel.after_backward(self.module)   # a replica group averages the module's gradients
+        self.parallel.after_backward()   # a replica group averages the module's gradients
         if self.embedding.grad is not None:
             # W_embed is the runner's, outside the DDP module: averaged by hand when data-parallel
             # (what is recorded for summed_gradient is this average, the global batch's).

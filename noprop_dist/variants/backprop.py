@@ -163,7 +163,8 @@ class NetworkPredictor:
     def __init__(self, run: RunDir):
         self.manifest = m = run.manifest()
         self.cfg = load_run_config(run)
-        setup = UnitSetup(model=self.cfg.model, train=self.cfg.train, alpha_bar=(0.0,) * (self.cfg.schedule.T + 1),
+        alpha_bar = tuple(float(a) for a in schedule.alpha_bar_from_config(self.cfg.schedule))   # its T
+        setup = UnitSetup(model=self.cfg.model, train=self.cfg.train, alpha_bar=alpha_bar,
                           num_classes=m["num_classes"], input_shape=tuple(m["input_shape"]),
                           mean=tuple(m["normalization"]["mean"]), std=tuple(m["normalization"]["std"]),
                           embedding=torch.zeros(m["num_classes"], m["embedding_dim"]), variant=self.cfg.variant)

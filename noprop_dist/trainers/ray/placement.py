@@ -33,10 +33,6 @@ class Layout:
     note: str = ""
     replicas: list[list["Replica"]] = field(default_factory=list)   # per worker, aligned with groups
 
-    def group_of(self, unit: str) -> list[int]:
-        """The workers of ``unit``'s replica group, by replica index."""
-        return sorted((r.index, w) for w, held in enumerate(self.replicas) for r in held if r.unit == unit)
-
 
 def plan_layout(units: list[UnitSpec], cluster: ClusterConfig, resources: dict[str, float]) -> Layout:
     """One worker per unit (block or time interval) when the cluster has room; fewer (units
