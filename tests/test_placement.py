@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from noprop_dist.trainers.ray.placement import plan_replicas
+from noprop_dist.trainers.ray.plan import plan_replicas
 
 
 def units(T: int, cost: float = 1.0) -> dict[str, float]:

@@ -1,2 +1,3 @@
-"""The Ray trainer: the coordinator (``coordinator``), its pure placement (``placement``) and
-the connection to a cluster (``cluster``). Importing this package imports no Ray."""
+"""The Ray trainer: the coordinator (``coordinator``), its pure replica planner (``plan``) and
+placement (``placement``), and the connection to a cluster (``cluster``). Importing this
+package imports no Ray."""

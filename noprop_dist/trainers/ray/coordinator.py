@@ -44,7 +44,8 @@ from noprop_dist.errors import ClusterError, TrainingDiverged
 from noprop_dist.run.lifecycle import Placement, RunTrainer, batch_share, train_run
 from noprop_dist.rundir import RunDir
 from noprop_dist.trainers.ray.cluster import connect, first_line
-from noprop_dist.trainers.ray.placement import Layout, ReplicaPlan, Traffic, plan_layout, serialized_bytes, worker_name
+from noprop_dist.trainers.ray.placement import Layout, Traffic, plan_layout, serialized_bytes, worker_name
+from noprop_dist.trainers.ray.plan import ReplicaPlan
 from noprop_dist.trainers.ray.progress import Progress
 from noprop_dist.trainers.ray.syncs import SyncBook
 from noprop_dist.trainers.ray.worker import UnitWorker
