@@ -13,10 +13,14 @@ measured N = 1, 2 runs over the measured local link.
 
 Methods
 -------
-``noprop``: T independent blocks plus a small output head. N <= T: worker k trains ceil(T/N) blocks
-one after another; each block takes ceil(n/B) optimizer steps per epoch at batch B. N > T: each
-block gets r = floor(N/T) data-parallel replicas at batch B/r that ring-all-reduce the block's
-gradient every step. Only the coordinator talks to workers (control messages, checkpoints).
+``noprop``: T independent blocks plus a small output head, placed by the trainer's own planner
+(``noprop_dist/trainers/ray/plan.py``: ``plan_replicas``, standard library only). N <= T: whole
+blocks where they balance, a block split into r equal-share replicas where whole blocks leave
+the loads uneven (T = 5 on 2 workers: 2.5 blocks each). N > T: blocks get replicas in
+proportion (r = floor(N/T) or more). A replica trains 1/r of every global batch in ceil(n/B)
+steps and all-reduces the block's gradient (and, when the profile counts them, its BatchNorm
+statistics) inside its replica group every step. Only the coordinator talks to workers
+(control messages, checkpoints).
 
 DDP baselines (every network in ``profile.step_seconds`` other than ``noprop_block``, e.g.
 ``backprop``, the T blocks chained end to end, and ``backprop_cnn``, a single CNN): the global batch
@@ -34,13 +38,13 @@ Assumptions
 - Small latency-bound all-reduces (global BatchNorm statistics: this project's DDP trainer all-reduces them per layer, forward and backward) are not modelled unless the profile gives `small_allreduces_per_step` per network; without it DDP is projected faster than it is, in its favour.
 - Links are full-bisection: concurrent all-reduce groups (one per NoProp block) and coordinator messages do not contend with each other, except that everything the coordinator sends or receives in an epoch crosses its own single link (a floor on the NoProp epoch).
 - Coordinator messages use the same link as everything else. Per unit-epoch: the control figure (both directions together) in two messages (two latencies), and one unit checkpoint (worker -> coordinator) every `checkpoint_every` epochs (none if 0); neither overlaps compute. The profile's checkpoint figure is the average over the T + 1 units (blocks and head) measured at N = 1.
-- NoProp with N > T replicas: control goes to every replica, the checkpoint from one replica per block only.
-- NoProp placement: with N < T and T not a multiple of N the busiest worker hosts ceil(T/N) blocks and sets the epoch; with N > T the N - T*floor(N/T) leftover workers idle (they cannot help: a block's replica count is what sets its time).
+- NoProp replicas: control goes to every replica, the checkpoint from one replica per block only. A replica's step costs t(B/r) plus a ring all-reduce of the block's gradient among its r replicas and the profile's `small_allreduces_per_step` for the block (global BatchNorm inside the group); nothing crosses between groups.
+- NoProp placement is the trainer's own (`plan_replicas` on T blocks of equal cost): a worker's epoch is the sum of its replicas' epochs and the busiest worker sets the epoch; workers the plan leaves empty idle (T = 10 on 64: six replicas per block, 4 idle workers).
 - The head trains on its own extra worker (the coordinator gives it no CPU or GPU) concurrently with the blocks, at the measured per-epoch seconds whatever N; it only lengthens the epoch when it is slower than the busiest block worker. N counts block workers only.
 - A NoProp epoch ends when every unit has finished its epoch (the slowest worker, the head or the coordinator's link, whichever is longest); a DDP epoch is steps * (compute + exposed all-reduce).
 - Data loading is not modelled: each worker reads the whole training set once at start-up and keeps it in memory (a NoProp block worker uses all n examples; this project's DDP workers also load it all and index their share); start-up, Ray scheduling, evaluation and checkpoint writes to disk are outside the epoch.
 - Bytes per worker per epoch are bytes sent by the busiest worker (received bytes are equal for the ring all-reduce); NoProp's few hundred control bytes are counted whole on the worker (both directions, an upper bound).
-- Training memory per worker = parameters + gradients + optimizer state of what it trains + saved activations, which scale linearly with its per-step batch (both measured in the profile at batch B). A NoProp worker trains one block at a time at the block's full batch (B / replicas); on a GPU the other blocks it hosts wait in host memory (not counted), on the CPU they stay resident at their checkpointed size (counted). A DDP worker holds the whole network's state and the activations of its share B / N. Projections are for GPUs; the check against this machine uses the CPU rule.
+- Training memory per worker = parameters + gradients + optimizer state of what it trains + saved activations, which scale linearly with its per-step batch (both measured in the profile at batch B). A NoProp worker trains one replica at a time at its share of the batch (B / r); on a GPU the other blocks it hosts wait in host memory (not counted), on the CPU they stay resident at their checkpointed size (counted). A DDP worker holds the whole network's state and the activations of its share B / N. Projections are for GPUs; the check against this machine uses the CPU rule.
 - CPU contention: in the check against this machine only, the compute of N >= 2 workers is divided by the measured parallel efficiency of N bare step loops run at once in separate processes (`hardware_parallel`), the machine's own ceiling; contention between compute and communication threads (gloo, Ray) is not modelled.
 """
 
@@ -56,11 +60,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from common import fmt, md_table, row_line, write_results
+from noprop_dist.trainers.ray.plan import Replica, ReplicaPlan, plan_replicas
 
 NOPROP = "noprop"
 NOPROP_BLOCK = "noprop_block"           # profile key of one NoProp block's network
 CHECK_TOLERANCE = 0.15                  # relative error that counts as "the model fits"
-CHECK_WORKERS = (1, 2)                  # the measured points the model is checked against
+CHECK_WORKERS = (1, 2)                  # the timed points the model is checked against (logical runs: bytes, memory)
 DEFAULT_WORKERS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 GB = 1e9                                # link bandwidths are given in GB/s (10^9 bytes per second)
 
@@ -196,66 +201,96 @@ def _with_ratios(record: dict, base_seconds: float) -> dict:
     return record
 
 
-def _unit_messages(profile: dict, link: Link) -> tuple[float, float, float]:
-    """(control bytes, checkpoint bytes, seconds) per NoProp unit-epoch between a worker and the
-    coordinator: the control figure covers both directions (two messages); a checkpoint of the
-    profile's size goes up once every ``checkpoint_every`` epochs, amortised per epoch."""
+def _unit_messages(profile: dict, link: Link) -> tuple[float, float, float, float]:
+    """(control bytes, checkpoint bytes, control seconds, checkpoint seconds) per NoProp unit-epoch
+    between a worker and the coordinator: the control figure covers both directions (two
+    messages); a checkpoint of the profile's size goes up once every ``checkpoint_every``
+    epochs, amortised per epoch."""
     control = profile.get("noprop_control_bytes_per_unit_epoch", 0.0)
     size = profile.get("noprop_checkpoint_bytes_per_unit_epoch", 0.0)
     every = profile.get("checkpoint_every", 1)
     per_epoch = 1.0 / every if every > 0 and size > 0 else 0.0
-    seconds = control / link.bandwidth_Bps + 2 * link.latency_s + per_epoch * message_seconds(size, link)
-    return control, per_epoch * size, seconds
+    control_s = control / link.bandwidth_Bps + 2 * link.latency_s
+    return control, per_epoch * size, control_s, per_epoch * message_seconds(size, link)
+
+
+def noprop_plan(T: int, n: int) -> ReplicaPlan:
+    """The trainer's own plan for T equal blocks on n workers (``plan_replicas``, the function
+    the Ray trainer runs): whole blocks where they balance, equal-share replicas where not."""
+    return plan_replicas({f"block_{t:02d}": 1.0 for t in range(1, T + 1)}, n)
+
+
+class _ReplicaCost(NamedTuple):
+    plan: DataParallelPlan       # the replica's share of every global batch
+    compute: float               # seconds per epoch
+    comm: float                  # exposed in-group all-reduce seconds per epoch
+    allreduce_bytes: float       # sent per epoch (gradients; BatchNorm statistics are latency only)
+
+
+def _replica_cost(profile: dict, fit: StepTime, r: int, link: Link, overlap: float) -> _ReplicaCost:
+    plan = data_parallel_plan(profile["train_examples"], profile["global_batch"], r)
+    compute = compute_seconds(fit, plan)
+    seconds, sent = _data_parallel_step_comm(profile, NOPROP_BLOCK, r, link)
+    return _ReplicaCost(plan, compute, plan.steps * exposed_seconds(seconds, compute / plan.steps, overlap),
+                        plan.steps * sent)
 
 
 def _noprop_figures(profile: dict, n: int, link: Link, overlap: float) -> dict[str, Any]:
-    T, examples, batch = profile["T"], profile["train_examples"], profile["global_batch"]
+    T = profile["T"]
     fit = fit_step_time(profile["step_seconds"][NOPROP_BLOCK])
-    replicas = max(1, n // T)
-    blocks_per_worker = math.ceil(T / n) if n < T else 1
-    idle = n - replicas * T if n >= T else 0
-    plan = data_parallel_plan(examples, batch, replicas)
-    compute = compute_seconds(fit, plan)
-    allreduce_s, allreduce_bytes = _data_parallel_step_comm(profile, NOPROP_BLOCK, replicas, link)
-    allreduce_exposed = plan.steps * exposed_seconds(allreduce_s, compute / plan.steps, overlap)
+    layout = noprop_plan(T, n)
+    costs = {r: _replica_cost(profile, fit, r, link, overlap)
+             for r in {rep.replicas for held in layout.workers for rep in held}}
+    control, checkpoint, control_s, checkpoint_s = _unit_messages(profile, link)
 
-    control, checkpoint, unit_messages_s = _unit_messages(profile, link)
+    def worker(held: list[Replica]) -> dict[str, float]:
+        messages = sum(control_s + (checkpoint_s if rep.index == 0 else 0.0) for rep in held)
+        return {"compute": sum(costs[rep.replicas].compute for rep in held),
+                "comm": sum(costs[rep.replicas].comm for rep in held) + messages,
+                "peer_bytes": sum(costs[rep.replicas].allreduce_bytes for rep in held),
+                "coordinator_bytes": sum(control + (checkpoint if rep.index == 0 else 0.0) for rep in held)}
 
-    block_epoch = compute + allreduce_exposed + unit_messages_s
-    worker_s = blocks_per_worker * block_epoch
-    head_s = profile.get("head_epoch_seconds", 0.0) + unit_messages_s
+    per_worker = [worker(held) for held in layout.workers]
+    busiest = max(per_worker, key=lambda w: w["compute"] + w["comm"])
+    worker_s = busiest["compute"] + busiest["comm"]
+    head_s = profile.get("head_epoch_seconds", 0.0) + control_s + checkpoint_s
     # Everything the coordinator sends and receives crosses its one link.
-    coordinator_bytes = (T + 1) * (control + checkpoint) + (replicas - 1) * T * control
+    replicas_total = sum(len(held) for held in layout.workers)
+    coordinator_bytes = (T + 1) * (control + checkpoint) + (replicas_total - T) * control
     coordinator_s = coordinator_bytes / link.bandwidth_Bps
     epoch = max(worker_s, head_s, coordinator_s)
 
-    peer_bytes = blocks_per_worker * plan.steps * allreduce_bytes
+    counts = sorted({rep.replicas for held in layout.workers for rep in held})
+    idle = sum(1 for held in layout.workers if not held)
+    max_load = max(layout.loads())
     notes = []
-    if n < T and T % n:
-        notes.append(f"load imbalance: the busiest worker hosts {blocks_per_worker} blocks")
-    if replicas > 1:
-        notes.append(f"{replicas} replicas per block, per-replica batch {plan.batch_per_worker}")
+    if max_load > T / n * (1 + 1e-9):
+        notes.append(f"busiest worker trains {max_load:.3g} blocks' work (ideal {T / n:.3g})")
+    split = [c for c in counts if c > 1]
+    if split:
+        notes.append("blocks split into " + "/".join(map(str, split)) + " replicas, per-replica batch "
+                     + "/".join(str(costs[c].plan.batch_per_worker) for c in split))
     if idle:
-        notes.append(f"{idle} of {n} workers idle (N not a multiple of T={T})")
-    if plan.batch_grows:
-        notes.append(f"block global batch grows to {plan.global_batch}")
+        notes.append(f"{idle} of {n} workers idle")
+    if any(costs[c].plan.batch_grows for c in counts):
+        notes.append(f"block global batch grows to {max(costs[c].plan.global_batch for c in counts)}")
     if epoch == head_s and head_s > worker_s:
         notes.append("the head sets the epoch")
     if epoch == coordinator_s and coordinator_s > max(worker_s, head_s):
         notes.append("the coordinator's link sets the epoch")
     return {
         "method": NOPROP, "workers": n, "epoch_seconds": epoch,
-        "compute_seconds": blocks_per_worker * compute,
-        "comm_seconds": blocks_per_worker * (allreduce_exposed + unit_messages_s),
-        "comm_bytes_per_epoch_per_worker": blocks_per_worker * (control + checkpoint) + peer_bytes,
-        "peer_bytes_per_epoch_per_worker": peer_bytes,
-        "allreduce_bytes_per_step_per_worker": allreduce_bytes,
+        "compute_seconds": busiest["compute"], "comm_seconds": busiest["comm"],
+        "comm_bytes_per_epoch_per_worker": max(w["coordinator_bytes"] + w["peer_bytes"] for w in per_worker),
+        "peer_bytes_per_epoch_per_worker": max(w["peer_bytes"] for w in per_worker),
+        "allreduce_bytes_per_step_per_worker": max(costs[c].allreduce_bytes / costs[c].plan.steps for c in counts),
         "coordinator_bytes_per_epoch": coordinator_bytes,
-        "total_bytes_per_epoch": coordinator_bytes + T * replicas * plan.steps * allreduce_bytes,
-        "batch_per_worker": plan.batch_per_worker, "global_batch": plan.global_batch,
-        "steps_per_epoch": plan.steps, "replicas": replicas, "blocks_per_worker": blocks_per_worker,
-        "idle_workers": idle, "head_seconds": head_s, "coordinator_seconds": coordinator_s,
-        "notes": notes,
+        "total_bytes_per_epoch": coordinator_bytes + sum(w["peer_bytes"] for w in per_worker),
+        "batch_per_worker": min(costs[c].plan.batch_per_worker for c in counts),
+        "global_batch": max(costs[c].plan.global_batch for c in counts),
+        "steps_per_epoch": max(costs[c].plan.steps for c in counts), "replicas": max(counts),
+        "blocks_per_worker": max_load, "idle_workers": idle, "plan": layout.lines(),
+        "head_seconds": head_s, "coordinator_seconds": coordinator_s, "notes": notes,
     }
 
 
@@ -338,12 +373,13 @@ def memory_per_worker(profile: dict, method: str, n: int, on_gpu: bool = True) -
         block = memory.get(NOPROP_BLOCK)
         if not block:
             return None
-        T = profile["T"]
-        replicas = max(1, n // T)
-        hosted = math.ceil(T / n) if n < T else 1
-        share = math.ceil(max(batch, replicas) / replicas) / batch
-        resident = 0.0 if on_gpu else (hosted - 1) * block["resident_bytes"]
-        return block["state_bytes"] + share * block["activation_bytes"] + resident
+        worst = 0.0
+        for held in noprop_plan(profile["T"], n).workers:
+            for rep in held:     # one replica trains at a time; on the CPU the others stay resident
+                share = math.ceil(max(batch, rep.replicas) / rep.replicas) / batch
+                resident = 0.0 if on_gpu else (len(held) - 1) * block["resident_bytes"]
+                worst = max(worst, block["state_bytes"] + share * block["activation_bytes"] + resident)
+        return worst
     net = memory.get(method)
     if not net:
         return None
@@ -383,7 +419,7 @@ def check_against_measured(profile: dict, runs: list[dict], overlap: float = 0.0
     rows = []
     for run in runs:
         method, n = run.get("method"), run.get("workers")
-        if n not in CHECK_WORKERS or "epoch_seconds" not in run:
+        if "epoch_seconds" not in run or (n not in CHECK_WORKERS and not run.get("logical")):
             continue
         row: dict[str, Any] = {"method": method, "workers": n, "measured_seconds": run["epoch_seconds"],
                                "predicted_seconds": None, "rel_error": None, "within_tolerance": None}
@@ -391,7 +427,8 @@ def check_against_measured(profile: dict, runs: list[dict], overlap: float = 0.0
             rows.append({**row, "note": "no local link in the profile"})
             continue
         if method == NOPROP and has_noprop(profile):
-            pred, bytes_key = project_noprop(profile, n, link, overlap), "total_bytes_per_epoch"
+            # Measured: what crossed the coordinator (the groups' all-reduces are apart).
+            pred, bytes_key = project_noprop(profile, n, link, overlap), "coordinator_bytes_per_epoch"
         elif method in ddp_methods(profile):
             pred, bytes_key = project_ddp(profile, method, n, link, overlap), "comm_bytes_per_epoch_per_worker"
         else:
@@ -406,6 +443,8 @@ def check_against_measured(profile: dict, runs: list[dict], overlap: float = 0.0
         row.update(predicted_seconds=pred["epoch_seconds"], predicted_compute_seconds=pred["compute_seconds"],
                    predicted_comm_seconds=pred["comm_seconds"], rel_error=error,
                    within_tolerance=error is not None and abs(error) <= CHECK_TOLERANCE, note="")
+        if run.get("logical"):      # more workers than cores: bytes and memory, not speed
+            row.update(rel_error=None, within_tolerance=None, note="logical workers: speed not compared")
         memory = memory_per_worker(profile, method, n, on_gpu=bool((profile.get("device") or "cpu") != "cpu"))
         if memory is not None and run.get("peak_train_bytes_per_worker"):
             row.update(measured_memory=run["peak_train_bytes_per_worker"], predicted_memory=memory,
@@ -413,6 +452,9 @@ def check_against_measured(profile: dict, runs: list[dict], overlap: float = 0.0
         if "comm_bytes_per_epoch" in run:
             row.update(measured_bytes=run["comm_bytes_per_epoch"], predicted_bytes=pred[bytes_key],
                        bytes_rel_error=_relative_error(pred[bytes_key], run["comm_bytes_per_epoch"]))
+        if method == NOPROP and "peer_bytes_per_epoch_per_worker" in run:
+            row.update(measured_peer_bytes=run["peer_bytes_per_epoch_per_worker"],
+                       predicted_peer_bytes=pred["peer_bytes_per_epoch_per_worker"])
         rows.append(row)
     return rows
 
@@ -428,7 +470,8 @@ def format_check(rows: list[dict]) -> str:
     """The check as a markdown table."""
     head = ["method", "N", "measured s/epoch", "predicted s/epoch", "compute s", "comm s", "rel. error",
             f"within {CHECK_TOLERANCE:.0%}", "measured MB", "predicted MB", "bytes rel. error",
-            "measured mem. MB/worker", "predicted mem. MB/worker", "mem. rel. error"]
+            "measured mem. MB/worker", "predicted mem. MB/worker", "mem. rel. error",
+            "measured in-group MB/worker", "predicted in-group MB/worker"]
     cells = []
     for r in rows:
         within = {None: "-", True: "yes", False: "NO"}[r["within_tolerance"]]
@@ -438,7 +481,8 @@ def format_check(rows: list[dict]) -> str:
             fmt(r["rel_error"], "+.1%"), within + (f" ({r['note']})" if r.get("note") else ""),
             fmt(_mb(r.get("measured_bytes")), ".3f"), fmt(_mb(r.get("predicted_bytes")), ".3f"),
             fmt(r.get("bytes_rel_error"), "+.1%"), fmt(_mb(r.get("measured_memory")), ".1f"),
-            fmt(_mb(r.get("predicted_memory")), ".1f"), fmt(r.get("memory_rel_error"), "+.1%")])
+            fmt(_mb(r.get("predicted_memory")), ".1f"), fmt(r.get("memory_rel_error"), "+.1%"),
+            fmt(_mb(r.get("measured_peer_bytes")), ".3f"), fmt(_mb(r.get("predicted_peer_bytes")), ".3f")])
     lines = [f"Cost model vs measured (local link; within {CHECK_TOLERANCE:.0%} counts as a fit)", ""]
     return "\n".join(lines + md_table(head, cells)) + "\n"
 

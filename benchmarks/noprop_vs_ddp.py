@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import add_overrides, add_smoke, fresh_dir, parse_args, ray_environment, read_run, train, write_results
+from common import add_overrides, add_smoke, fmt, fresh_dir, parse_args, ray_environment, read_run, train, write_results
 from noprop_dist import config
 
 METHODS = ("noprop", "backprop", "backprop_cnn")
@@ -127,13 +127,16 @@ def profile_steps(cfg: config.Config, data, batch_sizes: list[int], steps: int) 
                                                 max(2, steps // 4) if network == "backprop" else steps)
             if b == B:
                 memory[network] = _memory(runner, x, y, rows)
+        # Global BatchNorm all-reduces its statistics per layer, forward and backward: always in a
+        # block split into replicas (within its group), in a baseline when DDP synchronises it.
+        batchnorms = 2 * sum(isinstance(m, torch.nn.BatchNorm1d) for m in runner.module.modules())
         if variant is None:
             setup = runner.setup
             head = next(u for u in setup.units if u.role == "head")
             params["noprop_head"] = sum(p.numel() * 4 for p in setup.objective.build_module(head, setup).parameters())
+            small[network] = batchnorms
         elif cfg.cluster.sync_batchnorm:
-            # Global BatchNorm all-reduces its statistics per layer, forward and backward.
-            small[network] = 2 * sum(isinstance(m, torch.nn.BatchNorm1d) for m in runner.module.modules())
+            small[network] = batchnorms
     return {"step_seconds": out, "param_bytes": params, "memory": memory, "small_allreduces_per_step": small,
             "device": "cpu"}
 
@@ -286,6 +289,8 @@ def make_record(method: str, workers: int, cfg: config.Config, run_dir: Path, wa
             "peak_train_bytes_per_worker": noprop_worker_peak(summary, run.manifest),
             "rss_bytes_per_worker": max(r.get("rss_bytes", 0) for r in unit_epochs if r["unit"] != "head"),
             "launch_seconds": summary.get("launch_to_first_step_s"),
+            "peer_bytes_per_epoch_per_worker": in_group_bytes(summary, unit_epochs),
+            "plan": summary.get("plan", []),
         })
     else:
         per_epoch = summary["epoch_seconds"]
@@ -300,6 +305,21 @@ def make_record(method: str, workers: int, cfg: config.Config, run_dir: Path, wa
         })
     record.update({"epoch_seconds": epoch_seconds, "samples_per_second": n / epoch_seconds})
     return record
+
+
+def in_group_bytes(summary: dict, unit_epochs: list[dict]) -> float:
+    """Gradient bytes the busiest NoProp worker sends per epoch inside its replica groups: each
+    of its replicas all-reduces the gradient payload its unit counted in a ring of the group's
+    r members, 2 (r - 1) / r of it per member (the BatchNorm statistics, a few kB, are apart).
+    0 when no unit is split."""
+    sent: dict[str, list[float]] = {}
+    for r in unit_epochs:
+        k = r.get("workers", 1)
+        if k > 1 and "allreduce_grad_bytes_per_worker" in r:
+            sent.setdefault(r["unit"], []).append(2 * (k - 1) / k * r["allreduce_grad_bytes_per_worker"])
+    per_worker = [sum(float(np.mean(sent[n.split("[")[0]])) for n in label.split("+") if n.split("[")[0] in sent)
+                  for label in summary.get("worker_devices", {})]
+    return max(per_worker, default=0.0)
 
 
 def noprop_worker_peak(summary: dict, manifest: dict) -> int:
@@ -331,7 +351,7 @@ def add_ratios(records: list[dict]) -> None:
     """Speed-up and efficiency of each run against its own method's N = 1."""
     base = {r["method"]: r["epoch_seconds"] for r in records if r["workers"] == 1}
     for r in records:
-        if r["method"] in base:
+        if r["method"] in base and not r.get("logical"):      # logical workers share the cores: no speed figure
             r["speedup"] = base[r["method"]] / r["epoch_seconds"]
             r["efficiency"] = r["speedup"] / r["workers"]
 
@@ -339,17 +359,23 @@ def add_ratios(records: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------
 # Output.
 # ---------------------------------------------------------------------------------------
+def _mb(value: float | None) -> float | None:
+    return None if value is None else value / 1e6
+
+
 def markdown_table(records: list[dict]) -> str:
     head = ("| method | N | s / epoch (median; all runs) | samples/s | speed-up | efficiency | "
-            "peak train MB / worker | RSS MB / worker | comm MB / epoch | test acc. |")
-    rows = [head, "|" + "---|" * 10]
+            "peak train MB / worker | RSS MB / worker | comm MB / epoch | in-group MB / worker / epoch | test acc. |")
+    rows = [head, "|" + "---|" * 11]
     for r in records:
         trials = ", ".join(f"{t:.2f}" for t in r.get("epoch_seconds_trials", [r["epoch_seconds"]]))
         rows.append(
-            f"| {r['method']} | {r['workers']} | {r['epoch_seconds']:.2f} ({trials}) | {r['samples_per_second']:.0f} | "
+            f"| {r['method']} | {r['workers']}{' (logical)' if r.get('logical') else ''} | "
+            f"{r['epoch_seconds']:.2f} ({trials}) | {r['samples_per_second']:.0f} | "
             f"{r.get('speedup', float('nan')):.2f}x | {r.get('efficiency', float('nan')):.2f} | "
             f"{r['peak_train_bytes_per_worker'] / 1e6:.1f} | {r['rss_bytes_per_worker'] / 1e6:.0f} | "
-            f"{r['comm_bytes_per_epoch'] / 1e6:.3f} | {r['test_accuracy']:.4f} |")
+            f"{r['comm_bytes_per_epoch'] / 1e6:.3f} | {fmt(_mb(r.get('peer_bytes_per_epoch_per_worker')), '.2f')} | "
+            f"{r['test_accuracy']:.4f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -398,13 +424,21 @@ def main() -> int:
     add_smoke(parser, "tiny preset, 1 epoch: < 2 minutes")
     parser.add_argument("--out", default="benchmarks/results/vs_ddp")
     parser.add_argument("--address", default="", help="Ray cluster to run on (default: a private local Ray)")
+    parser.add_argument("--logical-cpus", type=int, default=0,
+                        help="give the private local Ray this many logical CPUs, so that N beyond this machine's "
+                             "cores can run (e.g. T = 10 on 20 workers): such points are marked logical and "
+                             "measure correctness, bytes and memory, not speed")
     add_overrides(parser)
     args = parse_args(parser)            # config overrides too, e.g. --data.root=/shared/torchvision
     ray_environment()
     preset = "tiny" if args.smoke else args.config
     epochs = 1 if args.smoke else args.epochs
     cfg = config.resolve(preset, {"train.epochs": epochs, "train.threads": 1, "cluster.threads_per_worker": 1,
-                                  "cluster.address": args.address, **args.overrides})
+                                  "cluster.address": args.address,
+                                  **({"cluster.local_cpus": args.logical_cpus} if args.logical_cpus else {}),
+                                  **args.overrides})
+    cores = os.cpu_count() or 1
+    timed = [n for n in args.workers if n <= cores] if not args.address else args.workers
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -418,7 +452,7 @@ def main() -> int:
     lean = lean_loop(cfg, data)
     bare_epoch = lean["bare_seconds"]
     link = measure_local_link()
-    ceiling = hardware_parallel_efficiency(cfg, max(args.workers)) if max(args.workers) > 1 else None
+    ceiling = hardware_parallel_efficiency(cfg, max(timed)) if timed and max(timed) > 1 else None
     connect(cfg.cluster)
     runs_dir = out / "runs"
     trials: dict[tuple[str, int], list[dict]] = {}
@@ -429,7 +463,7 @@ def main() -> int:
             for workers in args.workers:
                 tag = f"{method}-{workers}" + (f"-r{repeat}" if args.repeats > 1 else "")
                 print(f"[vs_ddp] {tag} ...", flush=True)
-                rec = run_method(method, workers, cfg, fresh_dir(runs_dir / tag))
+                rec = {**run_method(method, workers, cfg, fresh_dir(runs_dir / tag)), "logical": workers not in timed}
                 trials.setdefault((method, workers), []).append(rec)
                 print(f"[vs_ddp] {tag}: {rec['epoch_seconds']:.2f} s/epoch, acc {rec['test_accuracy']:.4f}, "
                       f"{rec['peak_train_bytes_per_worker'] / 1e6:.1f} MB/worker", flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cost_model as cm  # noqa: E402
+
+from noprop_dist.trainers.ray.plan import plan_replicas, replica_load  # noqa: E402
 
 pytestmark = pytest.mark.fast
 
@@ -119,12 +122,29 @@ def test_noprop_head_bounds_the_epoch(profile):
     assert r["speedup"] < T and "the head sets the epoch" in r["notes"]
 
 
-def test_noprop_blocks_queue_when_n_below_t(profile):
-    # N = 4, T = 10: the busiest worker hosts 3 blocks, one after another.
+def test_noprop_uneven_counts_follow_the_trainers_plan(profile):
+    """N = 4, T = 10: the trainer's planner gives each worker 2 whole blocks and one replica of
+    a block split in two (round-robin would put 3 blocks on two workers). The busiest worker
+    is one that also sends its split block's checkpoint (replica 0)."""
     four, ten = cm.project_noprop(profile, 4, FAST), cm.project_noprop(profile, T, FAST)
-    assert four["blocks_per_worker"] == 3
-    assert four["epoch_seconds"] == pytest.approx(3 * ten["epoch_seconds"], rel=1e-12)
-    assert any("load imbalance" in n for n in four["notes"])
+    assert four["plan"] == cm.noprop_plan(T, 4).lines() == plan_replicas({f"block_{t:02d}": 1.0 for t in range(1, T + 1)}, 4).lines()
+    assert four["blocks_per_worker"] == pytest.approx(2 + replica_load(1.0, 2))
+    whole, half = 32 * BLOCK_T0 + EXAMPLES * BLOCK_T1, 32 * BLOCK_T0 + EXAMPLES // 2 * BLOCK_T1
+    assert four["compute_seconds"] == pytest.approx(2 * whole + half, rel=1e-12)
+    allreduce = 32 * cm.ring_allreduce(BLOCK_BYTES, 2, FAST)[0]
+    control = 900 / FAST.bandwidth_Bps + 2 * FAST.latency_s
+    checkpoint = cm.message_seconds(2_500_000, FAST)
+    assert four["epoch_seconds"] == pytest.approx(2 * whole + half + allreduce + 3 * (control + checkpoint), rel=1e-12)
+    assert four["epoch_seconds"] < 3 * ten["epoch_seconds"]                 # round-robin's busiest worker
+    assert four["peer_bytes_per_epoch_per_worker"] == pytest.approx(32 * BLOCK_BYTES, rel=1e-12)
+    assert any("busiest worker trains 2.55 blocks' work (ideal 2.5)" in n for n in four["notes"])
+
+
+def test_noprop_never_spreads_a_block_over_dozens_of_workers(profile):
+    """T = 10 on 64: six replicas per block and 4 idle workers, as the trainer plans it
+    (without the planner's split overhead one block would be split 64 ways)."""
+    r = cm.project_noprop(profile, 64, FAST)
+    assert r["replicas"] == 6 and r["idle_workers"] == 4 and r["batch_per_worker"] == math.ceil(BATCH / 6)
 
 
 def test_noprop_replicas_all_reduce_the_block(profile):
@@ -208,7 +228,8 @@ def model_runs(profile: dict) -> list[dict]:
     for n in (1, 2, 4):
         noprop = cm.project_noprop(profile, n, link)
         runs.append({"method": "noprop", "workers": n, "epoch_seconds": noprop["epoch_seconds"],
-                     "comm_bytes_per_epoch": noprop["total_bytes_per_epoch"], "test_accuracy": 0.9})
+                     "comm_bytes_per_epoch": noprop["coordinator_bytes_per_epoch"], "test_accuracy": 0.9,
+                     "peer_bytes_per_epoch_per_worker": noprop["peer_bytes_per_epoch_per_worker"]})
         for m in ("backprop", "backprop_cnn"):
             ddp = cm.project_ddp(profile, m, n, link)
             runs.append({"method": m, "workers": n, "epoch_seconds": ddp["epoch_seconds"],
@@ -223,6 +244,21 @@ def test_check_reports_zero_error_on_its_own_predictions(profile):
     for r in rows:
         assert r["rel_error"] == pytest.approx(0.0, abs=1e-12) and r["within_tolerance"] is True
         assert r["bytes_rel_error"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_check_compares_logical_runs_by_bytes_and_memory_only(profile):
+    """N = 20 logical workers on a 2-core machine: the time says nothing; the bytes inside the
+    replica groups (T = 10: two replicas per block) and what crossed the coordinator do."""
+    link = cm.local_link(profile)
+    pred = cm.project_noprop(profile, 2 * T, link)
+    run = {"method": "noprop", "workers": 2 * T, "epoch_seconds": 99.0, "logical": True,
+           "comm_bytes_per_epoch": pred["coordinator_bytes_per_epoch"],
+           "peer_bytes_per_epoch_per_worker": 32 * BLOCK_BYTES}
+    (row,) = cm.check_against_measured(profile, [run])
+    assert row["rel_error"] is None and row["within_tolerance"] is None and "logical" in row["note"]
+    assert row["bytes_rel_error"] == pytest.approx(0.0, abs=1e-12)
+    assert row["predicted_peer_bytes"] == pytest.approx(row["measured_peer_bytes"], rel=1e-12)
+    assert cm.check_against_measured(profile, [{**run, "logical": False}]) == []   # untimed N: skipped
 
 
 def test_check_flags_a_run_the_model_misses(profile):

@@ -539,7 +539,7 @@ def test_uneven_blocks_split_one_block_and_a_killed_replica_restarts_only_its_gr
     run_dir = tmp_path / "killed"
     result = _train_killing(cfg, run_dir, "block_04")
     assert len(result["plan"]) == 3 and all(f"block_04 ({k}/3)" in line for k, line in zip((1, 2, 3), result["plan"]))
-    assert all(line.endswith("load 1.33") for line in result["plan"])
+    assert all(line.endswith("load 1.4") for line in result["plan"])   # 1 + replica_load(1, 3)
     assert len(result["restarts"]) == 1 and "block_04" in result["restarts"][0]["worker"]
     train_ray(cfg, tmp_path / "clean", show_progress=False)
     assert max_weight_diff(run_dir, tmp_path / "clean") <= 1e-5
