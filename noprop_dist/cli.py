@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 
 from noprop_dist import config as config_mod
 from noprop_dist.data import load_file
-from noprop_dist.errors import CheckpointError, ConfigError, NoPropError
+from noprop_dist.errors import CheckpointError, ConfigError, NoPropError, write_failure
 from noprop_dist.run.results import evaluate_run, export_run
 from noprop_dist.rundir import RunDir, load_run_config
 from noprop_dist.trainers.ray.cluster import prepare_private_ray
@@ -105,7 +107,13 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     trainer = find_trainer(cfg.cluster.backend, cfg.variant)
     prepare_private_ray(cfg.cluster)   # before the trainer's module imports Ray
     train = trainer.function()
-    summary = train(cfg, run_dir, resume=bool(args.resume), show_progress=not args.no_progress)
+    try:
+        summary = train(cfg, run_dir, resume=bool(args.resume), show_progress=not args.no_progress)
+    except OSError as exc:    # a full disk on any backend: the checkpoints written before are whole
+        if (failed := write_failure(exc)) is None:
+            raise
+        raise NoPropError(f"{failed}; the last complete checkpoints in {run_dir} are intact: {write_fix(exc)}, "
+                          f"then continue with: {resume_command(run_dir, overrides)}") from None
     print(f"run directory: {run_dir}")
     print(f"train seconds: {summary['train_seconds']:.1f}")
     if "chain_accuracy_noise" in summary:
@@ -118,12 +126,37 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def resume_command(run_dir: str | Path, overrides: dict[str, Any]) -> str:
+    """The command that continues the run in ``run_dir``, with the options of this one that
+    ``--resume`` keeps (how the run is executed: cluster, device, threads)."""
+    kept = [f"--{key}={value}" for key, value in overrides.items() if key.startswith(RESUME_OVERRIDABLE)]
+    return shlex.join(["noprop-dist", "train", "--resume", str(run_dir), *kept])
+
+
+def write_fix(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "free space"
+    return "make the directory writable"
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        print(f"exported: {export_run(args.run_dir, args.out, force=args.force)}")
+    except OSError as exc:
+        if (failed := write_failure(exc)) is None:
+            raise
+        again = shlex.join(["noprop-dist", "export", str(args.run_dir), str(args.out)])
+        raise NoPropError(f"{failed}; the run in {args.run_dir} is unchanged: {write_fix(exc)}, then run again: "
+                          f"{again}") from None
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
 
     split = None
     if args.data:
 
-        split = load_file(args.data)
+        split = load_file(args.data, load_run_config(RunDir(args.run_dir)).data.layout)  # as the run read its data
     scores = evaluate_run(args.run_dir, split)
     if args.json:
         print(json.dumps(scores))
@@ -150,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "export":
-
-            print(f"exported: {export_run(args.run_dir, args.out, force=args.force)}")
-            return 0
+            return _export(args)
         print("\n".join(config_mod.describe_keys()))
         return 0
     except NoPropError as exc:

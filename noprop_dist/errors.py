@@ -6,6 +6,8 @@ names the problem and the fix. The CLI prints that line and exits with ``exit_co
 instead of showing a traceback.
 """
 
+import errno
+
 
 class NoPropError(Exception):
     """Base class: a one-line, actionable message; the CLI exits with ``exit_code``."""
@@ -33,3 +35,27 @@ class ClusterError(NoPropError):
 
 class TrainingDiverged(NoPropError):
     """A unit's loss stopped being finite: the run stops, its last finite checkpoints stay."""
+
+
+class WriteFailed(NoPropError, OSError):
+    """A file could not be written (a full disk, a quota, a read-only filesystem): raised by the
+    run directory's writers with the file's path, so that the message says which file; an
+    ``OSError`` too (``errno``, ``strerror``, ``filename``), so that code catching those still
+    does. What was written before it stays complete (every file is replaced atomically)."""
+
+    def __str__(self) -> str:
+        return f"could not write {self.filename} ({self.strerror or 'write failed'})"
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+"""Errors that only a write raises: a full disk, a quota, a file too large, a read-only mount."""
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """"could not write PATH (reason)" when ``exc`` is a failed write, else None."""
+    if isinstance(exc, WriteFailed):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        where = exc.filename or "a file"
+        return f"could not write {where} ({exc.strerror})"
+    return None

@@ -23,6 +23,7 @@ the run directory of the recorded size, its SHA-256 is verified, and no code is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -35,7 +36,7 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy
 import pyarrow
@@ -48,7 +49,7 @@ from safetensors.torch import save as st_save
 from noprop_dist import __version__
 from noprop_dist import config as config_mod
 from noprop_dist.config import Config
-from noprop_dist.errors import CheckpointError, ConfigError
+from noprop_dist.errors import CheckpointError, ConfigError, WriteFailed
 from noprop_dist.variants.registry import get_variant, load_target
 
 SCHEMA_VERSION = 1
@@ -147,19 +148,48 @@ def schema_problem(value: Any, spec: Any, manifest: dict, where: str = "") -> st
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
+    A write that fails (a full disk) raises :class:`WriteFailed` naming ``path``."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteFailed):
+            raise WriteFailed(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[None]:
+    """Replace ``path`` (a checkpoint file the manifest records) inside the ``with`` block, which
+    then records the new one: if the block fails after the file was replaced (the manifest
+    could not be written, a full disk), the old file comes back, so that the manifest's
+    checksum still matches. The old file is kept as a hard link meanwhile (no data copied)."""
+    backup = path.with_name(f".{path.name}.previous")
+    with contextlib.suppress(FileNotFoundError):
+        backup.unlink()
+    try:
+        os.link(path, backup)
+    except OSError:
+        backup = None        # no old file (a first checkpoint), or no hard links here
+    try:
+        yield
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, path)   # a no-op when both still name the old file (POSIX rename)
+        raise
+    finally:
+        if backup is not None:
+            with contextlib.suppress(OSError):
+                backup.unlink()
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -304,11 +334,12 @@ class RunDir:
         manifest = self.manifest()   # first: a damaged run is refused before anything is written
         data = tensors_to_bytes(tensors, {"unit": name, "epochs_done": str(epochs_done)})
         rel = f"units/{name}.safetensors"
-        atomic_write(self.path / rel, data)
         entry = {"file": rel, "sha256": sha256(data), "bytes": len(data),
                  "epochs_done": epochs_done, "finished": finished}
         manifest["units"][name] = entry
-        atomic_write_json(self.path / MANIFEST, manifest)
+        with replacing(self.path / rel):
+            atomic_write(self.path / rel, data)
+            atomic_write_json(self.path / MANIFEST, manifest)
         return entry
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -316,9 +347,10 @@ class RunDir:
         manifest = self.manifest()
         data = tensors_to_bytes(tensors)
         rel = f"{name}.safetensors"
-        atomic_write(self.path / rel, data)
         manifest.setdefault("files", {})[name] = {"file": rel, "sha256": sha256(data), "bytes": len(data)}
-        atomic_write_json(self.path / MANIFEST, manifest)
+        with replacing(self.path / rel):
+            atomic_write(self.path / rel, data)
+            atomic_write_json(self.path / MANIFEST, manifest)
 
     def _entry_file(self, entry: dict[str, Any], label: str) -> Path:
         """The file a manifest entry names, refused unless it is a relative path without '..'
@@ -383,10 +415,28 @@ class RunDir:
 
     # ---- logs ------------------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any]) -> None:
-        """Append one JSON line (a crash can at worst lose this line, never earlier ones)."""
-        with open(self.path / "metrics.jsonl", "a") as fh:
-            fh.write(strict_json({"time": time.time(), **record}) + "\n")
-            fh.flush()
+        """Append one JSON line (a crash can at worst lose this line, never earlier ones). A write
+        that fails (a full disk) is cut back off, so that the next line does not join a half one,
+        and raises :class:`WriteFailed`."""
+        path = self.path / "metrics.jsonl"
+        data = (strict_json({"time": time.time(), **record}) + "\n").encode()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise WriteFailed(exc.errno, exc.strerror, str(path)) from None
+        start = None
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError as exc:
+            if start is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+            raise WriteFailed(exc.errno, exc.strerror, str(path)) from None
+        finally:
+            os.close(fd)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"

@@ -6,6 +6,7 @@ NoProp chain needs inference noise, a back-propagation baseline does not.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 
 from noprop_dist.data import ArraySplit, load_dataset, validate_split
 from noprop_dist.errors import CheckpointError, ConfigError
-from noprop_dist.rundir import RunDir
+from noprop_dist.rundir import RunDir, atomic_write
 from noprop_dist.variants.registry import get_variant
 
 
@@ -81,13 +82,9 @@ def export_run(run_dir: str | Path, out_path: str | Path, force: bool = False) -
     no noprop_dist code is needed. The file appears whole or not at all."""
     out = check_export_target(run_dir, out_path, force)
     program = load_predictor(run_dir).export_program()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")  # torch.export.save wants a .pt2 suffix
-    try:
-        torch.export.save(program, tmp)
-        tmp.replace(out)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {out} ({exc.strerror or exc}); choose another path") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Serialised in memory, then written like a checkpoint: torch's own file writer aborts the
+    # process (C++ terminate) when the disk fills, where this raises WriteFailed naming ``out``.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    atomic_write(out, buffer.getvalue())
     return out
