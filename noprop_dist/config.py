@@ -39,6 +39,8 @@ class DataConfig:
     """name=file: test data in the same format; empty = hold out ``test_fraction`` of ``path``."""
     test_fraction: float = 0.2
     """name=file without test_path: fraction of ``path`` held out (seeded split)."""
+    layout: str = "auto"
+    """name=file: image axes of x: nchw (N, C, H, W), nhwc (N, H, W, C: PIL/OpenCV), or auto (the reading with square images, else with at most 4 channels; ambiguous shapes are refused)."""
     cache_dir: str = ""
     """Where converted Arrow IPC files are kept; default: $NOPROP_DATA_DIR or ~/.cache/noprop_dist."""
     limit_train: int = 0
@@ -175,6 +177,7 @@ MAX_EMBED_DIM = 65536
 
 _CHOICES = {
     ("data", "name"): ("mnist_subset", "digits", "mnist", "cifar10", "cifar100", "file"),
+    ("data", "layout"): ("auto", "nchw", "nhwc"),
     ("schedule", "kind"): ("cosine", "linear"),
     ("model", "block"): ("paper", "small", "tiny"),
     ("model", "embedding"): ("one_hot", "learned", "prototype"),

@@ -11,7 +11,9 @@ Where each dataset (``--data.name``) comes from:
   (default ``<cache_dir>/torchvision``), official train/test splits. Downloaded only with
   ``--data.download=true``.
 * ``file``: the user's ``--data.path`` (.npz with arrays ``x``, ``y``; .parquet or
-  .arrow/.feather with columns ``x`` = one flattened image per row and ``y``).
+  .arrow/.feather with columns ``x`` = one flattened image per row and ``y``). Images may be
+  channels first (N, C, H, W), channels last (N, H, W, C: what PIL, OpenCV and most numpy
+  image code make) or (N, H, W); ``--data.layout`` says which (:func:`channels_first`).
 
 Split rules:
 
@@ -61,6 +63,10 @@ TRAIN_FRACTION = 0.8
 HOLDOUT_SEED = 0
 """Seed of the permutation that holds out test examples of a user file."""
 FILE_SUFFIXES = (".npz", ".parquet", ".arrow", ".feather")
+MAX_AUTO_CHANNELS = 4
+"""layout=auto: an axis of at most this many values may be the channel axis (gray, gray+alpha, RGB, RGBA)."""
+LIMIT_SEED = 0
+"""Seed of the stratified sample that ``--data.limit_train`` keeps."""
 _CHUNK = 4096  # rows per chunk in full-array passes, to bound temporary memory
 _FIX = "fix the data or point --data.path/--data.test_path at valid files"
 
@@ -148,8 +154,9 @@ def _as_labels(y: np.ndarray, where: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- user files
 
-def load_file(path: str | Path) -> ArraySplit:
-    """Read and validate a user's .npz / .parquet / .arrow / .feather file."""
+def load_file(path: str | Path, layout: str = "auto") -> ArraySplit:
+    """Read and validate a user's .npz / .parquet / .arrow / .feather file, as (N, C, H, W)
+    images whatever its ``layout`` (``data.layout``: auto, nchw or nhwc)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} not found; pass --data.path=FILE pointing at an "
@@ -158,7 +165,7 @@ def load_file(path: str | Path) -> ArraySplit:
     if suffix == ".npz":
         x, y = _read_npz(path)
     elif suffix in (".parquet", ".arrow", ".feather"):
-        x, y = _read_table(path)
+        x, y = _read_table(path, layout)
     else:
         raise DataError(f"data file {path} has unknown extension {path.suffix!r}; "
                         "convert it to .npz (x, y) or .parquet/.arrow (columns x, y)")
@@ -166,10 +173,32 @@ def load_file(path: str | Path) -> ArraySplit:
     if x.ndim == 3:  # (N, H, W): a single channel
         x = x[:, None]
     if x.ndim != 4:
-        raise DataError(f"{where}: x has shape {x.shape}, expected (N, C, H, W) or (N, H, W); {_FIX}")
+        raise DataError(f"{where}: x has shape {x.shape}, expected (N, C, H, W), (N, H, W, C) or (N, H, W); {_FIX}")
+    x = channels_first(x, layout, where)
     split = ArraySplit(x=_as_images(x, where), y=_as_labels(y, where))
     validate_split(split, where)
     return split
+
+
+def channels_first(x: np.ndarray, layout: str, where: str) -> np.ndarray:
+    """``x`` (N, A, B, C) as (N, C, H, W) images. ``nchw`` keeps it, ``nhwc`` moves the last axis
+    first; ``auto`` picks the reading whose images are square, else the one whose channel
+    axis has at most :data:`MAX_AUTO_CHANNELS` values, and refuses (one line naming the fix)
+    a shape that both or neither reading fits: (N, 3, 3, 3), (N, 1, 28, 3), (N, 8, 8, 8)."""
+    if layout == "auto":
+        square_first, square_last = x.shape[2] == x.shape[3], x.shape[1] == x.shape[2]
+        if square_first != square_last:
+            layout = "nchw" if square_first else "nhwc"
+        elif (x.shape[1] <= MAX_AUTO_CHANNELS) != (x.shape[3] <= MAX_AUTO_CHANNELS):
+            layout = "nchw" if x.shape[1] <= MAX_AUTO_CHANNELS else "nhwc"
+        else:
+            n, a, b, c = x.shape
+            raise DataError(f"{where}: x of shape {x.shape} may be channels first ({a} channel(s) of {b}x{c}) "
+                            f"or channels last ({c} channel(s) of {a}x{b}); say which with --data.layout=nchw "
+                            "or --data.layout=nhwc")
+    if layout == "nhwc":
+        return np.ascontiguousarray(np.moveaxis(x, 3, 1))                       # (N, C, H, W)
+    return x
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +220,9 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
                         "save it with np.savez(FILE, x=images, y=labels)") from None
 
 
-def _read_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_table(path: Path, layout: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of a table; x (N, C, H, W), or (N, H, W, C) rows with ``layout=nhwc`` (the rows'
+    order, and then the metadata ``shape`` is [H, W, C])."""
 
     try:
         if path.suffix.lower() == ".parquet":
@@ -217,7 +248,7 @@ def _read_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
                         "every row must hold one flattened image of the same size")
     length = int(lengths[0]) if len(lengths) else 0
     flat = col.flatten().to_numpy(zero_copy_only=False)
-    shape = _image_shape(path, table.schema.metadata or {}, length)
+    shape = _image_shape(path, table.schema.metadata or {}, length, layout == "nhwc")
     y_col = table.column("y")
     if y_col.null_count:
         raise DataError(f"data file {path}: column y has missing labels; {_FIX}")
@@ -225,8 +256,9 @@ def _read_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return flat.reshape((len(y_col),) + shape), y
 
 
-def _image_shape(path: Path, metadata: dict, length: int) -> tuple[int, int, int]:
-    """(C, H, W) from the schema metadata ``shape``, else guessed for square 1- or 3-channel images."""
+def _image_shape(path: Path, metadata: dict, length: int, last: bool = False) -> tuple[int, int, int]:
+    """(C, H, W) (``last``: (H, W, C)) from the schema metadata ``shape``, else guessed for
+    square 1- or 3-channel images."""
     raw = metadata.get(b"shape")
     if raw is not None:
         try:
@@ -234,15 +266,16 @@ def _image_shape(path: Path, metadata: dict, length: int) -> tuple[int, int, int
         except (ValueError, TypeError):
             shape = ()
         if len(shape) == 2:
-            shape = (1,) + shape
+            shape = shape + (1,) if last else (1,) + shape
         if len(shape) != 3 or int(np.prod(shape)) != length:
             raise DataError(f"data file {path}: metadata shape={raw.decode(errors='replace')} does not "
-                            f"describe rows of {length} values; set it to a JSON list [C, H, W]")
+                            f"describe rows of {length} values; set it to a JSON list "
+                            f"{'[H, W, C]' if last else '[C, H, W]'}")
         return shape  # type: ignore[return-value]
     for channels in (1, 3):
         side = int(round((length / channels) ** 0.5))
         if length and channels * side * side == length:
-            return (channels, side, side)
+            return (side, side, channels) if last else (channels, side, side)
     raise DataError(f"data file {path}: cannot infer the image shape of rows with {length} values; "
                     "add schema metadata shape='[C, H, W]' (JSON) to the file")
 
@@ -302,9 +335,9 @@ def _torchvision(cfg: DataConfig) -> tuple[ArraySplit, ArraySplit, int]:
 
 
 def _user_file(cfg: DataConfig) -> tuple[ArraySplit, ArraySplit, int]:
-    train = load_file(cfg.path)
+    train = load_file(cfg.path, cfg.layout)
     if cfg.test_path:
-        test = load_file(cfg.test_path)
+        test = load_file(cfg.test_path, cfg.layout)
         if test.x.shape[1:] != train.x.shape[1:] or test.x.dtype != train.x.dtype:
             raise DataError(f"test file {cfg.test_path} holds {test.x.dtype} images of shape "
                             f"{test.x.shape[1:]} but {cfg.path} holds {train.x.dtype} {train.x.shape[1:]}; "
@@ -347,7 +380,7 @@ def _cache_key(cfg: DataConfig) -> str:
             if p:
                 st = Path(p).stat()
                 parts += [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
-        parts += [cfg.test_path != "", cfg.test_fraction if not cfg.test_path else None]
+        parts += [cfg.test_path != "", cfg.test_fraction if not cfg.test_path else None, cfg.layout]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 

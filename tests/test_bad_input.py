@@ -80,17 +80,18 @@ def test_the_class_cap_is_a_config_value(tmp_path, capsys, data_cache):
 
 @pytest.mark.parametrize("shape", [(3, 3, 3), (1, 2, 28), (1, 28, 3)])
 def test_images_too_small_for_the_block_are_refused_before_the_run_exists(shape, tmp_path, capsys, data_cache):
-    """Item 7: used to trace back after the run directory was created (and again on --resume)."""
+    """Item 7: used to trace back after the run directory was created (and again on --resume).
+    (3x3x3 and 1x28x3 could be channels last too: the layout is given.)"""
     path = _file(tmp_path, "small", _images(40, shape), _labels(40))
-    _refused(tmp_path, capsys, data_cache, ["--data.name=file", f"--data.path={path}"],
+    _refused(tmp_path, capsys, data_cache, ["--data.name=file", f"--data.path={path}", "--data.layout=nchw"],
              "do not fit the tiny DT block", 1)
 
 
 @pytest.mark.parametrize("variant", ["backprop", "backprop_cnn"])
 def test_images_too_small_for_the_baselines_are_refused_too(variant, tmp_path, capsys, data_cache):
     path = _file(tmp_path, "small", _images(40, (3, 3, 3)), _labels(40))
-    _refused(tmp_path, capsys, data_cache, [f"--variant={variant}", "--data.name=file", f"--data.path={path}"],
-             f"do not fit the {variant} network", 1)
+    _refused(tmp_path, capsys, data_cache, [f"--variant={variant}", "--data.name=file", f"--data.path={path}",
+                                            "--data.layout=nchw"], f"do not fit the {variant} network", 1)
 
 
 def test_single_class_data_is_refused(tmp_path, capsys, data_cache):
