@@ -21,6 +21,11 @@ class ConfigError(NoPropError):
     exit_code = 2
 
 
+class DeviceUnavailable(ConfigError):
+    """``train.device`` or ``cluster.gpus_per_worker`` asks for a GPU that is not there
+    (checked before anything is written)."""
+
+
 class DataError(NoPropError):
     """A dataset is missing, malformed, or inconsistent."""
 

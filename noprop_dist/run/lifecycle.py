@@ -35,8 +35,8 @@ from noprop_dist.errors import CheckpointError
 from noprop_dist.run.plots import plot_run
 from noprop_dist.rundir import LOCK_FILE, RunDir
 from noprop_dist.training.preflight import StepEstimate, check_unit, device_memory_budget, fitting_batch
-from noprop_dist.variants.base import UnitSetup, make_setup, resolve_device
-from noprop_dist.variants.registry import get_variant
+from noprop_dist.variants.base import UnitSetup, check_gpu, evaluation_device, make_setup
+from noprop_dist.variants.registry import find_trainer, get_variant, load_target
 
 
 def load_data(cfg: Config) -> Dataset:
@@ -75,6 +75,13 @@ class RunTrainer:
     def open(self, cfg: Config, run_dir: str | Path, resume: bool, fields: dict[str, Any]) -> ContextManager[RunDir]:
         return open_run(cfg, run_dir, resume, fields)
 
+    def check_devices(self, cfg: Config) -> None:
+        """Refuse (one line) a ``train.device`` GPU the training cannot have; runs after
+        :meth:`place` (connected), before anything is written. The backend's registry entry
+        says whose GPUs count: this machine's, or the Ray cluster's (its workers')."""
+        gpus, where = load_target(find_trainer(cfg.cluster.backend, cfg.variant).gpus)(cfg.cluster)
+        check_gpu(cfg.train.device, gpus, where)
+
     writes = True
     """Does this process finish the run (evaluate, write the summary)? Ranks other than 0 do not."""
 
@@ -86,6 +93,7 @@ def train_run(trainer: RunTrainer, cfg: Config, run_dir: str | Path, resume: boo
     setup = make_setup(cfg, data)
     objective = setup.objective
     placement = trainer.place(cfg, data, setup)
+    trainer.check_devices(cfg)
     step = check_unit(objective.step_probe(setup, len(data.train)), placement.batch_share, data.input_shape,
                       placement.budget, placement.sharing, placement.where, units_held=placement.units_held)
     with trainer.open(cfg, run_dir, resume, objective.manifest_fields(cfg, data, setup)) as run:
@@ -191,7 +199,7 @@ def finish_run(run: RunDir, cfg: Config, data: Dataset, train_seconds: float,
     train_seconds += run.manifest().get("train_seconds_done", 0.0)
     run.update_manifest(train_seconds_done=train_seconds)
     predictor = get_variant(cfg.variant).load(run)
-    device = resolve_device(cfg.train.device)
+    device = evaluation_device(cfg.train.device)
     max_batch = None if step is None else fitting_batch(step, device_memory_budget(device), cfg.eval.batch_size)
     start = time.perf_counter()
     scores = predictor.evaluate(data.test, cfg.eval, device=device, max_batch=max_batch)

@@ -24,13 +24,13 @@ import torch.distributed as dist
 from noprop_dist.cli import parse_overrides, train_config
 from noprop_dist.config import Config
 from noprop_dist.data import Dataset
-from noprop_dist.errors import ConfigError, NoPropError
+from noprop_dist.errors import ConfigError, DeviceUnavailable, NoPropError
 from noprop_dist.run.lifecycle import Placement, RunTrainer, batch_share, open_run, train_run
 from noprop_dist.rundir import RunDir
 from noprop_dist.training.data_parallel import DataParallel
 from noprop_dist.training.loop import train_units
 from noprop_dist.training.preflight import device_memory_budget
-from noprop_dist.variants.base import UnitSetup, resolve_device
+from noprop_dist.variants.base import UnitSetup, local_gpus, resolve_device
 
 
 class TorchrunTrainer(RunTrainer):
@@ -43,6 +43,9 @@ class TorchrunTrainer(RunTrainer):
         sharing = 1 if self.device.type == "cuda" else self.local_world
         return Placement(self.world, batch_share(cfg, data, self.world), device_memory_budget(self.device), sharing,
                          f"this machine ({self.device})", units_held=sum(u.role != "head" for u in setup.units))
+
+    def check_devices(self, cfg: Config) -> None:
+        """Done by :func:`_device` before the process group opened: this rank's GPU, no Ray."""
 
     @contextlib.contextmanager
     def open(self, cfg: Config, run_dir: str | Path, resume: bool, fields: dict[str, Any]) -> Iterator[RunDir]:
@@ -103,8 +106,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _device(cfg: Config, local_rank: int) -> torch.device:
+    """This rank's device: ``train.device``'s type, a CUDA rank on GPU ``LOCAL_RANK`` (refused,
+    one line, before the process group opens, where this machine has too few GPUs)."""
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
+        gpus, where = local_gpus()
+        if local_rank >= gpus:
+            raise DeviceUnavailable(
+                f"train.device={cfg.train.device}: the torchrun process of LOCAL_RANK={local_rank} needs GPU "
+                f"{local_rank} but {where} has {gpus} GPU(s); start at most {gpus} per node "
+                "(--nproc-per-node) or pass --train.device=cpu")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return device

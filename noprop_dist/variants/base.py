@@ -25,7 +25,7 @@ from torch import nn
 from noprop_dist.config import Config, ContinuousConfig, ModelConfig, TrainConfig
 from noprop_dist.core import schedule
 from noprop_dist.data import Dataset, normalize
-from noprop_dist.errors import CheckpointError
+from noprop_dist.errors import CheckpointError, DeviceUnavailable
 from noprop_dist.nets.blocks import class_medoids, embedding_dim, initial_embedding
 from noprop_dist.rundir import RunDir, load_run_config
 from noprop_dist.variants.registry import get_variant
@@ -69,10 +69,43 @@ def derive_seed(run_seed: int, unit: int, epoch: int, stream: int) -> int:
     return int(seq.generate_state(1, dtype=np.uint64)[0] & np.uint64(2**63 - 1))
 
 
+def local_gpus(cluster: Any = None) -> tuple[int, str]:
+    """(CUDA devices this process can use, where): the in-process trainers' GPUs."""
+    return (torch.cuda.device_count() if torch.cuda.is_available() else 0), "this machine"
+
+
+def check_gpu(name: str, gpus: int, where: str) -> None:
+    """Refuse ``train.device=cuda`` or ``cuda:N`` when ``where`` has ``gpus`` GPUs, too few
+    for it (one line naming what was asked and what exists)."""
+    if not name.startswith("cuda"):
+        return
+    index = int(name[5:]) if name.startswith("cuda:") else 0
+    if index < gpus:
+        return
+    asked = "a GPU" if name == "cuda" else f"GPU {index}"
+    if gpus == 0:
+        raise DeviceUnavailable(f"train.device={name} asks for {asked} but {where} has no GPU; "
+                                "pass --train.device=cpu (or auto: a GPU where there is one)")
+    raise DeviceUnavailable(f"train.device={name} asks for {asked} but {where} has {gpus} GPU(s), cuda:0.."
+                            f"cuda:{gpus - 1}; pass --train.device=cuda:{gpus - 1} or lower (or auto)")
+
+
 def resolve_device(name: str) -> torch.device:
+    """The device of ``train.device`` in this process; a GPU this machine lacks is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_gpu(name, *local_gpus())
     return torch.device(name)
+
+
+def evaluation_device(name: str) -> torch.device:
+    """Where this process evaluates a run trained with ``train.device=name``: that device
+    where this machine has it, else the CPU. (A Ray driver: its workers held the GPUs that
+    ``name`` asked for, checked against the cluster before the run started.)"""
+    try:
+        return resolve_device(name)
+    except DeviceUnavailable:
+        return torch.device("cpu")
 
 
 @dataclass(frozen=True)

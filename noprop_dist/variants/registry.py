@@ -43,17 +43,21 @@ class Trainer:
     backend: str
     target: str        # "module:function" of its train(cfg, run_dir, resume, show_progress) entry
     doc: str
+    gpus: str = "noprop_dist.variants.base:local_gpus"
+    """"module:function" of ``(cluster config) -> (GPUs its training can use, where)``: the
+    input of the missing-GPU check (this machine's, or the connected Ray cluster's)."""
 
     def function(self) -> Callable:
         return load_target(self.target)
 
 
+_CLUSTER_GPUS = "noprop_dist.trainers.ray.cluster:cluster_gpus"
 TRAINERS: dict[str, Trainer] = {t.backend: t for t in (
     Trainer("local", "noprop_dist.trainers.local:train_local", "every unit in this process, one after another"),
     Trainer("ray", "noprop_dist.trainers.ray.coordinator:train_ray",
-            "Ray coordinator, one worker per unit, no traffic between workers"),
+            "Ray coordinator, one worker per unit, no traffic between workers", _CLUSTER_GPUS),
     Trainer("ddp", "noprop_dist.trainers.ddp:train_ddp",
-            "data-parallel ranks on Ray Train workers (DDP; gloo on CPU, nccl on GPU)"),
+            "data-parallel ranks on Ray Train workers (DDP; gloo on CPU, nccl on GPU)", _CLUSTER_GPUS),
 )}
 
 

@@ -48,7 +48,7 @@ from collections.abc import Mapping
 import torch
 
 from noprop_dist.config import ClusterConfig
-from noprop_dist.errors import ClusterError
+from noprop_dist.errors import ClusterError, DeviceUnavailable
 
 NAMESPACE = "noprop_dist"
 RAY_BACKENDS = ("ray", "ddp")
@@ -160,12 +160,26 @@ def worker_capacity(cluster: ClusterConfig, resources: dict[str, float]) -> tupl
     """(how many workers of ``cluster.threads_per_worker`` CPUs and the GPUs each asks for fit
     in ``resources``, GPUs per worker). ``gpus_per_worker = -1``: 1 when the cluster has GPUs."""
     gpus = cluster.gpus_per_worker
+    if gpus > 0 and resources.get("GPU", 0.0) <= 0:
+        raise DeviceUnavailable(
+            f"cluster.gpus_per_worker={gpus:g} asks for GPU workers but the Ray cluster has no free GPU "
+            f"({resources.get('CPU', 0.0):g} CPU, 0 GPU); pass --cluster.gpus_per_worker=0 (CPU workers) or -1 "
+            "(GPUs where the cluster has them), or join a cluster with GPUs (--address)")
     if gpus < 0:
         gpus = 1.0 if resources.get("GPU", 0.0) >= 1 else 0.0
     fits = int(resources.get("CPU", 0.0) // cluster.threads_per_worker)
     if gpus > 0:
         fits = min(fits, int(round(resources.get("GPU", 0.0) / gpus, 6) // 1))
     return fits, gpus
+
+
+def cluster_gpus(cluster: ClusterConfig) -> tuple[int, str]:
+    """(GPUs of the connected Ray cluster, where): what ``train.device=cuda[:N]`` is checked
+    against on the Ray backends, whose workers (not the driver) hold the GPUs."""
+    import ray
+
+    where = f"the Ray cluster at {cluster.address}" if cluster.address else "the private local Ray"
+    return int(ray.cluster_resources().get("GPU", 0.0)), where
 
 
 def first_line(exc: BaseException) -> str:

@@ -1,0 +1,201 @@
+"""Bad input a new user meets first (issue 19): a GPU that is not there, channels-last images,
+absurd or unknown manifest values, a schedule out of bounds, and ``--data.limit_train``; and
+the README's example of calling an exported ``.pt2``.
+
+The contract is :mod:`test_bad_input`'s: one ``noprop-dist: error:`` line (checked in full
+here), the exit code of its kind, no traceback, and nothing written or changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_config_cli import one_error_line
+
+from noprop_dist.cli import main
+from noprop_dist.config import ClusterConfig
+from noprop_dist.data import load_file
+from noprop_dist.errors import DeviceUnavailable
+from noprop_dist.trainers.ray.placement import plan_layout
+from noprop_dist.variants import base
+from noprop_dist.variants.base import evaluation_device
+from noprop_dist.variants.dt import block
+
+NO_GPU_FIX = "pass --train.device=cpu (or auto: a GPU where there is one)"
+
+
+def _train(run_dir: Path, data_cache: str, *extra: str) -> int:
+    return main(["train", "--config", "tiny", "--run-dir", str(run_dir), f"--data.cache_dir={data_cache}",
+                 "--cluster.backend=local", "--no-progress", *extra])
+
+
+def _refused(tmp_path, capsys, data_cache, extra, code=2) -> str:
+    """The line a refused ``train`` printed; its run directory was never created."""
+    run_dir = tmp_path / "run"
+    got = _train(run_dir, data_cache, *extra)
+    line = one_error_line(capsys.readouterr().err)
+    assert got == code, line
+    assert not run_dir.exists(), "a refused run must not create its run directory"
+    return line
+
+
+# --------------------------------------------------------------- 1. a GPU that is not there
+
+@pytest.mark.parametrize("device,gpus,message", [
+    ("cuda", 0, f"train.device=cuda asks for a GPU but this machine has no GPU; {NO_GPU_FIX}"),
+    ("cuda:3", 0, f"train.device=cuda:3 asks for GPU 3 but this machine has no GPU; {NO_GPU_FIX}"),
+    ("cuda:3", 2, "train.device=cuda:3 asks for GPU 3 but this machine has 2 GPU(s), cuda:0..cuda:1; "
+                  "pass --train.device=cuda:1 or lower (or auto)"),
+])
+def test_a_gpu_that_is_not_there_is_refused_before_the_run_exists(device, gpus, message, tmp_path, capsys,
+                                                                   data_cache, monkeypatch):
+    """Used to trace back (``Found no NVIDIA driver``) from the memory preflight. ``gpus``
+    stands in for the machine's GPU count (the check only reads it)."""
+    if gpus:
+        monkeypatch.setattr(base, "local_gpus", lambda cluster=None: (gpus, "this machine"))
+    elif torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    line = _refused(tmp_path, capsys, data_cache, [f"--train.device={device}"])
+    assert line == f"noprop-dist: error: {message}"
+
+
+def test_torchrun_refuses_a_local_rank_beyond_the_gpus(tmp_path, capsys, monkeypatch, data_cache):
+    """``torchrun --nproc-per-node 2`` on a one-GPU machine: rank 1 says so before the process
+    group opens (nothing to wait for, nothing written)."""
+    from noprop_dist.trainers import torchrun
+
+    monkeypatch.setattr(base, "local_gpus", lambda cluster=None: (1, "this machine"))
+    monkeypatch.setattr(torchrun, "local_gpus", lambda cluster=None: (1, "this machine"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    run_dir = tmp_path / "run"
+    code = torchrun.main(["--config", "tiny", "--variant=backprop", "--run-dir", str(run_dir), "--train.device=cuda",
+                          f"--data.cache_dir={data_cache}"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and not run_dir.exists()
+    assert line == ("noprop-dist: error: train.device=cuda: the torchrun process of LOCAL_RANK=1 needs GPU 1 but "
+                    "this machine has 1 GPU(s); start at most 1 per node (--nproc-per-node) or pass "
+                    "--train.device=cpu")
+
+
+GPU_WORKERS_FIX = ("pass --cluster.gpus_per_worker=0 (CPU workers) or -1 (GPUs where the cluster has them), "
+                   "or join a cluster with GPUs (--address)")
+
+
+@pytest.mark.parametrize("gpus_per_worker,workers", [(1.0, 0), (0.5, 4)])
+def test_gpu_workers_on_a_cluster_without_gpus_are_refused_by_the_placement(gpus_per_worker, workers):
+    """Used to say "lower --cluster.workers ... pack blocks with --cluster.gpus_per_worker=0.5",
+    which cannot help where there is no GPU."""
+    cluster = ClusterConfig(gpus_per_worker=gpus_per_worker, workers=workers)
+    with pytest.raises(DeviceUnavailable) as caught:
+        plan_layout([block(t) for t in range(1, 5)], cluster, {"CPU": 8.0})
+    assert str(caught.value) == (f"cluster.gpus_per_worker={gpus_per_worker:g} asks for GPU workers but the Ray "
+                                 f"cluster has no free GPU (8 CPU, 0 GPU); {GPU_WORKERS_FIX}")
+
+
+def test_a_ray_driver_without_the_gpu_evaluates_on_the_cpu():
+    """On the Ray backends train.device is checked against the cluster's GPUs (its workers');
+    the driver that evaluates the finished run uses the CPU where it has no such GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert evaluation_device("cuda:1") == torch.device("cpu")
+    assert evaluation_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.slow   # starts a private Ray in a fresh process (10-20 s each)
+@pytest.mark.parametrize("extra,message", [
+    (["--cluster.backend=ray", "--train.device=cuda"],
+     f"train.device=cuda asks for a GPU but the private local Ray has no GPU; {NO_GPU_FIX}"),
+    (["--cluster.backend=ray", "--cluster.local_gpus=2", "--train.device=cuda:2"],
+     "train.device=cuda:2 asks for GPU 2 but the private local Ray has 2 GPU(s), cuda:0..cuda:1; "
+     "pass --train.device=cuda:1 or lower (or auto)"),
+    (["--cluster.backend=ray", "--cluster.gpus_per_worker=1"],
+     f"cluster.gpus_per_worker=1 asks for GPU workers but the Ray cluster has no free GPU (2 CPU, 0 GPU); "
+     f"{GPU_WORKERS_FIX}"),
+    (["--cluster.backend=ddp", "--variant=fm", "--cluster.gpus_per_worker=1"],
+     f"cluster.gpus_per_worker=1 asks for GPU workers but the Ray cluster has no free GPU (2 CPU, 0 GPU); "
+     f"{GPU_WORKERS_FIX}"),
+])
+def test_ray_backends_check_the_clusters_gpus_not_the_drivers(extra, message, tmp_path, data_cache):
+    """The whole command in a fresh process (its own private Ray, 2 CPUs, no GPU unless
+    ``--cluster.local_gpus``): one line, exit 2, no traceback, no run directory."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "noprop_dist.cli", "train", "--config", "tiny", "--run-dir",
+                           str(run_dir), f"--data.cache_dir={data_cache}", "--cluster.local_cpus=2",
+                           "--cluster.local_gpus=0", "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("noprop-dist:")]
+    assert lines == [f"noprop-dist: error: {message}"], proc.stderr
+    assert "Traceback" not in proc.stderr and not run_dir.exists()
+
+
+# --------------------------------------------------------------- 3. channels-last images
+
+def _npz(tmp_path: Path, name: str, x: np.ndarray, y: np.ndarray) -> Path:
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def _images(n: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def _labels(n: int, classes: int = 3) -> np.ndarray:
+    return np.arange(n, dtype=np.int64) % classes
+
+
+@pytest.mark.parametrize("shape,layout", [((8, 8, 3), "auto"), ((8, 8, 1), "auto"), ((6, 10, 3), "auto"),
+                                          ((3, 3, 3), "nhwc"), ((8, 8, 8), "nhwc")])
+def test_channels_last_arrays_are_read_channels_first(shape, layout, tmp_path):
+    """PIL/OpenCV order (N, H, W, C) used to be read as C = H ("do not fit the tiny DT block")."""
+    x = _images(20, shape)
+    split = load_file(_npz(tmp_path, "hwc", x, _labels(20)), layout)
+    np.testing.assert_array_equal(split.x, np.moveaxis(x, 3, 1))
+
+
+@pytest.mark.parametrize("shape,layout", [((3, 8, 8), "auto"), ((3, 4, 5), "auto"), ((3, 3, 3), "nchw")])
+def test_channels_first_arrays_are_kept(shape, layout, tmp_path):
+    x = _images(20, shape)
+    np.testing.assert_array_equal(load_file(_npz(tmp_path, "chw", x, _labels(20)), layout).x, x)
+
+
+def test_a_channels_last_table_with_its_shape_metadata(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = _images(12, (4, 5, 3))                                           # (N, H, W, C)
+    table = pa.table({"x": pa.array(list(x.reshape(12, -1))), "y": pa.array(_labels(12))})
+    pq.write_table(table.replace_schema_metadata({"shape": "[4, 5, 3]"}), tmp_path / "hwc.parquet")
+    np.testing.assert_array_equal(load_file(tmp_path / "hwc.parquet", "nhwc").x, np.moveaxis(x, 3, 1))
+
+
+@pytest.mark.parametrize("shape,first,last", [((3, 3, 3), "3 channel(s) of 3x3", "3 channel(s) of 3x3"),
+                                              ((1, 28, 3), "1 channel(s) of 28x3", "3 channel(s) of 1x28"),
+                                              ((8, 8, 8), "8 channel(s) of 8x8", "8 channel(s) of 8x8")])
+def test_ambiguous_layouts_are_refused_with_the_fix(shape, first, last, tmp_path, capsys, data_cache):
+    path = _npz(tmp_path, "ambiguous", _images(40, shape), _labels(40))
+    line = _refused(tmp_path, capsys, data_cache, ["--data.name=file", f"--data.path={path}"], code=1)
+    assert line == (f"noprop-dist: error: data file {path}: x of shape (40, {', '.join(map(str, shape))}) may be "
+                    f"channels first ({first}) or channels last ({last}); say which with --data.layout=nchw or "
+                    "--data.layout=nhwc")
+
+
+def test_a_channels_last_file_trains_and_evaluates(tmp_path, capsys, data_cache, digits):
+    """End to end: 8x8 digits stored (N, H, W, 1) train under the default layout, and ``eval
+    --data`` reads a channels-last file as the run read its data."""
+    x = np.moveaxis(np.asarray(digits.train.x[:200]), 1, 3)             # (N, 8, 8, 1)
+    path = _npz(tmp_path, "digits_hwc", x, np.asarray(digits.train.y[:200]))
+    run_dir = tmp_path / "run"
+    assert _train(run_dir, data_cache, "--data.name=file", f"--data.path={path}", "--train.epochs=1") == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--data", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 200
