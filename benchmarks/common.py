@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +52,27 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     return args
 
 
-def ray_environment() -> None:
-    """The scripts' private local Ray runs without token authentication unless
-    ``RAY_AUTH_MODE`` says otherwise (set before Ray is imported)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+def ray_environment(address: str = "") -> None:
+    """Close the private local Ray a script is about to start exactly as ``noprop-dist train``
+    does (loopback only, a fresh token; :func:`noprop_dist.trainers.ray.cluster.prepare_private_ray`):
+    call it before anything imports Ray. Nothing happens when ``address`` joins a cluster; an
+    exported ``RAY_AUTH_MODE`` is kept, as the command keeps it."""
+    from noprop_dist.config import ClusterConfig
+    from noprop_dist.trainers.ray.cluster import prepare_private_ray
+
+    prepare_private_ray(ClusterConfig(backend="ray", address=address))
+
+
+SMOKE_NOTE = ("note: --smoke trains the tiny preset for seconds, too little work for its speed-ups, parallel "
+              "efficiency or cost-model verdicts to mean anything (start-up and scheduling dominate); they show "
+              "that the script runs. Run without --smoke for figures to read.")
+"""Printed (and written into the results) by every benchmark whose ``--smoke`` output holds such figures."""
+
+
+def default_out(name: str) -> Path:
+    """Where a script writes ``name`` without ``--out``: a fresh temporary directory, never the
+    checkout (the caller prints the path)."""
+    return Path(tempfile.mkdtemp(prefix="noprop-bench-")) / name
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ The paper reports 0.49 GB (MNIST) for a whole NoProp-DT run on one GPU; here it 
     python benchmarks/memory.py                 # MNIST subset shapes, batch 128, all presets
     python benchmarks/memory.py --smoke         # digits, seconds (--smoke-test: the same)
     python benchmarks/memory.py --override model.dropout=0.2
+
+Writes memory.json into a fresh temporary directory and prints where (or to --out FILE).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import numpy as np
 import torch
 
-from common import add_overrides, add_smoke, parse_args, write_json
+from common import add_overrides, add_smoke, default_out, parse_args, write_json
 from noprop_dist import config
 from noprop_dist.data import ArraySplit, load_dataset
 from noprop_dist.training.runner import UnitRunner
@@ -33,7 +35,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     add_smoke(parser, "tiny preset: seconds")
     add_overrides(parser)
-    parser.add_argument("--out", default="benchmarks/results/memory.json")
+    parser.add_argument("--out", help="results file (default: memory.json in a new temporary directory)")
     args = parse_args(parser)
     preset = "tiny" if args.smoke else args.config
     rows = []
@@ -60,7 +62,7 @@ def main() -> int:
     for row in rows:
         print(f"{row['block']:>6} {'x'.join(map(str, row['input_shape'])):>10} {row['parameters']:>10,} "
               f"{row['peak_bytes'] / 2**20:>16.1f}")
-    write_json(args.out, rows)
+    print(f"results: {write_json(args.out or default_out('memory.json'), rows)}")
     return 0
 
 

@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import add_overrides, add_smoke, fmt, fresh_dir, parse_args, ray_environment, read_run, train, write_results
+from common import (SMOKE_NOTE, add_overrides, add_smoke, fmt, fresh_dir, parse_args, ray_environment, read_run, train,
+                    write_results)
 from noprop_dist import config
 
 METHODS = ("noprop", "backprop", "backprop_cnn")
@@ -430,7 +431,7 @@ def main() -> int:
                              "measure correctness, bytes and memory, not speed")
     add_overrides(parser)
     args = parse_args(parser)            # config overrides too, e.g. --data.root=/shared/torchvision
-    ray_environment()
+    ray_environment(args.address)   # before anything imports Ray: closed as the CLI's
     preset = "tiny" if args.smoke else args.config
     epochs = 1 if args.smoke else args.epochs
     cfg = config.resolve(preset, {"train.epochs": epochs, "train.threads": 1, "cluster.threads_per_worker": 1,
@@ -504,6 +505,9 @@ def main() -> int:
         lean_text += (f"\nMachine ceiling: the bare block loop alone {ceiling['alone_seconds']:.3f} s; "
                  f"{ceiling['processes']} at once (no Ray) {max(ceiling['concurrent_seconds']):.3f} s: "
                  f"parallel efficiency {ceiling['efficiency']:.2f}\n")
+    if args.smoke:
+        results["note"] = SMOKE_NOTE
+        lean_text += f"\n{SMOKE_NOTE}\n"
     write_results(out, results, f"# NoProp-DT vs DDP backprop ({results['date']}, {preset})\n\n{table}{lean_text}")
     plot(records, out)
     print(table + lean_text)
@@ -513,6 +517,8 @@ def main() -> int:
         print(cost_model.format_check(cost_model.check_against_measured(results["profile"], records)))
     except (ImportError, AttributeError) as exc:
         print(f"[vs_ddp] cost model check skipped ({exc})")
+    if args.smoke:
+        print(SMOKE_NOTE)
     print(f"[vs_ddp] wrote {out / 'results.json'}, results.md, results.png")
     return 0
 

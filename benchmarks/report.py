@@ -10,6 +10,7 @@ import argparse
 import json
 import statistics
 import sys
+from typing import Any
 
 from common import FinishedRun, read_run
 from noprop_dist.errors import NoPropError
@@ -61,6 +62,17 @@ def worker_busy(run: FinishedRun) -> dict:
             "worker_gap_seconds_median": statistics.median(gaps) if gaps else 0.0}
 
 
+def shape(r: dict[str, Any]) -> str:
+    """What the run trains, for the report's first line: DT's T blocks, CT/FM's interval
+    networks, or a back-propagation baseline's one network."""
+    variant = r.get("variant", "dt")
+    if variant == "dt":
+        return f"T={r['T']}"
+    if variant in ("ct", "fm"):
+        return f"{r.get('intervals') or 1} interval network(s), {r.get('steps')} integration steps"
+    return "one network trained end to end by back-propagation"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
@@ -73,9 +85,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    shape = (f"T={r['T']}" if r.get("variant", "dt") == "dt"
-             else f"{r.get('intervals', 1)} interval network(s), {r.get('steps')} integration steps")
-    print(f"{r.get('variant', 'dt')}: {r['dataset']}, block {r['block']}, {shape}, {r['epochs']} epochs, "
+    print(f"{r.get('variant', 'dt')}: {r['dataset']}, block {r['block']}, {shape(r)}, {r['epochs']} epochs, "
           f"{r['backend']} backend, {r['workers']} worker(s)")
     print(f"test accuracy: {r['test_accuracy']:.4f}")
     if r["chain_accuracy_noise"] is not None:

@@ -11,7 +11,7 @@ coordinator spent sampling and dispatching targets.
     python benchmarks/scaling.py --workers 1 2 4 --epochs 2 --ship-targets tensors
     python benchmarks/scaling.py --epochs 1 --workers 2 --override model.dropout=0.2
 
-Writes benchmarks/results/scaling.json (or --out).
+Writes scaling.json into a fresh temporary directory and prints where (or to --out FILE).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import add_overrides, add_smoke, parse_args, ray_environment, train, write_json
+from common import SMOKE_NOTE, add_overrides, add_smoke, default_out, parse_args, ray_environment, train, write_json
 from noprop_dist import config
 
 
@@ -35,9 +35,9 @@ def main() -> int:
     parser.add_argument("--address", default="", help="Ray cluster to use (default: a private local Ray)")
     add_smoke(parser, "tiny preset, for CI")
     add_overrides(parser)
-    parser.add_argument("--out", default="benchmarks/results/scaling.json")
+    parser.add_argument("--out", help="results file (default: scaling.json in a new temporary directory)")
     args = parse_args(parser)
-    ray_environment()
+    ray_environment(args.address)   # before anything imports Ray: closed as the CLI's
     preset = "tiny" if args.smoke else args.config
 
     from noprop_dist.trainers.ray.cluster import connect
@@ -68,7 +68,10 @@ def main() -> int:
         print(f"{row['workers']:>7} {row['train_seconds']:>8.1f} {row['speedup_vs_first']:>8.2f} "
               f"{row['launch_to_first_step_s']:>14.1f} {100 * row['dispatch_share']:>10.3f} "
               f"{100 * row['target_share']:>9.3f} {row['test_accuracy']:>6.3f}")
-    write_json(args.out, {"preset": preset, "epochs": args.epochs, "rows": rows})
+    if args.smoke:
+        print(SMOKE_NOTE)
+    out = write_json(args.out or default_out("scaling.json"), {"preset": preset, "epochs": args.epochs, "rows": rows})
+    print(f"results: {out}")
     return 0
 
 

@@ -111,7 +111,7 @@ auth_setup() {
   AUTH_ENV="RAY_AUTH_MODE=$mode"
   case "$mode" in
     disabled)
-      export RAY_AUTH_MODE=disabled
+      export RAY_AUTH_MODE     # disabled, as the user set it
       AUTH_DESC="auth disabled (RAY_AUTH_MODE=disabled)"
       return 0 ;;
     token) ;;

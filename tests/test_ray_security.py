@@ -17,8 +17,10 @@ run's torch.distributed TCPStore (rank 0 of Ray Train) listens on ``::``.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from noprop_dist.trainers.ray.cluster import (AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_
                                               private_ray_env)
 from proc_sockets import listening_sockets, process_tree
 
+REPO = Path(__file__).resolve().parents[1]
 RAY_VARS = (AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH, LOOPBACK_NODE, "RAY_ADDRESS")
 
 SERVER = r"""
@@ -220,3 +223,113 @@ def test_cli_prepares_a_private_ray_before_ray_is_imported(tmp_path):
     assert seen[1][AUTH_MODE] == "disabled" and seen[1][AUTH_TOKEN] is None and seen[1][LOOPBACK_NODE] == "0"
     for s in seen[2:]:
         assert s[AUTH_MODE] is None and s[AUTH_TOKEN] is None and s[LOOPBACK_NODE] is None
+
+
+# ---- the scripts of benchmarks/ and launch/ (issue 19, item 7) -------------------------------
+SCRIPT_DIRS = ("benchmarks", "launch")
+OPEN_RAY_ALLOWED = {
+    "launch/test.sh": "runs the test suite, whose own Ray instances run without authentication; the closed "
+                      "private Ray is checked above in child processes with a clean environment",
+}
+PREPARES = {"ray_environment", "prepare_private_ray"}
+RAY_MODULES = ("ray", "noprop_dist.trainers.ray.coordinator", "noprop_dist.trainers.ddp")
+SETS_AUTH_OFF = {   # os.environ["RAY_AUTH_MODE"] = "disabled", setdefault("RAY_AUTH_MODE", "disabled"); export ...=
+    ".py": re.compile(r"""RAY_AUTH_MODE['"]\s*\]?\s*[,=:]\s*['"]disabled"""),
+    ".sh": re.compile(r"""(^|[;&|(]|\bexport|\benv)\s*RAY_AUTH_MODE=["']?(\$\{RAY_AUTH_MODE:-)?disabled"""),
+    ".yaml": re.compile(r"""(^|[;&|(-]|\bexport|\benv)\s*RAY_AUTH_MODE=["']?disabled"""),
+}
+
+
+def code_lines(path: Path) -> list[str]:
+    """The lines of a script that run: no comments, no here-document bodies (help texts)."""
+    lines, end = [], None
+    for line in path.read_text().splitlines():
+        if end is not None:
+            end = None if line.strip() == end else end
+            continue
+        if line.lstrip().startswith("#"):
+            continue
+        if path.suffix == ".sh" and (m := re.search(r"<<-?\s*['\"]?(\w+)", line)):
+            end = m.group(1)
+        # Messages do not run: a quoted string is blanked unless it is RAY_AUTH_MODE's value.
+        lines.append(re.sub(r'(?<!RAY_AUTH_MODE=)"[^"]*"', '""', line) if path.suffix == ".sh" else line)
+    return lines
+
+
+def script_files() -> list[Path]:
+    return sorted(p for d in SCRIPT_DIRS for p in (REPO / d).iterdir()
+                  if p.suffix in (".py", ".sh", ".yaml") and p.is_file())
+
+
+def ray_starts_before_preparation(tree: ast.AST) -> list[str]:
+    """In each scope (the module, each function), the statements that import Ray (or a trainer
+    module that does) or start it (``connect``, ``ray.init``) before a call of
+    ``ray_environment``/``prepare_private_ray`` in that scope."""
+    found = []
+    for scope in [tree, *[n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]]:
+        prepared = None
+        for node in sorted(_own_nodes(scope), key=lambda n: (n.lineno, n.col_offset)):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in PREPARES and prepared is None:
+                    prepared = node.lineno
+                if (name == "connect" or ast.unparse(node.func) == "ray.init") and prepared is None:
+                    found.append(f"line {node.lineno}: {ast.unparse(node.func)}()")
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if prepared is None and any(n == m or n.startswith(m + ".") for n in names for m in RAY_MODULES):
+                found.append(f"line {node.lineno}: import {names[0]}")
+    return found
+
+
+def _own_nodes(scope: ast.AST) -> list[ast.AST]:
+    """The nodes of ``scope`` outside the functions defined in it."""
+    out, todo = [], list(ast.iter_child_nodes(scope))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        out.append(node)
+        todo.extend(ast.iter_child_nodes(node))
+    return [n for n in out if hasattr(n, "lineno")]
+
+
+def test_no_script_opens_ray_or_starts_it_before_closing_it():
+    """No script in benchmarks/ or launch/ sets RAY_AUTH_MODE=disabled (outside comments), and no
+    Python script imports or starts Ray before it prepared the private Ray as the CLI does."""
+    problems = []
+    for path in script_files():
+        rel = str(path.relative_to(REPO))
+        if rel not in OPEN_RAY_ALLOWED:
+            problems += [f"{rel}: sets {m.group(0).strip()}" for line in code_lines(path)
+                         if (m := SETS_AUTH_OFF[path.suffix].search(line))]
+        if path.suffix == ".py":
+            problems += [f"{rel}: {p} before the private Ray is prepared"
+                         for p in ray_starts_before_preparation(ast.parse(path.read_text()))]
+    assert not problems, "\n".join(problems)
+    # The checks can fail: what issue 19 found in benchmarks/scaling.py, and its shell form.
+    bad = 'import os\nos.environ.setdefault("RAY_AUTH_MODE", "disabled")\nimport ray\ndef main():\n    connect(c)\n'
+    assert SETS_AUTH_OFF[".py"].search(bad) and len(ray_starts_before_preparation(ast.parse(bad))) == 2
+    assert SETS_AUTH_OFF[".sh"].search('export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"')
+    assert not SETS_AUTH_OFF[".sh"].search('[ "$RAY_AUTH_MODE" = disabled ] || die 2 "RAY_AUTH_MODE=disabled only"')
+
+
+def test_benchmarks_prepare_the_same_private_ray_as_the_cli(tmp_path):
+    """benchmarks/common.ray_environment, called by every benchmark that starts a private Ray,
+    sets what `noprop-dist train` sets (token auth with a fresh token, loopback) without
+    importing Ray, and nothing for a cluster given by address."""
+    code = ("import json, os, sys\n"
+            f"sys.path.insert(0, {str(REPO / 'benchmarks')!r})\n"
+            "import common\n"
+            "common.ray_environment(sys.argv[1])\n"
+            f"print(json.dumps({{**{{k: os.environ.get(k) for k in {list(RAY_VARS[:4])!r}}}, 'ray': 'ray' in sys.modules}}))\n")
+    seen = []
+    for address in ("", "auto"):
+        proc = subprocess.run([sys.executable, "-c", code, address], env=clean_env(tmp_path), capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seen.append(json.loads(proc.stdout.splitlines()[-1]))
+    private, cluster = seen
+    assert private[AUTH_MODE] == "token" and len(private[AUTH_TOKEN]) == 64 and private[LOOPBACK_NODE] == "0"
+    assert not private["ray"] and not cluster["ray"]
+    assert cluster[AUTH_MODE] is None and cluster[AUTH_TOKEN] is None and cluster[LOOPBACK_NODE] is None
