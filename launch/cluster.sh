@@ -357,8 +357,9 @@ cluster_main() {
 
   if [ "$role" = head ]; then
     local token_hint=""
+    local worker_base=$(( ${ports_base:-20900} + 100 )) submit_env=""
     if [ -n "$AUTH_FILE" ]; then
-      token_hint=" (token: copy $AUTH_FILE to the same path, mode 0600, on each machine, or pass --token-file; never on a command line)"
+      token_hint=" --token-file $(printf %q "$AUTH_FILE")  (another machine: copy that file there first, mode 0600)"
     elif [ "$RAY_AUTH_MODE" = token ]; then
       token_hint=" (with the same RAY_AUTH_TOKEN in their environment)"
     else
@@ -366,8 +367,10 @@ cluster_main() {
     fi
     echo "head node up: pid $pid, GCS $announce:$port, dashboard and job API http://$announce:$dash_port"
     echo "  $AUTH_DESC"
-    echo "  add a worker:  bash launch/cluster.sh worker --address $announce:$port$token_hint"
-    echo "  submit a job:  RAY_ADDRESS=http://$announce:$dash_port bash launch/submit.sh --config demo --run-dir /abs/path/run"
+    # submit.sh's default interpreter is this checkout's .venv python; else the one beside `ray`.
+    [ -x "$NOPROP_REPO/.venv/bin/python" ] || submit_env=" NOPROP_PYTHON=$(printf %q "$(dirname "$RAY")/python")"
+    echo "  add a worker:  bash launch/cluster.sh worker --address $announce:$port --temp-dir /tmp/ray-worker-1 --ports-base $worker_base$token_hint"
+    echo "  submit a job:  RAY_ADDRESS=http://$announce:$dash_port $AUTH_ENV$submit_env bash launch/submit.sh --config demo --run-dir $(printf %q "$NOPROP_REPO/runs/job-demo")"
   else
     echo "worker node up: pid $pid, joined $address"
     echo "  $AUTH_DESC"

@@ -30,7 +30,8 @@ written by the job's driver on the head node: give an absolute path there (a rel
 land in the job's temporary working directory and is refused).
 
 Environment: RAY_ADDRESS; NOPROP_PYTHON, the interpreter on the cluster's nodes that has
-noprop_dist's dependencies (default `python`); RAY_AUTH_MODE (token by default, or disabled,
+noprop_dist's dependencies (default: this checkout's .venv/bin/python, which `bash
+launch/setup.sh` makes, when it exists, else `python`); RAY_AUTH_MODE (token by default, or disabled,
 as the cluster runs), RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH; RAY_BIN.
 
 Exit status: 0 the job SUCCEEDED (or was submitted, with --no-follow); 1 it FAILED or was
@@ -104,12 +105,17 @@ submit_main() {
     || die 3 "cannot reach the Ray job API at $address: start a head with \`bash launch/cluster.sh head\` (job API on port 8265) or set RAY_ADDRESS to its http://HOST:PORT"
 
   submission_id="${submission_id:-noprop-$(date +%Y%m%d-%H%M%S)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')}"
-  local py="${NOPROP_PYTHON:-python}"
+  # The interpreter of the job: NOPROP_PYTHON, else the one `bash launch/setup.sh` made here
+  # (the same path on the head when the checkout is), else `python` on the head's PATH.
+  local py="${NOPROP_PYTHON:-}"
+  if [ -z "$py" ]; then
+    if [ -x "$NOPROP_REPO/.venv/bin/python" ]; then py="$NOPROP_REPO/.venv/bin/python"; else py=python; fi
+  fi
   local runtime_env='{"excludes": [".venv", "runs", "data", ".git", ".pytest_cache", "__pycache__", "*.egg-info", "benchmarks/results"]}'
   local submit=("$RAY" job submit --address "$address" --submission-id "$submission_id" --no-wait
                 --log-style record --log-color false
                 --working-dir "$NOPROP_REPO" --runtime-env-json "$runtime_env"
-                -- "$py" -m noprop_dist.cli train --address auto "${train[@]}")
+                -- "$py" launch/job.py train --address auto "${train[@]}")
 
   # A fresh head answers "No available agent to submit job" until its job agent is up (each
   # such answer takes the head up to 10 s): retry with the same submission id until the
@@ -177,6 +183,15 @@ submit_main() {
     return 0
   fi
   msg="$(sed -n 's/.*Status message: //p' <<<"$status_out" | tail -n 1 | cut -c1-300)"
+  if [ "$status" = FAILED ]; then  # the job's own one-line error, if it printed one, says the fix
+    local logs why
+    logs="$("$RAY" job logs --address "$address" --log-style record --log-color false "$submission_id" 2>&1 | strip_colors)" || true
+    why="$(grep -oE "noprop-dist( job)?: error: .*" <<<"$logs" | tail -n 1 | cut -c1-400)" || true
+    if [ -z "$why" ] && grep -qF "$py" <<<"$logs" && grep -qE "command not found|No such file or directory" <<<"$logs"; then
+      why="the head has no $py: run \`bash launch/setup.sh\` there and submit with NOPROP_PYTHON=/path/to/checkout/.venv/bin/python"
+    fi
+    msg="${why:-$msg}"
+  fi
   echo "$(basename "$0"): job $submission_id $status${msg:+: $msg}; its logs: $logs_cmd" >&2
   return 1
 }

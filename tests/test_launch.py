@@ -60,7 +60,7 @@ case "$1 ${2:-}" in
     for a in "$@"; do [ "$prev" = --submission-id ] && id="$a"; prev="$a"; done
     echo "Job '$id' submitted successfully"; exit 0 ;;
   "job logs")
-    echo "fake: training log line"; exit 0 ;;
+    echo "fake: training log line"; [ -z "${FAKE_LOG:-}" ] || echo "$FAKE_LOG"; exit 0 ;;
   "job status")
     id="${@: -1}"
     case "${FAKE_STATUS:-SUCCEEDED}" in
@@ -272,6 +272,14 @@ def test_head_generates_a_private_token_and_passes_it_by_path_and_stop_ends_the_
                      "--max-worker-port=30199", "--num-cpus=0", f"--temp-dir={temp}"):
             assert flag in start_call.split(), flag
         assert "cluster.sh worker --address 127.0.0.1:" in res.stdout
+        # The hints run as printed: a worker on this machine needs its own temp dir and ports,
+        # and the head's token file; the submit line names the token file and a writable run dir.
+        worker = next(line for line in res.stdout.splitlines() if "add a worker:" in line)
+        assert "--temp-dir /tmp/ray-worker-1" in worker and "--ports-base 30200" in worker, worker
+        assert f"--token-file {tok}" in worker, worker
+        submit = next(line for line in res.stdout.splitlines() if "submit a job:" in line)
+        assert f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={tok} bash launch/submit.sh" in submit, submit
+        assert f"--run-dir {REPO}/runs/job-demo" in submit and "/abs/path" not in submit, submit
         started = ours({pid}, temp)
         assert started
         # A second node on the same temp dir is refused; the first keeps running.
@@ -336,7 +344,8 @@ def test_submit_waits_for_the_job_agent_then_follows_the_job(tmp_path, fake_ray,
     log = calls(fake_ray)
     submits = [c for c in log if c.startswith("job submit")]
     assert len(submits) == 3 and all(f"--submission-id {job}" in c for c in submits)
-    assert "-m noprop_dist.cli train --address auto --config tiny" in submits[0]
+    # NOPROP_PYTHON unset: the interpreter `bash launch/setup.sh` makes (the README's set-up).
+    assert f"{REPO}/.venv/bin/python launch/job.py train --address auto --config tiny" in submits[0]
     assert any(c.startswith("job logs") and "--follow" in c for c in log)
     recorded = (fake_ray / "env.job").read_text().splitlines()
     assert "RAY_AUTH_MODE=token" in recorded and f"RAY_AUTH_TOKEN_PATH={tmp_path / 'tok'}" in recorded
@@ -352,6 +361,33 @@ def test_submit_exits_with_the_jobs_status(tmp_path, fake_ray, listener, status,
         assert status in line and "ray job logs" in line
         if status == "FAILED":
             assert "exit code 1" in line
+
+
+def test_submit_names_the_fix_of_a_job_that_cannot_import_the_package(tmp_path, fake_ray, listener):
+    """The job's interpreter lacks noprop_dist's dependencies: submit.sh ends with the job's own
+    one-line error (what to set), not Ray's generic status message."""
+    why = ("noprop-dist job: error: /usr/bin/python cannot import noprop_dist (No module named 'torch'); run "
+           "`bash launch/setup.sh` on the head and submit with NOPROP_PYTHON=/path/to/checkout/.venv/bin/python")
+    res = run([SUBMIT, "--address", f"127.0.0.1:{listener}", "--run-dir", tmp_path / "run"],
+              submit_env(tmp_path, fake_ray, FAKE_STATUS="FAILED", FAKE_LOG=why, NOPROP_PYTHON="/usr/bin/python"),
+              timeout=60)
+    assert res.returncode == 1
+    line = one_line(res.stderr)
+    assert line.endswith(why.split(": error: ", 1)[1] + "; its logs: " + line.split("; its logs: ")[1]), line
+    assert "NOPROP_PYTHON=" in line and "FAILED" in line
+    assert "/usr/bin/python launch/job.py train" in next(c for c in calls(fake_ray) if c.startswith("job submit"))
+
+
+def test_job_entry_without_the_dependencies_is_one_line(tmp_path):
+    """launch/job.py run by an interpreter that cannot import torch (python -S: no site-packages)
+    prints one line naming NOPROP_PYTHON and launch/setup.sh, exit status 1."""
+    res = subprocess.run([sys.executable, "-S", str(REPO / "launch" / "job.py"), "train", "--config", "tiny"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 1 and res.stdout == ""
+    line = one_line(res.stderr)
+    assert line.startswith("noprop-dist job: error: ") and "cannot import noprop_dist (No module named" in line
+    assert "NOPROP_PYTHON=" in line and "launch/setup.sh" in line
 
 
 def test_submit_gives_up_on_the_job_agent_after_the_timeout(tmp_path, fake_ray, listener):
