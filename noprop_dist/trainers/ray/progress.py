@@ -1,27 +1,36 @@
 """The Ray trainer's progress display: one bar per unit, fed by the workers' step events
-through a Ray queue (best effort: training never waits for it)."""
+through a Ray queue (best effort: training never waits for it). Where the output is not a
+terminal (a log file, a Ray job) there are no bars, whose cursor escapes would fill the log:
+one plain line per unit and epoch instead."""
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 from ray.util.queue import Empty, Queue
 from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, epochs: int, enabled: bool):
+    def __init__(self, epochs: int, enabled: bool, stream: TextIO | None = None):
         self.epochs = epochs
         self.enabled = enabled
-        self.queue = Queue(actor_options={"num_cpus": 0}) if enabled else None
+        self.stream = stream or sys.stderr          # where tqdm writes
+        self.plain = not self.stream.isatty()
+        # Plain lines need no step events: no queue for the workers to feed.
+        self.queue = Queue(actor_options={"num_cpus": 0}) if enabled and not self.plain else None
         self.bars: dict[str, Any] = {}
 
     def show(self, name: str, text: str, done: bool = False) -> None:
         if not self.enabled:
             return
+        if self.plain:
+            if done:
+                print(f"{name:>9} {text}", file=self.stream, flush=True)
+            return
         if name not in self.bars:
-
-            self.bars[name] = tqdm(total=self.epochs, desc=f"{name:>9}", position=len(self.bars),
+            self.bars[name] = tqdm(total=self.epochs, desc=f"{name:>9}", position=len(self.bars), file=self.stream,
                                    bar_format="{desc} {bar:20} {n_fmt}/{total_fmt}{postfix}")
         bar = self.bars[name]
         if done:
