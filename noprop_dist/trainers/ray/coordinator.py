@@ -5,9 +5,10 @@ The coordinator (:class:`Coordinator`):
 
 * puts the training split into the object store once (each node fetches it once; workers on a
   node read the same shared-memory pages, zero-copy);
-* reserves a placement group with one bundle per worker (:mod:`~.placement` plans which units
-  each hosts) and starts the workers (:mod:`~.worker`), named after their units so the Ray
-  dashboard shows them, plus one for the head;
+* has its workers started (:mod:`~.pool`: a placement group with one bundle per worker,
+  :mod:`~.placement` and :mod:`~.plan` say which units or replicas each hosts; the actors,
+  :mod:`~.worker`, are named after their units so the Ray dashboard shows them, plus one for
+  the head);
 * owns the noisy targets: for every (unit, epoch) it hands out the closed-form sampling of
   ``z_{t-1} ~ q(z_{t-1} | y)`` either as a *recipe* (the worker rebuilds the exact tensor with
   the variant's ``epoch_noise`` from the unit's seed: 8 bytes) or as the *tensor* itself through
@@ -15,10 +16,11 @@ The coordinator (:class:`Coordinator`):
 * gathers each unit's checkpoint as it arrives and writes the run directory (the in-process
   trainer's format); shared tensors are synchronised at their sync points (:mod:`~.syncs`).
 
-Workers never talk to each other. Bytes in both directions are counted per epoch
-(:class:`~.placement.Traffic`). Faults: a worker that dies (killed process, lost node) is
-replaced; only the units it hosted restart, each from its own last checkpoint, while the
-others go on; seeds depend only on (run seed, unit, epoch), so a restarted unit ends with the
+Workers never talk to each other, except a unit's replicas inside their own group. Bytes in
+both directions are counted per epoch (:class:`~.placement.Traffic`). Faults (the policy is
+:meth:`~.pool.WorkerPool.lose`): a worker that dies (killed process, lost node) is replaced;
+only the units it hosted (and its replica groups) restart, each from its own last
+checkpoint, while the others go on; seeds depend only on (run seed, unit, epoch), so a restarted unit ends with the
 weights it would have had. After ``cluster.max_restarts`` replacements of one worker the run
 stops with one line; every checkpoint stays on disk and ``--resume`` continues.
 """
@@ -26,8 +28,6 @@ stops with one line; every checkpoint stays on disk and ``--resume`` continues.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,26 +35,24 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from noprop_dist.config import Config
 from noprop_dist.data import Dataset
 from noprop_dist.errors import ClusterError, TrainingDiverged
 from noprop_dist.run.lifecycle import Placement, RunTrainer, batch_share, train_run
 from noprop_dist.rundir import RunDir
-from noprop_dist.trainers.ray.cluster import connect, first_line
-from noprop_dist.trainers.ray.placement import Layout, Traffic, plan_layout, serialized_bytes, worker_name
+from noprop_dist.trainers.ray.cluster import connect
+from noprop_dist.trainers.ray.placement import Layout, Traffic, plan_layout, serialized_bytes
 from noprop_dist.trainers.ray.plan import ReplicaPlan
+from noprop_dist.trainers.ray.pool import WorkerPool
 from noprop_dist.trainers.ray.progress import Progress
 from noprop_dist.trainers.ray.syncs import SyncBook
-from noprop_dist.trainers.ray.worker import UnitWorker
 from noprop_dist.training.common import checkpoint_due, eval_due, evaluate_during_training
 from noprop_dist.training.preflight import worker_memory
 from noprop_dist.variants.base import EMBEDDING_FILE, SHARED_EMBEDDING, UnitSetup, UnitSpec, resolve_device
 
-PLACEMENT_TIMEOUT_S = 60.0
 POLL_S = 0.2
+RELEASE_WAIT_S = 10.0
 RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError)
 
 
@@ -73,28 +71,12 @@ class UnitTrack:
 
 
 @dataclass
-class WorkerSlot:
-    units: list[UnitSpec]
-    bundle: int | None              # placement-group bundle index (None: the head, no bundle)
-    replicas: list[tuple[int, int]] = field(default_factory=list)   # (index, replicas) per unit
-    handle: Any = None
-    restarts: int = 0               # deaths of this worker (counted against cluster.max_restarts)
-    spawns: int = 0                 # starts, its own or with a restarted group (names the actor)
-    info: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return "+".join(u.name if n == 1 else f"{u.name}[{i + 1}of{n}]" for u, (i, n) in zip(self.units, self.replicas))
-
-
-@dataclass
 class LoopFigures:
     """What the coordinator measures of its own loop (for summary.json)."""
 
     dispatch_seconds: float = 0.0
     worker_target_seconds: float = 0.0
     first_steps: list = field(default_factory=list)
-    restarts: list = field(default_factory=list)
 
 
 class Coordinator:
@@ -116,80 +98,32 @@ class Coordinator:
         self.train_refs = (ray.put(np.ascontiguousarray(data.train.x)), ray.put(np.ascontiguousarray(data.train.y)))
         self.data_bytes = int(data.train.x.nbytes + data.train.y.nbytes)
         self.data_put_seconds = time.perf_counter() - put_start
-        heads = [u for u in setup.units if u.role == "head"]
-        self.workers = [WorkerSlot(units=g, bundle=i, replicas=[(r.index, r.replicas) for r in layout.replicas[i]])
-                        for i, g in enumerate(layout.groups)]
-        self.workers += [WorkerSlot(units=heads, bundle=None, replicas=[(0, 1)] * len(heads))] if heads else []
-        self.tracks = {u.name: UnitTrack(unit=u) for u in setup.units}
-        for w, slot in enumerate(self.workers):
-            for unit, (index, n) in zip(slot.units, slot.replicas):
-                workers = self.tracks[unit.name].workers
-                workers.extend([None] * (n - len(workers)))
-                workers[index] = w
         self.run_tag = f"{run.path.resolve().name}-{os.getpid()}"
-        # Replica groups meet through files: a private Ray's workers share this machine's /tmp;
-        # on a cluster the run directory must be on storage every node sees (as for DDP).
-        self.group_dir = (tempfile.mkdtemp(prefix="noprop-groups-") if not cfg.cluster.address
-                          else str(run.path.resolve() / ".replica_groups"))
-        self.pg = None
+        self.pool = WorkerPool(cfg, run, setup, layout, self.train_refs, self.progress.queue, self.run_tag)
+        self.workers = self.pool.slots
+        self.tracks = {u.name: UnitTrack(unit=u) for u in setup.units}
+        for name, members in self.pool.members().items():
+            self.tracks[name].workers = members
 
     # ---- workers -----------------------------------------------------------------------
     def start(self) -> None:
         """Reserve the placement group, then start every worker (their start-ups overlap)."""
-        bundles = [{"CPU": self.layout.cpus, **({"GPU": self.layout.gpus} if self.layout.gpus else {})}
-                   for _ in self.layout.groups]
-        # PACK fills a node before the next (fewer nodes fetch the data); SPREAD puts the
-        # workers on different nodes in turn (a node's loss costs fewer blocks). Both are soft.
-        self.pg = placement_group(bundles, strategy=self.cfg.cluster.placement.upper(), name=f"{self.run_tag}/blocks")
-        if not ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)[0]:
-            raise ClusterError(
-                f"the cluster could not place {len(bundles)} workers of {bundles[0]} within "
-                f"{PLACEMENT_TIMEOUT_S:.0f} s (resources: {ray.available_resources()}); lower "
-                "--cluster.workers/threads_per_worker/gpus_per_worker or add nodes")
-        waits = [self._spawn(w) for w in range(len(self.workers))]
-        for w, wait in enumerate(waits):
-            self._await_spawn(w, wait)
+        self.pool.reserve()
+        self._start(list(range(len(self.workers))))
 
-    def _spawn(self, w: int) -> tuple[list, Any]:
-        """(Re)start worker ``w`` and load each of its units from its last checkpoint; returns
-        the pending calls (:meth:`_await_spawn` collects them)."""
-        slot = self.workers[w]
-        options: dict[str, Any] = {"name": worker_name(self.run_tag, slot.label, slot.spawns),
-                                   "max_restarts": 0, "max_concurrency": 1}
-        if slot.bundle is None:
-            options.update(num_cpus=0, num_gpus=0)   # the head: a linear layer on d-dim vectors
-        else:
-            options.update(num_cpus=self.layout.cpus, num_gpus=self.layout.gpus,
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(
-                               placement_group=self.pg, placement_group_bundle_index=slot.bundle))
-        threads = 1 if slot.bundle is None else self.layout.cpus
-        slot.spawns += 1
-        slot.handle = UnitWorker.options(**options).remote(self.setup, *self.train_refs, threads, self.progress.queue)
-        manifest_units = self.run.manifest()["units"]
-        starts = []
-        for unit, (index, n) in zip(slot.units, slot.replicas):
-            state = None
-            if unit.name in manifest_units:
-                state = self.run.load_unit(unit.name)
-                self.traffic.add(0, "checkpoint_to_workers", serialized_bytes(state))
-                self.syncs.learn_from_checkpoint(state)
-            track = self.tracks[unit.name]
-            replica = None
-            if n > 1:
-                store = os.path.join(self.group_dir, f"{self.run_tag}-{unit.name}-{track.attempt}")
-                replica = (index, n, store, not self.cfg.cluster.address)
-            starts.append(slot.handle.start_unit.remote(unit, state, replica))
-            track.inflight, track.results = {}, {}
-        return starts, slot.handle.info.remote()
+    def _start(self, slots: list[int]) -> None:
+        for name, done in self.pool.start(slots, self._load_state, lambda unit: self.tracks[unit].attempt).items():
+            track = self.tracks[name]
+            track.epochs_done, track.inflight, track.results = done, {}, {}
 
-    def _await_spawn(self, w: int, pending: tuple[list, Any]) -> None:
-        slot = self.workers[w]
-        starts, info = pending
-        for unit, done in zip(slot.units, ray.get(starts)):
-            self.tracks[unit.name].epochs_done = done
-        slot.info = ray.get(info)
-        self.run.append_metrics({"event": "worker_started", "units": [u.name for u in slot.units],
-                                 "replicas": [list(r) for r in slot.replicas], "restart": slot.restarts, **slot.info})
+    def _load_state(self, unit: UnitSpec) -> dict | None:
+        """A unit's last checkpoint, for the worker that (re)starts it (None: from scratch)."""
+        if unit.name not in self.run.manifest()["units"]:
+            return None
+        state = self.run.load_unit(unit.name)
+        self.traffic.add(0, "checkpoint_to_workers", serialized_bytes(state))
+        self.syncs.learn_from_checkpoint(state)
+        return state
 
     # ---- the loop ----------------------------------------------------------------------
     def train(self) -> float:
@@ -280,60 +214,24 @@ class Coordinator:
                                      resolve_device(self.cfg.train.device))
 
     def _on_failure(self, track: UnitTrack, exc: Exception, dead: int) -> None:
-        """The restart policy: replace the dead worker; its units restart from their checkpoints.
-        A replica group cannot go on without a member: the workers that share a group with the
-        dead one (and theirs) are replaced too, and their groups meet again from the checkpoints."""
+        """A worker died: the pool's restart policy replaces it (and the members of its replica
+        groups); their units forget their epoch in flight and start again from their checkpoints."""
+        group = self.pool.lose(dead, exc)
+        units = {u.name for w in group for u in self.workers[w].units}
+        for name in units:
+            t = self.tracks[name]
+            t.inflight, t.results = {}, {}
+            t.attempt += 1
+            self.syncs.forget(name)
         slot = self.workers[dead]
-        slot.restarts += 1
-        names = ", ".join(u.name for u in slot.units)
-        reason = first_line(exc)
-        self.figures.restarts.append({"worker": slot.label, "restart": slot.restarts, "reason": reason[:300]})
-        self.run.append_metrics({"event": "worker_died", "units": names, "restart": slot.restarts,
-                                 "reason": reason[:300]})
-        if slot.restarts > self.cfg.cluster.max_restarts:
-            finished = [n for n, e in self.run.manifest()["units"].items() if e["finished"]]
-            raise ClusterError(
-                f"the worker of {names} died {slot.restarts} times (last: {reason[:120]}); gave up after "
-                f"--cluster.max_restarts={self.cfg.cluster.max_restarts}. Checkpoints of "
-                f"{len(finished)} finished units are kept in {self.run.path}; fix the cause and run "
-                f"`noprop-dist train --resume {self.run.path}`")
-        group = self._group_closure(dead)
-        for w in group:
-            for unit in self.workers[w].units:
-                track = self.tracks[unit.name]
-                track.inflight, track.results = {}, {}
-                self.syncs.forget(unit.name)
-            if w != dead:
-                _quietly(ray.kill, self.workers[w].handle)
-        for unit in {u.name for w in group for u in self.workers[w].units}:
-            self.tracks[unit].attempt += 1
-        self.progress.show(names, f"worker died; restart {slot.restarts}/{self.cfg.cluster.max_restarts} "
-                           "from the last checkpoint")
-        waits = {w: self._spawn(w) for w in sorted(group)}   # all of a group's members start together
-        for w, wait in waits.items():
-            self._await_spawn(w, wait)
-
-    def _group_closure(self, w: int) -> set[int]:
-        """Worker ``w`` and every worker that shares a replica group with it, transitively."""
-        found, todo = {w}, [w]
-        while todo:
-            for unit in self.workers[todo.pop()].units:
-                for peer in self.tracks[unit.name].workers:
-                    if peer not in found:
-                        found.add(peer)
-                        todo.append(peer)
-        return found
+        self.progress.show(", ".join(u.name for u in slot.units),
+                           f"worker died; restart {slot.restarts}/{self.cfg.cluster.max_restarts} from the last checkpoint")
+        self._start(group)
 
     def close(self) -> None:
         """Best effort: after a failure some of these may already be gone."""
         self.progress.close()
-        for slot in self.workers:
-            if slot.handle is not None:
-                _quietly(ray.kill, slot.handle)
-        if self.pg is not None:
-            _quietly(remove_placement_group, self.pg)
-        if not self.cfg.cluster.address:
-            shutil.rmtree(self.group_dir, ignore_errors=True)
+        self.pool.close()
 
 
 def data_copies(coordinator: Coordinator) -> dict[str, Any]:
@@ -372,7 +270,7 @@ def ray_summary(coordinator: Coordinator, train_seconds: float, launched: float)
         "target_share": (figures.dispatch_seconds + figures.worker_target_seconds / len(coordinator.workers))
         / max(train_seconds, 1e-9),
         "launch_to_first_step_s": (min(first) - launched) if first else None,
-        "restarts": figures.restarts,
+        "restarts": coordinator.pool.restarts,
     }
 
 
@@ -381,11 +279,28 @@ def plan_lines(layout: Layout) -> list[str]:
     return ReplicaPlan(layout.replicas).lines()
 
 
-def _quietly(fn, *args) -> None:
+def _place_when_free(units: list[UnitSpec], cfg: Config) -> tuple[dict[str, float], Layout]:
+    """The layout on the resources available now. A driver that trains twice (a benchmark, a
+    notebook) can ask before Ray has taken back what its last run's workers held (actors and
+    placement groups are released asynchronously): a request that does not fit now but would
+    fit the whole cluster is tried again for up to ``RELEASE_WAIT_S`` before its one-line error."""
+    deadline = time.monotonic() + RELEASE_WAIT_S
+    while True:
+        resources = ray.available_resources()
+        try:
+            return resources, plan_layout(units, cfg.cluster, resources)
+        except ClusterError:
+            if time.monotonic() > deadline or not _fits(units, cfg, ray.cluster_resources()):
+                raise
+            time.sleep(POLL_S)
+
+
+def _fits(units: list[UnitSpec], cfg: Config, resources: dict[str, float]) -> bool:
     try:
-        fn(*args)
-    except Exception:  # noqa: BLE001  cleanup must not hide the error that got us here
-        pass
+        plan_layout(units, cfg.cluster, resources)
+        return True
+    except ClusterError:
+        return False
 
 
 class RayTrainer(RunTrainer):
@@ -394,8 +309,7 @@ class RayTrainer(RunTrainer):
 
     def place(self, cfg: Config, data: Dataset, setup: UnitSetup) -> Placement:
         connect(cfg.cluster)
-        resources = ray.available_resources()
-        layout = plan_layout([u for u in setup.units if u.role != "head"], cfg.cluster, resources)
+        resources, layout = _place_when_free([u for u in setup.units if u.role != "head"], cfg)
         return Placement(len(layout.groups), batch_share(cfg, data, 1),
                          *worker_memory(cfg.cluster, len(layout.groups), layout.gpus, resources),
                          units_held=max(len(g) for g in layout.groups), plan=layout)

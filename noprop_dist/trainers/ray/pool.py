@@ -1,0 +1,189 @@
+"""The Ray trainer's workers: their slots, the placement group that holds them, their (re)starts
+and the restart policy. The coordinator (:mod:`~.coordinator`) decides what they train; this
+module decides where they run and what happens when one of them is lost.
+
+A slot is one worker of the layout (:func:`~.placement.plan_layout`): the units or replicas
+it hosts and its placement-group bundle (the head has none: it takes no CPU or GPU). A worker
+that dies is replaced in its slot; a replica group cannot go on without a member, so the
+workers that share a group with the dead one (transitively) are replaced with it and every
+one of their units starts again from its last checkpoint. After ``cluster.max_restarts``
+deaths of one slot the run stops with one line; every checkpoint stays on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from noprop_dist.config import Config
+from noprop_dist.errors import ClusterError
+from noprop_dist.rundir import RunDir
+from noprop_dist.trainers.ray.cluster import first_line
+from noprop_dist.trainers.ray.placement import Layout, worker_name
+from noprop_dist.trainers.ray.worker import UnitWorker
+from noprop_dist.variants.base import UnitSetup, UnitSpec
+
+PLACEMENT_TIMEOUT_S = 60.0
+
+
+@dataclass
+class WorkerSlot:
+    units: list[UnitSpec]
+    bundle: int | None              # placement-group bundle index (None: the head, no bundle)
+    replicas: list[tuple[int, int]] = field(default_factory=list)   # (index, replicas) per unit
+    handle: Any = None
+    restarts: int = 0               # deaths of this worker (counted against cluster.max_restarts)
+    spawns: int = 0                 # starts, its own or with a restarted group (names the actor)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return "+".join(u.name if n == 1 else f"{u.name}[{i + 1}of{n}]" for u, (i, n) in zip(self.units, self.replicas))
+
+
+# What a (re)started worker needs of the coordinator: a unit's last checkpoint (None: from
+# scratch), and the attempt of its replica group (names the group's rendezvous).
+LoadState = Callable[[UnitSpec], "dict | None"]
+Attempt = Callable[[str], int]
+
+
+class WorkerPool:
+    """The workers of one run, in the slots of its layout."""
+
+    def __init__(self, cfg: Config, run: RunDir, setup: UnitSetup, layout: Layout, train_refs: tuple,
+                 progress_queue: Any, run_tag: str):
+        self.cfg, self.run, self.setup, self.layout = cfg, run, setup, layout
+        self.train_refs, self.progress_queue, self.run_tag = train_refs, progress_queue, run_tag
+        heads = [u for u in setup.units if u.role == "head"]
+        self.slots = [WorkerSlot(units=g, bundle=i, replicas=[(r.index, r.replicas) for r in layout.replicas[i]])
+                      for i, g in enumerate(layout.groups)]
+        self.slots += [WorkerSlot(units=heads, bundle=None, replicas=[(0, 1)] * len(heads))] if heads else []
+        self.restarts: list[dict] = []       # every death, for summary.json
+        # Replica groups meet through files: a private Ray's workers share this machine's /tmp;
+        # on a cluster the run directory must be on storage every node sees (as for DDP).
+        self.group_dir = (tempfile.mkdtemp(prefix="noprop-groups-") if not cfg.cluster.address
+                          else str(run.path.resolve() / ".replica_groups"))
+        self.pg = None
+
+    def members(self) -> dict[str, list[int]]:
+        """unit -> the slots of its replica group, by replica index."""
+        out: dict[str, list[int]] = {}
+        for w, slot in enumerate(self.slots):
+            for unit, (index, n) in zip(slot.units, slot.replicas):
+                group = out.setdefault(unit.name, [None] * n)
+                group[index] = w
+        return out
+
+    def reserve(self) -> None:
+        """Reserve the placement group: one bundle per block worker."""
+        bundles = [{"CPU": self.layout.cpus, **({"GPU": self.layout.gpus} if self.layout.gpus else {})}
+                   for _ in self.layout.groups]
+        # PACK fills a node before the next (fewer nodes fetch the data); SPREAD puts the
+        # workers on different nodes in turn (a node's loss costs fewer blocks). Both are soft.
+        self.pg = placement_group(bundles, strategy=self.cfg.cluster.placement.upper(), name=f"{self.run_tag}/blocks")
+        if not ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)[0]:
+            raise ClusterError(
+                f"the cluster could not place {len(bundles)} workers of {bundles[0]} within "
+                f"{PLACEMENT_TIMEOUT_S:.0f} s (resources: {ray.available_resources()}); lower "
+                "--cluster.workers/threads_per_worker/gpus_per_worker or add nodes")
+
+    def start(self, slots: list[int], load_state: LoadState, attempt: Attempt) -> dict[str, int]:
+        """(Re)start the workers of ``slots`` together (their start-ups overlap; a replica group's
+        members must all be up to meet) and load each unit from ``load_state``; returns each
+        unit's epochs already done."""
+        pending = {w: self._spawn(w, load_state, attempt) for w in slots}
+        done: dict[str, int] = {}
+        for w, (starts, info) in pending.items():
+            slot = self.slots[w]
+            done.update({u.name: d for u, d in zip(slot.units, ray.get(starts))})
+            slot.info = ray.get(info)
+            self.run.append_metrics({"event": "worker_started", "units": [u.name for u in slot.units],
+                                     "replicas": [list(r) for r in slot.replicas], "restart": slot.restarts,
+                                     **slot.info})
+        return done
+
+    def _spawn(self, w: int, load_state: LoadState, attempt: Attempt) -> tuple[list, Any]:
+        slot = self.slots[w]
+        options: dict[str, Any] = {"name": worker_name(self.run_tag, slot.label, slot.spawns),
+                                   "max_restarts": 0, "max_concurrency": 1}
+        if slot.bundle is None:
+            options.update(num_cpus=0, num_gpus=0)   # the head: a linear layer on d-dim vectors
+        else:
+            options.update(num_cpus=self.layout.cpus, num_gpus=self.layout.gpus,
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(
+                               placement_group=self.pg, placement_group_bundle_index=slot.bundle))
+        threads = 1 if slot.bundle is None else self.layout.cpus
+        slot.spawns += 1
+        slot.handle = UnitWorker.options(**options).remote(self.setup, *self.train_refs, threads, self.progress_queue)
+        starts = []
+        for unit, (index, n) in zip(slot.units, slot.replicas):
+            replica = None
+            if n > 1:
+                store = os.path.join(self.group_dir, f"{self.run_tag}-{unit.name}-{attempt(unit.name)}")
+                replica = (index, n, store, not self.cfg.cluster.address)
+            starts.append(slot.handle.start_unit.remote(unit, load_state(unit), replica))
+        return starts, slot.handle.info.remote()
+
+    def lose(self, dead: int, exc: BaseException) -> list[int]:
+        """The restart policy, for worker ``dead`` lost to ``exc``: count the death (one line
+        and a stop past ``cluster.max_restarts``), kill the members of its replica groups, and
+        return the slots to start again (the dead one and those), in order."""
+        slot = self.slots[dead]
+        slot.restarts += 1
+        names = ", ".join(u.name for u in slot.units)
+        reason = first_line(exc)
+        self.restarts.append({"worker": slot.label, "restart": slot.restarts, "reason": reason[:300]})
+        self.run.append_metrics({"event": "worker_died", "units": names, "restart": slot.restarts,
+                                 "reason": reason[:300]})
+        if slot.restarts > self.cfg.cluster.max_restarts:
+            finished = [n for n, e in self.run.manifest()["units"].items() if e["finished"]]
+            raise ClusterError(
+                f"the worker of {names} died {slot.restarts} times (last: {reason[:120]}); gave up after "
+                f"--cluster.max_restarts={self.cfg.cluster.max_restarts}. Checkpoints of "
+                f"{len(finished)} finished units are kept in {self.run.path}; fix the cause and run "
+                f"`noprop-dist train --resume {self.run.path}`")
+        group = self.closure(dead)
+        for w in group:
+            if w != dead:
+                _quietly(ray.kill, self.slots[w].handle)
+        return sorted(group)
+
+    def kill(self, w: int) -> None:
+        """Kill worker ``w`` (a hung one: its next call fails as a death would)."""
+        _quietly(ray.kill, self.slots[w].handle)
+
+    def closure(self, w: int) -> set[int]:
+        """Worker ``w`` and every worker that shares a replica group with it, transitively."""
+        members = self.members()
+        found, todo = {w}, [w]
+        while todo:
+            for unit in self.slots[todo.pop()].units:
+                for peer in members[unit.name]:
+                    if peer not in found:
+                        found.add(peer)
+                        todo.append(peer)
+        return found
+
+    def close(self) -> None:
+        """Best effort: after a failure some of these may already be gone."""
+        for slot in self.slots:
+            if slot.handle is not None:
+                _quietly(ray.kill, slot.handle)
+        if self.pg is not None:
+            _quietly(remove_placement_group, self.pg)
+        if not self.cfg.cluster.address:
+            shutil.rmtree(self.group_dir, ignore_errors=True)
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001  cleanup must not hide the error that got us here
+        pass
