@@ -44,7 +44,7 @@ class DataConfig:
     cache_dir: str = ""
     """Where converted Arrow IPC files are kept; default: $NOPROP_DATA_DIR or ~/.cache/noprop_dist."""
     limit_train: int = 0
-    """Use only the first N training examples (0 = all); for quick experiments."""
+    """Train on N examples (0 = all), for quick experiments: a seeded, stratified sample (every class in proportion, at least one each; file order kept)."""
     limit_test: int = 0
     """Use only the first N test examples (0 = all)."""
     max_classes: int = 1000

@@ -481,13 +481,14 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             raise DataError(f"the data cache {folder} cannot be read back after writing it; "
                             "pass --data.cache_dir=DIR on a local, writable disk")
     train, test, meta = cached
-    # Limits are views of the mapped arrays: no copy, no re-conversion.
-    if cfg.limit_train:
-        train = ArraySplit(train.x[: cfg.limit_train], train.y[: cfg.limit_train])
-    if cfg.limit_test:
-        test = ArraySplit(test.x[: cfg.limit_test], test.y[: cfg.limit_test])
     num_classes = int(meta["num_classes"])
     source = cfg.path if cfg.name == "file" else cfg.name
+    # limit_train: a stratified sample (the builtin sets are stored by class: the first
+    # examples would be a few digits); limit_test: a view of the first examples.
+    if cfg.limit_train and cfg.limit_train < len(train):
+        train = stratified_sample(train, cfg.limit_train, source)
+    if cfg.limit_test:
+        test = ArraySplit(test.x[: cfg.limit_test], test.y[: cfg.limit_test])
     if num_classes > cfg.max_classes:
         raise DataError(f"{source}: labels up to {num_classes - 1} mean {num_classes} classes, more than "
                         f"data.max_classes={cfg.max_classes}; relabel the classes as 0..m-1 or raise "
@@ -500,6 +501,31 @@ def load_dataset(cfg: DataConfig) -> Dataset:
                    mean=tuple(meta["mean"]), std=tuple(meta["std"]))
 
 
+def stratified_sample(split: ArraySplit, n: int, source: str) -> ArraySplit:
+    """``n`` examples of ``split`` (``--data.limit_train``): each class in proportion to its
+    share (largest remainders, at least one each), drawn with a generator seeded with
+    :data:`LIMIT_SEED`, in file order. Fewer examples than classes is refused."""
+    y = np.asarray(split.y)
+    classes, counts = np.unique(y, return_counts=True)
+    if n < len(classes):
+        raise DataError(f"data.limit_train={n} keeps fewer examples than the {len(classes)} classes of the train "
+                        f"split of {source}; pass --data.limit_train={len(classes)} or more (0: all)")
+    quota = counts * (n / len(y))                                         # (classes,) exact shares
+    take = np.maximum(1, np.floor(quota).astype(np.int64))
+    while take.sum() > n:                  # the ones given to rare classes come from the most over-served
+        over = np.where(take > 1, take - quota, -np.inf)
+        take[int(np.argmax(over))] -= 1
+    short = n - int(take.sum())
+    take[np.argsort(-(quota - take), kind="stable")[:short]] += 1
+    rng = np.random.default_rng(LIMIT_SEED)
+    chosen = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False)
+                                     for c, k in zip(classes, take)]))
+    x_part, y_part = np.asarray(split.x[chosen]), y[chosen]
+    x_part.setflags(write=False)            # like the mapped arrays it comes from
+    y_part.setflags(write=False)
+    return ArraySplit(x_part, y_part)
+
+
 def check_trainable(train: ArraySplit, source: str, limit_train: int) -> None:
     """Refuse a training split that cannot train a classifier: fewer than two examples (no
     BatchNorm step) or a single class (accuracy would be a meaningless 1.000)."""
@@ -510,8 +536,7 @@ def check_trainable(train: ArraySplit, source: str, limit_train: int) -> None:
                         f"least 2 (BatchNorm); {fix}")
     labels = np.unique(np.asarray(train.y))
     if len(labels) < 2:
-        fix = ("raise --data.limit_train (the first examples may share a class)" if limit_train
-               else "check the y labels of the file")
+        fix = "check the y labels of the file"
         raise DataError(f"the train split of {source} holds one class only (label {int(labels[0])}); a "
                         f"classifier needs at least two; {fix}")
 

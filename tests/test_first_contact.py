@@ -20,8 +20,8 @@ import torch
 from test_config_cli import one_error_line
 
 from noprop_dist.cli import main
-from noprop_dist.config import ClusterConfig
-from noprop_dist.data import load_file
+from noprop_dist.config import ClusterConfig, DataConfig
+from noprop_dist.data import load_dataset, load_file, normalize
 from noprop_dist.errors import DeviceUnavailable
 from noprop_dist.trainers.ray.placement import plan_layout
 from noprop_dist.variants import base
@@ -199,3 +199,67 @@ def test_a_channels_last_file_trains_and_evaluates(tmp_path, capsys, data_cache,
     capsys.readouterr()
     assert main(["eval", str(run_dir), "--data", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["examples"] == 200
+
+
+# --------------------------------------------------------------- 9. --data.limit_train
+
+def test_limit_train_is_a_stratified_seeded_sample(tiny_config):
+    """mnist_subset and digits are stored by class: the first 1,000 examples of mnist_subset
+    are digits 0-2 and used to score 0.100. The limit now keeps every class in proportion,
+    the same examples each time, in file order."""
+    cfg = tiny_config({"data.limit_train": "100"})
+    data = load_dataset(cfg.data)
+    full = load_dataset(tiny_config().data)
+    counts = np.bincount(np.asarray(data.train.y), minlength=10)
+    expected = np.bincount(np.asarray(full.train.y), minlength=10) * 100 / len(full.train)
+    assert len(data.train) == 100 and np.all(np.abs(counts - expected) < 1), counts
+    again = load_dataset(cfg.data)
+    np.testing.assert_array_equal(again.train.x, data.train.x)
+    rows = {bytes(r) for r in np.asarray(full.train.x).reshape(len(full.train), -1)}
+    assert all(bytes(r) in rows for r in np.asarray(data.train.x).reshape(100, -1))
+    assert len(data.test) == len(full.test)
+
+
+def test_limit_train_keeps_a_rare_class_and_the_file_order(tmp_path):
+    """A class of 2 in 200 still gets one example of 10; the sample keeps the file order."""
+    y = np.concatenate([np.zeros(198, np.int64), np.ones(2, np.int64)])
+    x = np.arange(200, dtype=np.uint8).reshape(200, 1, 1, 1).repeat(4, 2).repeat(4, 3)
+    path = _npz(tmp_path, "rare", x, y)
+    cfg = DataConfig(name="file", path=str(path), test_path=str(path), cache_dir=str(tmp_path / "cache"),
+                     limit_train=10)
+    train = load_dataset(cfg).train
+    assert list(np.bincount(np.asarray(train.y))) == [9, 1]
+    assert np.all(np.diff(np.asarray(train.x)[:, 0, 0, 0].astype(int)) > 0)
+
+
+# --------------------------------------------------------------- 10. calling an exported .pt2
+
+def test_the_documented_three_line_example_runs_on_an_exported_run(trained_run, digits, tmp_path):
+    """The example in noprop_dist.run.exported's docstring (the README's), run as written on
+    an exported tiny run: logits (N, classes), and the predictions of the chain fed the same
+    draws (those of `eval` for one batch of N with eval.seed = seed)."""
+    from noprop_dist.nets.chain import predict
+    from noprop_dist.run import exported
+    from noprop_dist.run.results import export_run
+    from noprop_dist.variants.dt import load_chain
+
+    out = export_run(trained_run[0], tmp_path / "model.pt2")
+    example = exported.__doc__.split("::\n\n")[1].split("\n\n")[0]
+    assert len(example.strip().splitlines()) == 3
+    images = torch.from_numpy(np.array(digits.test.x[:50]))                       # (50, 1, 8, 8) uint8
+    scope = {"torch": torch, "inference_noise": exported.inference_noise, "images": images}
+    exec(example.replace('"model.pt2"', repr(str(out))).replace("\n    ", "\n").strip(), scope)
+    logits = scope["logits"]
+    assert logits.shape == (50, digits.num_classes) and scope["noise"].shape == (5, 50, 10)
+    chain, cfg, _ = load_chain(trained_run[0])
+    x = normalize(images.numpy(), digits.mean, digits.std)
+    assert torch.equal(logits.argmax(-1), predict(chain, x, seed=0))
+
+
+def test_inference_noise_without_the_step_noise_keeps_z0(trained_run, tmp_path):
+    from noprop_dist.run.exported import inference_noise
+    from noprop_dist.run.results import export_run
+
+    program = torch.export.load(str(export_run(trained_run[0], tmp_path / "model.pt2")))
+    full, plain = inference_noise(program, 3, seed=7), inference_noise(program, 3, seed=7, with_noise=False)
+    assert torch.equal(full[0], plain[0]) and not plain[1:].any()
