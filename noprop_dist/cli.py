@@ -20,8 +20,9 @@ from typing import Any
 
 from noprop_dist import config as config_mod
 from noprop_dist.data import load_file
-from noprop_dist.errors import CheckpointError, ConfigError, NoPropError, write_failure
+from noprop_dist.errors import CheckpointError, ConfigError, NoPropError, RunStopped, write_failure
 from noprop_dist.run.results import evaluate_run, export_run
+from noprop_dist.run.signals import exit_status, signal_name, stop_on_signals
 from noprop_dist.rundir import RunDir, load_run_config
 from noprop_dist.trainers.ray.cluster import prepare_private_ray
 from noprop_dist.variants.registry import find_trainer
@@ -107,8 +108,15 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     trainer = find_trainer(cfg.cluster.backend, cfg.variant)
     prepare_private_ray(cfg.cluster)   # before the trainer's module imports Ray
     train = trainer.function()
+    stop_on_signals()
     try:
         summary = train(cfg, run_dir, resume=bool(args.resume), show_progress=not args.no_progress)
+    except KeyboardInterrupt as exc:   # SIGINT or SIGTERM: the trainer's cleanup has run
+        if not (Path(run_dir) / "manifest.json").exists():
+            raise RunStopped(f"stopped by {signal_name(exc)} before the run started; nothing was written to "
+                          f"{run_dir}", exit_status(exc)) from None
+        raise RunStopped(f"stopped by {signal_name(exc)}; the checkpoints of finished epochs are in {run_dir}; "
+                      f"continue with: {resume_command(run_dir, overrides)}", exit_status(exc)) from None
     except OSError as exc:    # a full disk on any backend: the checkpoints written before are whole
         if (failed := write_failure(exc)) is None:
             raise
@@ -189,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except NoPropError as exc:
         print(f"noprop-dist: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("noprop-dist: interrupted; continue with: noprop-dist train --resume RUN_DIR", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:   # outside a run (eval, export, set-up): nothing to resume
+        print(f"noprop-dist: stopped by {signal_name(exc)}", file=sys.stderr)
+        return exit_status(exc)
 
 
 if __name__ == "__main__":

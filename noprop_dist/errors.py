@@ -42,6 +42,15 @@ class TrainingDiverged(NoPropError):
     """A unit's loss stopped being finite: the run stops, its last finite checkpoints stay."""
 
 
+class RunStopped(NoPropError):
+    """A stop signal (SIGINT, SIGTERM) ended a run: the checkpoints of finished epochs stay and
+    ``--resume`` continues; the CLI exits with 128 + the signal's number, as a shell expects."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class WriteFailed(NoPropError, OSError):
     """A file could not be written (a full disk, a quota, a read-only filesystem): raised by the
     run directory's writers with the file's path, so that the message says which file; an

@@ -33,6 +33,7 @@ from noprop_dist.config import Config
 from noprop_dist.data import Dataset, load_dataset
 from noprop_dist.errors import CheckpointError
 from noprop_dist.run.plots import plot_run
+from noprop_dist.run.signals import keep_stopping_on_signals
 from noprop_dist.rundir import LOCK_FILE, RunDir
 from noprop_dist.training.preflight import StepEstimate, check_unit, device_memory_budget, fitting_batch
 from noprop_dist.variants.base import UnitSetup, check_gpu, evaluation_device, make_setup
@@ -93,6 +94,7 @@ def train_run(trainer: RunTrainer, cfg: Config, run_dir: str | Path, resume: boo
     setup = make_setup(cfg, data)
     objective = setup.objective
     placement = trainer.place(cfg, data, setup)
+    keep_stopping_on_signals()    # placing may have started Ray, which takes SIGTERM over
     trainer.check_devices(cfg)
     step = check_unit(objective.step_probe(setup, len(data.train)), placement.batch_share, data.input_shape,
                       placement.budget, placement.sharing, placement.where, units_held=placement.units_held)
