@@ -174,6 +174,13 @@ class Config:
 
 MAX_EMBED_DIM = 65536
 """Upper bound of model.embed_dim (a learned embedding is classes x embed_dim, copied per unit)."""
+MAX_T = 1000
+"""Upper bound of schedule.T (DT: one block and one worker per step)."""
+MAX_CLASSES = 65536
+"""Upper bound of data.max_classes (a one-hot embedding is classes x classes floats)."""
+MAX_INPUT_VALUES = 2**22
+"""Upper bound of C*H*W of an image (3x1024x1024 fits) and of an embedding's width (a
+prototype embedding is C*H*W wide); a run's manifest is checked against both."""
 
 _CHOICES = {
     ("data", "name"): ("mnist_subset", "digits", "mnist", "cifar10", "cifar100", "file"),
@@ -222,6 +229,7 @@ def validate(cfg: Config) -> None:
         if value < 0:
             raise ConfigError(f"{key}={value} must not be negative")
     caps = {"model.embed_dim": (cfg.model.embed_dim, MAX_EMBED_DIM), "train.head_passes": (cfg.train.head_passes, 1000),
+            "schedule.T": (cfg.schedule.T, MAX_T), "data.max_classes": (cfg.data.max_classes, MAX_CLASSES),
             "continuous.intervals": (cfg.continuous.intervals, 64), "continuous.steps": (cfg.continuous.steps, 100_000),
             "continuous.time_dim": (cfg.continuous.time_dim, 4096)}
     for key, (value, cap) in caps.items():

@@ -51,7 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from noprop_dist.config import DataConfig
+from noprop_dist.config import MAX_INPUT_VALUES, DataConfig
 from noprop_dist.errors import DataError
 
 CACHE_FORMAT = 1
@@ -493,6 +493,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         raise DataError(f"{source}: labels up to {num_classes - 1} mean {num_classes} classes, more than "
                         f"data.max_classes={cfg.max_classes}; relabel the classes as 0..m-1 or raise "
                         "--data.max_classes")
+    values = int(np.prod(meta["shape"]))
+    if values > MAX_INPUT_VALUES:
+        raise DataError(f"{source}: images of shape {'x'.join(map(str, meta['shape']))} hold {values} values, above "
+                        f"the limit of {MAX_INPUT_VALUES}; downscale or crop them")
     validate_split(train, f"train split of {cfg.name} ({folder})", num_classes)
     validate_split(test, f"test split of {cfg.name} ({folder})", num_classes)
     check_trainable(train, source, cfg.limit_train)

@@ -48,7 +48,7 @@ from safetensors.torch import save as st_save
 
 from noprop_dist import __version__
 from noprop_dist import config as config_mod
-from noprop_dist.config import Config
+from noprop_dist.config import MAX_CLASSES, MAX_INPUT_VALUES, MAX_T, Config
 from noprop_dist.errors import CheckpointError, ConfigError, WriteFailed
 from noprop_dist.variants.registry import get_variant, load_target
 
@@ -68,8 +68,9 @@ REPLACE = "restore it from a backup or retrain with a new --run-dir"
 # A schema is a dict: key -> spec, where a key ending in "?" may be absent and the key "*"
 # stands for every key of a map; a spec is a dict (an object), the name of a check in CHECKS
 # (the name is what the error message says was expected), or a (check(value, manifest), says)
-# pair. Keys are checked in order, so a check may read keys declared before it. Unknown keys
-# are allowed (they are never read).
+# pair. Keys are checked in order, so a check may read keys declared before it. An object
+# holds no other keys (the key "..." marks one that may), and the manifest no keys beyond
+# the common schema's and its variant's: an unknown key is a damaged or foreign manifest.
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -80,6 +81,12 @@ def is_number(value: Any) -> bool:
 
 def is_numbers(value: Any, length: int) -> bool:
     return isinstance(value, list) and len(value) == length and all(map(is_number, value))
+
+
+def is_schedule(value: Any, T: int) -> bool:
+    """T + 1 values of alpha_bar in (0, 1), strictly increasing (z_0 noise, z_T signal)."""
+    return (is_numbers(value, T + 1) and all(0 < a < 1 for a in value)
+            and all(a < b for a, b in zip(value, value[1:])))
 
 
 CHECKS: dict[str, Callable[[Any, dict], bool]] = {
@@ -93,8 +100,12 @@ CHECKS: dict[str, Callable[[Any, dict], bool]] = {
     "a SHA-256 hex digest": lambda v, m: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None,
     '"running" or "finished"': lambda v, m: v in ("running", "finished"),
     '"uint8" or "float32"': lambda v, m: v in ("uint8", "float32"),
-    "3 positive integers (C, H, W)": lambda v, m: isinstance(v, list) and len(v) == 3 and all(
-        is_int(n) and n > 0 for n in v),
+    f"3 positive integers (C, H, W), C*H*W <= {MAX_INPUT_VALUES}": lambda v, m: isinstance(v, list) and len(v) == 3
+    and all(is_int(n) and n > 0 for n in v) and math.prod(v) <= MAX_INPUT_VALUES,
+    f"an integer in 1..{MAX_T}": lambda v, m: is_int(v) and 0 < v <= MAX_T,
+    f"an integer in 0..{MAX_T}": lambda v, m: is_int(v) and 0 <= v <= MAX_T,
+    f"a positive integer <= {MAX_CLASSES}": lambda v, m: is_int(v) and 0 < v <= MAX_CLASSES,
+    f"a positive integer <= {MAX_INPUT_VALUES}": lambda v, m: is_int(v) and 0 < v <= MAX_INPUT_VALUES,
     "C numbers (C = input_shape[0])": lambda v, m: is_numbers(v, m["input_shape"][0]),
     "C positive numbers (C = input_shape[0])": lambda v, m: is_numbers(v, m["input_shape"][0]) and min(v) > 0,
 }
@@ -129,7 +140,11 @@ def schema_problem(value: Any, spec: Any, manifest: dict, where: str = "") -> st
     if isinstance(spec, dict):
         if not isinstance(value, dict):
             return f"{where or 'the manifest'} is {describe(value)}, expected an object"
+        if where and "*" not in spec and "..." not in spec and (extra := unknown_keys(value, [spec])):
+            return f"{where} has an unknown key {extra[0]!r}"
         for key, sub in spec.items():
+            if key == "...":
+                continue
             name = key.rstrip("?")
             if name == "*":
                 found = list(value.items())
@@ -145,6 +160,12 @@ def schema_problem(value: Any, spec: Any, manifest: dict, where: str = "") -> st
         return None
     check, says = (CHECKS[spec], spec) if isinstance(spec, str) else spec
     return None if check(value, manifest) else f"{where} is {describe(value)}, expected {says}"
+
+
+def unknown_keys(value: dict, specs: list[dict]) -> list[str]:
+    """The keys of ``value`` that none of the object ``specs`` declares."""
+    known = {key.rstrip("?") for spec in specs for key in spec}
+    return [key for key in value if key not in known]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -306,7 +327,10 @@ class RunDir:
                 variant = get_variant(manifest.get("variant", "dt"))
             except ConfigError as exc:
                 raise CheckpointError(f"{path}: {exc}; use the noprop_dist release that wrote this run") from None
-            problem = schema_problem(manifest, load_target(variant.manifest_schema), manifest)
+            schema = load_target(variant.manifest_schema)
+            problem = schema_problem(manifest, schema, manifest)
+            if problem is None and (extra := unknown_keys(manifest, [MANIFEST_SCHEMA, schema])):
+                problem = f"unknown key {extra[0]!r}"
         if problem is not None:
             raise CheckpointError(f"{path}: {problem}; {DAMAGED}")
         return manifest

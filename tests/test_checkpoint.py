@@ -497,9 +497,9 @@ def _set(manifest: dict, dotted: str, value) -> None:
 
 
 BAD_VALUES = [   # (dotted key, value, what the message says)
-    ("T", "4", 'T is "4", expected a positive integer'),
-    ("T", True, "T is true, expected a positive integer"),
-    ("T", 0, "T is 0, expected a positive integer"),
+    ("T", "4", 'T is "4", expected an integer in 1..1000'),
+    ("T", True, "T is true, expected an integer in 1..1000"),
+    ("T", 0, "T is 0, expected an integer in 1..1000"),
     ("created", "yesterday", 'created is "yesterday", expected a number'),
     ("status", "done", 'status is "done", expected "running" or "finished"'),
     ("variant", 3, "variant is 3, expected a string"),
@@ -523,12 +523,12 @@ BAD_VALUES = [   # (dotted key, value, what the message says)
      'files.embedding is "embedding.safetensors", expected an object'),
     ("files.embedding.sha256", None, "files.embedding.sha256 is null, expected a SHA-256 hex digest"),
     ("schedule", "cosine", 'schedule is "cosine", expected an object'),
-    ("schedule.alpha_bar", [0.1, 0.5], "schedule.alpha_bar is [0.1, 0.5], expected T + 1 numbers in (0, 1)"),
+    ("schedule.alpha_bar", [0.1, 0.5], "schedule.alpha_bar is [0.1, 0.5], expected T + 1 increasing numbers in (0, 1)"),
     ("schedule.alpha_bar", [0.1, 0.2, 0.3, 0.4, 1.5], "schedule.alpha_bar is [0.1, 0.2, 0.3, 0.4, 1.5], expected"),
     ("schedule.alpha_bar", [0.1, 0.2, "0.3", 0.4, 0.5], 'schedule.alpha_bar is [0.1, 0.2, "0.3", 0.4, 0.5], expected'),
     ("schedule.alpha_bar", [0.1, 0.2, float("nan"), 0.4, 0.5], "schedule.alpha_bar is [0.1, 0.2, NaN, 0.4, 0.5], exp"),
-    ("schedule.alpha_bar", [0.1] * 40, "schedule.alpha_bar is a list of 40 items, expected T + 1 numbers in (0, 1)"),
-    ("schedule.alpha_bar", None, "schedule.alpha_bar is null, expected T + 1 numbers in (0, 1)"),
+    ("schedule.alpha_bar", [0.1] * 40, "schedule.alpha_bar is a list of 40 items, expected T + 1 increasing numbers in (0, 1)"),
+    ("schedule.alpha_bar", None, "schedule.alpha_bar is null, expected T + 1 increasing numbers in (0, 1)"),
     ("input_shape", [1, 8], "input_shape is [1, 8], expected 3 positive integers (C, H, W)"),
     ("input_shape", [1, 0, 8], "input_shape is [1, 0, 8], expected 3 positive integers"),
     ("input_shape", "1x8x8", 'input_shape is "1x8x8", expected 3 positive integers'),
@@ -577,7 +577,7 @@ def test_a_backprop_manifest_is_checked_against_its_own_schema(trained_run, tmp_
     for manifest, says in ((good, None),
                            ({**good, "units": dt["units"]}, "units is an object (keys block_01"),
                            ({k: v for k, v in good.items() if k != "parameters"}, "the manifest lacks 'parameters'"),
-                           ({**good, "T": -1}, "T is -1, expected an integer >= 0"),
+                           ({**good, "T": -1}, "T is -1, expected an integer in 0..1000"),
                            ({**dt, "units": good["units"]}, "expected units named block_01..block_T and head")):
         (run / "manifest.json").write_text(json.dumps(manifest))
         if says is None:
@@ -602,7 +602,7 @@ CLI_CASES = {
     "passwd": (UNIT_FILE_CASES["dotdot_passwd"][0], NOT_INSIDE),
     "link_outside": (UNIT_FILE_CASES["link_outside"][0], "outside the run directory"),
     "alpha_bar_short": (lambda run: edit_manifest(run, lambda m: _set(m, "schedule.alpha_bar", [0.5])),
-                        "schedule.alpha_bar is [0.5], expected T + 1 numbers"),
+                        "schedule.alpha_bar is [0.5], expected T + 1 increasing numbers"),
 }
 
 

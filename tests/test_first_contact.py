@@ -263,3 +263,70 @@ def test_inference_noise_without_the_step_noise_keeps_z0(trained_run, tmp_path):
     program = torch.export.load(str(export_run(trained_run[0], tmp_path / "model.pt2")))
     full, plain = inference_noise(program, 3, seed=7), inference_noise(program, 3, seed=7, with_noise=False)
     assert torch.equal(full[0], plain[0]) and not plain[1:].any()
+
+
+# --------------------------------------------------------------- 5. manifest bounds, schedule bounds
+
+DAMAGED = "the run directory is damaged — restore manifest.json from a backup or retrain with a new --run-dir"
+
+
+def _set(key, value):
+    def change(manifest):
+        manifest[key] = value
+    return change
+
+
+def _bad_alpha_bar(manifest):
+    manifest["schedule"]["alpha_bar"] = list(reversed(manifest["schedule"]["alpha_bar"]))
+
+
+def _unit_entry_key(manifest):
+    manifest["units"]["head"]["origin"] = "elsewhere"
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (_set("num_classes", 10**9), "num_classes is 1000000000, expected a positive integer <= 65536"),
+    (_set("embedding_dim", 10**9), "embedding_dim is 1000000000, expected a positive integer <= 4194304"),
+    (_set("input_shape", [3, 100000, 100000]),
+     "input_shape is [3, 100000, 100000], expected 3 positive integers (C, H, W), C*H*W <= 4194304"),
+    (_set("T", 10**6), "T is 1000000, expected an integer in 1..1000"),
+    (_bad_alpha_bar, "schedule.alpha_bar is a list of 5 items, expected T + 1 increasing numbers in (0, 1)"),
+    (_set("surprise", 1), "unknown key 'surprise'"),
+    (_unit_entry_key, "units.head has an unknown key 'origin'"),
+], ids=["classes", "embedding_dim", "input_shape", "T", "alpha_bar", "unknown_key", "unknown_entry_key"])
+def test_absurd_or_unknown_manifest_values_are_refused_by_eval_and_export(damage, problem, run_copy, tmp_path,
+                                                                          capsys):
+    """Each used to pass the manifest check; the sizes then allocated at export (a 10^9-class
+    head), an unknown key was silently ignored. Nothing is read further, nothing written."""
+    path = run_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    damage(manifest)
+    path.write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()}
+    for command in (["eval", str(run_copy)], ["export", str(run_copy), str(tmp_path / "model.pt2")]):
+        code = main(command)
+        line = one_error_line(capsys.readouterr().err)
+        assert code == 1 and line == f"noprop-dist: error: {path}: {problem}; {DAMAGED}", line
+    assert {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "model.pt2").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--schedule.T=1001", "schedule.T=1001 is above its limit of 1000; pass a smaller value"),
+    ("--data.max_classes=1000000", "data.max_classes=1000000 is above its limit of 65536; pass a smaller value"),
+    ("--data.layout=hwc", "data.layout='hwc' is not one of auto, nchw, nhwc"),
+])
+def test_schedule_and_class_bounds_are_config_errors(override, message, tmp_path, capsys, data_cache):
+    line = _refused(tmp_path, capsys, data_cache, [override])
+    assert line == f"noprop-dist: error: {message}"
+
+
+def test_images_above_the_size_limit_are_refused(tmp_path, capsys, data_cache, monkeypatch):
+    """The bound the manifest check uses holds for the data too (a smaller one stands in)."""
+    from noprop_dist import data
+
+    monkeypatch.setattr(data, "MAX_INPUT_VALUES", 100)
+    path = _npz(tmp_path, "big", _images(40, (1, 8, 16)), _labels(40))
+    line = _refused(tmp_path, capsys, data_cache, ["--data.name=file", f"--data.path={path}"], code=1)
+    assert line == (f"noprop-dist: error: {path}: images of shape 1x8x16 hold 128 values, above the limit of 100; "
+                    "downscale or crop them")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop_dist.config import Config, EvalConfig
+from noprop_dist.config import MAX_T, Config, EvalConfig
 from noprop_dist.core import schedule
 from noprop_dist.data import ArraySplit, Dataset, normalize
 from noprop_dist.nets.blocks import BLOCK_SIZES, BackpropChain, SingleTowerCNN
@@ -101,7 +101,7 @@ class BackpropObjective(UnitObjective):
 MANIFEST_SCHEMA = {
     # What manifest_fields writes, checked on every read of the manifest (the vocabulary is
     # noprop_dist.rundir's; a check may read the keys above it).
-    "T": "an integer >= 0",
+    "T": f"an integer in 0..{MAX_T}",
     **COMMON_SCHEMA,
     "parameters": "a positive integer",
     "units": (lambda units, m: set(units) <= {NETWORK}, f"only the unit {NETWORK!r}"),

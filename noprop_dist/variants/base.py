@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from noprop_dist.config import Config, ContinuousConfig, ModelConfig, TrainConfig
+from noprop_dist.config import MAX_CLASSES, MAX_INPUT_VALUES, Config, ContinuousConfig, ModelConfig, TrainConfig
 from noprop_dist.core import schedule
 from noprop_dist.data import Dataset, normalize
 from noprop_dist.errors import CheckpointError, DeviceUnavailable
@@ -315,8 +315,10 @@ def common_manifest_fields(cfg: Config, data: Dataset, setup: UnitSetup) -> dict
 
 
 COMMON_SCHEMA = {
-    "dataset": "a string", "num_classes": "a positive integer", "input_shape": "3 positive integers (C, H, W)",
-    "input_dtype": '"uint8" or "float32"', "embedding": "a string", "embedding_dim": "a positive integer",
+    "dataset": "a string", "num_classes": f"a positive integer <= {MAX_CLASSES}",
+    "input_shape": f"3 positive integers (C, H, W), C*H*W <= {MAX_INPUT_VALUES}",
+    "input_dtype": '"uint8" or "float32"', "embedding": "a string",
+    "embedding_dim": f"a positive integer <= {MAX_INPUT_VALUES}",
     "block": "a string",
     "normalization": {"mean": "C numbers (C = input_shape[0])", "std": "C positive numbers (C = input_shape[0])"},
 }

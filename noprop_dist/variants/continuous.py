@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from noprop_dist import config as config_mod
-from noprop_dist.config import Config, EvalConfig, TrainConfig
+from noprop_dist.config import MAX_T, Config, EvalConfig, TrainConfig
 from noprop_dist.core import schedule
 from noprop_dist.core.continuous import (
     LearnedSchedule, ct_denoise_loss, ct_head_loss, fm_anchor_loss, fm_interpolate, fm_loss, fm_target, fm_velocity,
@@ -44,7 +44,7 @@ from noprop_dist.data import ArraySplit, Dataset
 from noprop_dist.nets.blocks import BLOCK_SIZES, OutputHead
 from noprop_dist.nets.chain import RawImageChain
 from noprop_dist.nets.time_conditioned import CTChain, FMChain, TimeConditionedNet, chain_noise, evaluate_continuous
-from noprop_dist.rundir import RunDir, is_numbers
+from noprop_dist.rundir import RunDir, is_schedule
 from noprop_dist.variants.base import (
     COMMON_SCHEMA, HEAD, NOISE, StepProbe, UnitObjective, UnitSetup, UnitSpec, common_manifest_fields, derive_seed,
     example_images, head_noise, load_module_state, load_run_units, seeded_module
@@ -252,9 +252,9 @@ def chain_scores(chain: CTChain | FMChain, split: ArraySplit, eval_cfg: EvalConf
 
 
 CT_MANIFEST_SCHEMA = {
-    "T": "a positive integer", "intervals": "a positive integer",
-    "schedule": {"alpha_bar": (lambda v, m: is_numbers(v, m["T"] + 1) and all(0 < a < 1 for a in v),
-                               "T + 1 numbers in (0, 1)")},
+    "T": f"an integer in 1..{MAX_T}", "intervals": "a positive integer",
+    "schedule": {"alpha_bar": (lambda v, m: is_schedule(v, m["T"]), "T + 1 increasing numbers in (0, 1)"),
+                 "...": "the run's schedule config (also in config.toml)"},
     **COMMON_SCHEMA,
     "units": (lambda units, m: set(units) <= {f"interval_{k:02d}" for k in range(1, m["intervals"] + 1)} | {"head"},
               "units named interval_01..interval_K and head"),

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from noprop_dist import config as config_mod
-from noprop_dist.config import Config, EvalConfig
+from noprop_dist.config import MAX_T, Config, EvalConfig
 from noprop_dist.core import schedule
 from noprop_dist.data import ArraySplit, Dataset
 from noprop_dist.nets.blocks import BLOCK_SIZES, DTBlock, OutputHead, denoised_embedding
 from noprop_dist.nets.chain import NoPropChain, RawImageChain, draw_noise, evaluate
-from noprop_dist.rundir import RunDir, is_numbers
+from noprop_dist.rundir import RunDir, is_schedule
 from noprop_dist.variants.base import (
     COMMON_SCHEMA, HEAD, NOISE, StepProbe, UnitObjective, UnitSetup, UnitSpec, common_manifest_fields, derive_seed,
     example_images, head_noise, load_module_state, load_run_units, seeded_module
@@ -142,9 +142,9 @@ class DTObjective(UnitObjective):
 MANIFEST_SCHEMA = {
     # What manifest_fields writes, checked on every read of the manifest (the vocabulary is
     # noprop_dist.rundir's; a check may read the keys above it).
-    "T": "a positive integer",
-    "schedule": {"alpha_bar": (lambda v, m: is_numbers(v, m["T"] + 1) and all(0 < a < 1 for a in v),
-                               "T + 1 numbers in (0, 1)")},
+    "T": f"an integer in 1..{MAX_T}",
+    "schedule": {"alpha_bar": (lambda v, m: is_schedule(v, m["T"]), "T + 1 increasing numbers in (0, 1)"),
+                 "...": "the run's schedule config (also in config.toml)"},
     **COMMON_SCHEMA,
     "units": (lambda units, m: set(units) <= set(unit_names(m["T"])), "units named block_01..block_T and head"),
 }
