@@ -149,6 +149,10 @@ class ClusterConfig:
     """ray: where block workers go across nodes: pack (fill a node first) or spread (one per node in turn)."""
     max_restarts: int = 2
     """How many times one block's worker may be restarted after it dies before the run fails."""
+    epoch_timeout: float = -1.0
+    """ray: seconds a unit-epoch may take before its worker is taken for hung (a stopped process, a stuck
+    device, a silent peer of its replica group), killed and restarted like a dead one. -1 = auto: 10x the
+    unit's slowest epoch so far and at least 120 s (none before its first epoch ends); 0 = never."""
     ship_targets: str = "recipe"
     """How the coordinator hands out the noisy targets: recipe (seeded noise spec) or tensors (object store)."""
     local_cpus: int = 0
@@ -228,6 +232,9 @@ def validate(cfg: Config) -> None:
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must not be negative")
+    if cfg.cluster.epoch_timeout < 0 and cfg.cluster.epoch_timeout != -1:
+        raise ConfigError(f"cluster.epoch_timeout={cfg.cluster.epoch_timeout} must be seconds > 0, 0 (never) or "
+                          "-1 (auto: 10x the slowest epoch, at least 120 s)")
     caps = {"model.embed_dim": (cfg.model.embed_dim, MAX_EMBED_DIM), "train.head_passes": (cfg.train.head_passes, 1000),
             "schedule.T": (cfg.schedule.T, MAX_T), "data.max_classes": (cfg.data.max_classes, MAX_CLASSES),
             "continuous.intervals": (cfg.continuous.intervals, 64), "continuous.steps": (cfg.continuous.steps, 100_000),

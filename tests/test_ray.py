@@ -543,3 +543,83 @@ def test_uneven_blocks_split_one_block_and_a_killed_replica_restarts_only_its_gr
     assert len(result["restarts"]) == 1 and "block_04" in result["restarts"][0]["worker"]
     train_ray(cfg, tmp_path / "clean", show_progress=False)
     assert max_weight_diff(run_dir, tmp_path / "clean") <= 1e-5
+
+
+# ---- chaos (issue 19, item 6) ----------------------------------------------------------------
+def _current_pid(run_dir: Path, unit: str) -> int:
+    """PID of the worker that hosts ``unit`` now: the last one the coordinator started."""
+    started = [r for r in RunDir(run_dir).read_metrics() if r.get("event") == "worker_started" and unit in r["units"]]
+    return started[-1]["pid"]
+
+
+def _in_background(cfg: config.Config, run_dir: Path) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train_ray(cfg, run_dir, show_progress=False)))
+    thread.start()
+    return thread, result
+
+
+def test_chaos_five_kills_of_random_block_workers_end_on_the_uninterrupted_weights(ray_session, cache, tmp_path):
+    """SIGKILL a random block's worker five times during one run, each once the last one's
+    replacement has trained an epoch: the run completes, only the killed blocks restarted (each
+    from its checkpoint), and the weights equal an uninterrupted run's."""
+    import random
+
+    cfg = tiny(cache, **{"train.epochs": 60, "cluster.max_restarts": 5})
+    run_dir = tmp_path / "chaos"
+    thread, result = _in_background(cfg, run_dir)
+    rng = random.Random(19)
+    killed = []
+    for _ in range(5):
+        unit = rng.choice(["block_01", "block_02", "block_03", "block_04"])
+        seen = len(unit_epochs(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+        # the previous kill's replacement is up and every unit moved on since
+        _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(unit_epochs(run_dir)) >= seen + 5)
+        assert thread.is_alive(), "the run ended before the fifth kill: give it more epochs"
+        os.kill(_current_pid(run_dir, unit), signal.SIGKILL)
+        killed.append(unit)
+        _wait_for(lambda: sum(1 for r in RunDir(run_dir).read_metrics() if r.get("event") == "worker_died") == len(killed))
+    thread.join(timeout=600)
+    assert result, "the run did not complete after five kills"
+    assert [r["worker"] for r in result["restarts"]] == killed
+    clean = tmp_path / "clean"
+    clean_summary = train_ray(cfg, clean, show_progress=False)
+    assert max_weight_diff(run_dir, clean) <= 1e-5
+    print(f"\nchaos: {len(killed)} kills {killed}; train seconds {result['train_seconds']:.1f} against "
+          f"{clean_summary['train_seconds']:.1f} uninterrupted: "
+          f"{(result['train_seconds'] - clean_summary['train_seconds']) / len(killed):.1f} s lost per kill")
+
+
+def test_a_hung_worker_is_killed_after_the_epoch_timeout_and_the_run_completes(ray_session, cache, tmp_path):
+    """SIGSTOP a block's worker (it hangs rather than dies): past --cluster.epoch_timeout its
+    epoch is taken for hung, the worker killed and restarted from its checkpoint; the run ends
+    on the uninterrupted weights."""
+    cfg = tiny(cache, **{"train.epochs": 20, "cluster.epoch_timeout": 6})
+    run_dir = tmp_path / "hung"
+    thread, result = _in_background(cfg, run_dir)
+    _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and ("block_02", 2) in unit_epochs(run_dir))
+    pid = _current_pid(run_dir, "block_02")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        thread.join(timeout=300)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)   # never leave a stopped process behind
+        except ProcessLookupError:
+            pass
+    assert result, "the run did not complete with a hung worker"
+    assert len(result["restarts"]) == 1, result["restarts"]
+    (restart,) = result["restarts"]
+    assert restart["worker"] == "block_02" and "--cluster.epoch_timeout" in restart["reason"]
+    train_ray(cfg, tmp_path / "clean", show_progress=False)
+    assert max_weight_diff(run_dir, tmp_path / "clean") <= 1e-5
+
+
+def test_epoch_timeout_auto_waits_for_a_first_epoch_then_allows_ten_times_the_slowest():
+    coordinator = Coordinator.__new__(Coordinator)
+    track = type("Track", (), {"slowest": 0.0})()
+    for timeout, slowest, limit in [(-1, 0.0, None), (-1, 3.0, 120.0), (-1, 30.0, 300.0), (0, 30.0, None),
+                                    (7.5, 0.0, 7.5)]:
+        coordinator.cfg = tiny("/unused", **{"cluster.epoch_timeout": timeout})
+        track.slowest = slowest
+        assert coordinator.epoch_limit(track) == limit

@@ -44,7 +44,7 @@ from noprop_dist.rundir import RunDir
 from noprop_dist.trainers.ray.cluster import connect
 from noprop_dist.trainers.ray.placement import Layout, Traffic, plan_layout, serialized_bytes
 from noprop_dist.trainers.ray.plan import ReplicaPlan
-from noprop_dist.trainers.ray.pool import WorkerPool
+from noprop_dist.trainers.ray.pool import WorkerHung, WorkerPool
 from noprop_dist.trainers.ray.progress import Progress
 from noprop_dist.trainers.ray.syncs import SyncBook
 from noprop_dist.training.common import checkpoint_due, eval_due, evaluate_during_training
@@ -53,6 +53,7 @@ from noprop_dist.variants.base import EMBEDDING_FILE, SHARED_EMBEDDING, UnitSetu
 
 POLL_S = 0.2
 RELEASE_WAIT_S = 10.0
+HUNG_FACTOR, HUNG_MIN_S = 10.0, 120.0   # cluster.epoch_timeout = -1 (auto)
 RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError)
 
 
@@ -64,6 +65,8 @@ class UnitTrack:
     inflight: dict = field(default_factory=dict)       # replica index -> ObjectRef of the running epoch
     results: dict = field(default_factory=dict)        # replica index -> its result of that epoch
     attempt: int = 0                                   # (re)starts of its replica group
+    dispatched: float = 0.0                            # monotonic time its epoch in flight was sent
+    slowest: float = 0.0                               # its slowest epoch so far, dispatch to result (s)
 
     @property
     def running(self) -> bool:
@@ -154,6 +157,7 @@ class Coordinator:
                 if not track.inflight:   # every replica is done: replica 0 speaks for the group
                     results, track.results = track.results, {}
                     self._on_result(track, results[0])
+            self._restart_hung()
 
     def _can_start(self, track: UnitTrack) -> bool:
         """Epoch e+1 may start unless epoch e is a sync point not yet synchronised."""
@@ -169,6 +173,7 @@ class Coordinator:
         want_state = (checkpoint_due(self.cfg.train, epoch, self.setup.syncs_shared)
                       or eval_due(self.cfg.eval, epoch, self.epochs))
         shared, wants_shared = self.syncs.shared_for(epoch), self.syncs.wants_shared(epoch)
+        track.dispatched = time.monotonic()
         # Every replica trains its share (in one order on every worker: the coordinator's);
         # replica 0 returns the state, whose weights are the group's.
         for index, w in enumerate(track.workers):
@@ -187,6 +192,7 @@ class Coordinator:
         self.traffic.add(epoch, "checkpoint_from_workers", serialized_bytes(result.get("state")))
         self.traffic.add(epoch, "control_from_workers", serialized_bytes({k: v for k, v in result.items() if k != "state"}))
         track.epochs_done = epoch
+        track.slowest = max(track.slowest, time.monotonic() - track.dispatched)
         self.figures.first_steps.append(metrics["first_step_at"])
         self.figures.worker_target_seconds += metrics["target_seconds"]
         self.run.append_metrics({"event": "unit_epoch", "worker": self.workers[track.workers[0]].info.get("pid"),
@@ -227,6 +233,33 @@ class Coordinator:
         self.progress.show(", ".join(u.name for u in slot.units),
                            f"worker died; restart {slot.restarts}/{self.cfg.cluster.max_restarts} from the last checkpoint")
         self._start(group)
+
+    def epoch_limit(self, track: UnitTrack) -> float | None:
+        """Seconds the epoch in flight of ``track`` may take (``cluster.epoch_timeout``)."""
+        timeout = self.cfg.cluster.epoch_timeout
+        if timeout == 0:
+            return None
+        if timeout > 0:
+            return timeout
+        return max(HUNG_FACTOR * track.slowest, HUNG_MIN_S) if track.slowest else None
+
+    def _restart_hung(self) -> None:
+        """A unit-epoch past its limit: its worker does not answer (stopped, stuck, or waiting on
+        a silent replica peer). Kill it and restart it as if it had died."""
+        now = time.monotonic()
+        for track in self.tracks.values():
+            limit = self.epoch_limit(track)
+            if not track.inflight or limit is None or now - track.dispatched <= limit:
+                continue
+            refs = list(track.inflight.values())
+            # Answered but not collected yet (the loop was busy, e.g. restarting another group): not hung.
+            if len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
+                w = track.workers[min(track.inflight)]
+                self.pool.kill(w)
+                self._on_failure(track, WorkerHung(
+                    f"epoch {track.epochs_done + 1} of {track.unit.name} took more than {limit:.0f} s "
+                    "(--cluster.epoch_timeout); its worker was taken for hung and killed"), w)
+                return    # one at a time: the loop looks again
 
     def close(self) -> None:
         """Best effort: after a failure some of these may already be gone."""

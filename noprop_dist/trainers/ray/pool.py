@@ -33,6 +33,10 @@ from noprop_dist.variants.base import UnitSetup, UnitSpec
 PLACEMENT_TIMEOUT_S = 60.0
 
 
+class WorkerHung(Exception):
+    """A worker's epoch outlived ``cluster.epoch_timeout``: it was killed, and restarts as a dead one would."""
+
+
 @dataclass
 class WorkerSlot:
     units: list[UnitSpec]
