@@ -298,6 +298,7 @@ def test_resume_after_driver_crash_retrains_nothing_finished(ray_session, cache,
     proc.wait(timeout=30)
     before = RunDir(run_dir).manifest()["units"]
     seen_before = unit_epochs(run_dir)
+    started_before = sum(1 for r in RunDir(run_dir).read_metrics() if r.get("event") == "worker_started")
     code = subprocess.run([str(VENV_BIN / "noprop-dist"), "train", "--resume", str(run_dir), "--no-progress",
                            f"--address={ray_session}"], env=env, capture_output=True, text=True, timeout=300)
     assert code.returncode == 0, code.stderr
@@ -314,6 +315,12 @@ def test_resume_after_driver_crash_retrains_nothing_finished(ray_session, cache,
             assert redone and redone[0] == entry["epochs_done"] + 1 and redone[-1] == 8
     assert all(e["finished"] for e in after.values()) and len(after) == 5
     assert json.loads((run_dir / "summary.json").read_text())["test_accuracy"] > 0.3
+    # Only the workers of unfinished units started again, and the run said what was left.
+    started = [r["units"] for r in RunDir(run_dir).read_metrics() if r.get("event") == "worker_started"]
+    left = [f"block_0{t}" for t in range(1, 5) if f"block_0{t}" not in finished_before]
+    assert started[started_before:] and all(any(u in left for u in units) for units in started[started_before:])
+    assert f"resuming: {len(left)} of 5 units left to train" in code.stdout
+    assert code.stdout.count("run directory:") == 1 and "queue" not in code.stdout
 
 
 # ---- connection errors ----------------------------------------------------------------------

@@ -49,7 +49,7 @@ from noprop_dist.trainers.ray.progress import Progress
 from noprop_dist.trainers.ray.syncs import SyncBook
 from noprop_dist.training.common import checkpoint_due, eval_due, evaluate_during_training
 from noprop_dist.training.preflight import worker_memory
-from noprop_dist.variants.base import EMBEDDING_FILE, SHARED_EMBEDDING, UnitSetup, UnitSpec, resolve_device
+from noprop_dist.variants.base import EMBEDDING_FILE, SHARED_EMBEDDING, UnitSetup, UnitSpec, evaluation_device
 
 POLL_S = 0.2
 RELEASE_WAIT_S = 10.0
@@ -109,10 +109,23 @@ class Coordinator:
             self.tracks[name].workers = members
 
     # ---- workers -----------------------------------------------------------------------
+    def finished_units(self) -> set[str]:
+        """Units whose last epoch is checkpointed (a resumed run)."""
+        return {name for name, entry in self.run.manifest()["units"].items() if entry["finished"]}
+
     def start(self) -> None:
-        """Reserve the placement group, then start every worker (their start-ups overlap)."""
+        """Reserve the placement group, then start the workers (their start-ups overlap). On
+        resume a worker whose units have all finished is not started: those units' checkpoints
+        are only read here, for the shared tensors."""
         self.pool.reserve()
-        self._start(list(range(len(self.workers))))
+        finished = self.finished_units()
+        needed = [w for w, slot in enumerate(self.workers) if any(u.name not in finished for u in slot.units)]
+        for w, slot in enumerate(self.workers):
+            if w not in needed:
+                for unit in slot.units:
+                    self.syncs.learn_from_checkpoint(self.run.load_unit(unit.name))
+                    self.tracks[unit.name].epochs_done = self.epochs
+        self._start(needed)
 
     def _start(self, slots: list[int]) -> None:
         for name, done in self.pool.start(slots, self._load_state, lambda unit: self.tracks[unit].attempt).items():
@@ -217,7 +230,7 @@ class Coordinator:
         if len(held) == len(self.tracks):
             del self.eval_states[epoch]
             evaluate_during_training(self.run, self.setup, held, self.test, self.cfg.eval, epoch,
-                                     resolve_device(self.cfg.train.device))
+                                     evaluation_device(self.cfg.train.device))   # the driver may have no GPU
 
     def _on_failure(self, track: UnitTrack, exc: Exception, dead: int) -> None:
         """A worker died: the pool's restart policy replaces it (and the members of its replica
@@ -350,7 +363,13 @@ class RayTrainer(RunTrainer):
     def train(self, run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, placement: Placement,
               show_progress: bool) -> tuple[float, dict[str, Any]]:
         layout = placement.plan
-        if layout.note:
+        finished = {name for name, entry in run.manifest()["units"].items() if entry["finished"]}
+        if finished:
+            left = [u.name for g in layout.groups for u in g if u.name not in finished]
+            left += [u.name for u in setup.units if u.role == "head" and u.name not in finished]
+            print(f"noprop-dist: resuming: {len(set(left))} of {len(setup.units)} units left to train "
+                  f"({', '.join(dict.fromkeys(left))}); only their workers start")
+        elif layout.note:
             print(f"noprop-dist: {layout.note}")
         if any(n > 1 for held in layout.replicas for n in [r.replicas for r in held]):
             print("noprop-dist: replica groups (a split unit trains equal shares of every batch on each of its workers):")
