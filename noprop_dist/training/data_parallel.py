@@ -23,6 +23,7 @@ statistics and DDP broadcasts rank 0's buffers before each forward (PyTorch's de
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from datetime import timedelta
 from typing import Any
@@ -133,9 +134,10 @@ class Parallel(Serial):
             # DDP broadcasts rank 0's buffers at every forward (counted per step).
             self.counter.per_step = sum(b.numel() * b.element_size() for b in runner.module.buffers())
         device = self.device
-        # Building DDP broadcasts rank 0's weights (the same on every rank: one seed, or one checkpoint).
+        # Building DDP broadcasts rank 0's weights and buffers (the same on every rank: one seed,
+        # or one checkpoint).
         self.ddp = DistributedDataParallel(UnitLoss(runner), device_ids=[device.index] if device.type == "cuda" else None,
-                                           broadcast_buffers=broadcast)
+                                           **forward_buffer_sync(broadcast))
         self.ddp.register_comm_hook(self.counter, counting_allreduce)
 
     def share(self, idx: torch.Tensor) -> torch.Tensor:
@@ -206,6 +208,19 @@ class GroupParallel(Parallel):
         for p, g in zip(self.params, grads):
             p.grad = flat[offset:offset + g.numel()].view_as(g)
             offset += g.numel()
+
+
+def forward_buffer_sync(broadcast: bool) -> dict[str, bool]:
+    """DDP's keyword for broadcasting rank 0's buffers before every forward: ``forward_sync_buffers``
+    where torch has it (2.13 on; ``broadcast_buffers`` then warns as deprecated on every build),
+    else ``broadcast_buffers``. The new flag still syncs buffers once at build, which the old
+    ``False`` skipped; the ranks' buffers are equal then (one seed, or one checkpoint), so the
+    weights are the same either way."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": broadcast}
+    return {"broadcast_buffers": broadcast}
 
 
 def replica_group(store_path: str, rank: int, size: int, timeout_s: float = 300.0) -> Any:
