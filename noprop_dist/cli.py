@@ -176,6 +176,11 @@ def _eval(args: argparse.Namespace) -> int:
                 print(f"{key}: {scores[key]:.4f}" if isinstance(scores[key], float) else f"{key}: {scores[key]}")
         for block, acc in scores.get("block_alone_accuracy", {}).items():
             print(f"{block} alone on fresh noise: {acc:.4f}")
+        if scores["eval_forward_batch"] < scores["eval_batch_size"]:
+            size = scores["eval_forward_batch"]
+            print(f"forward passes of {size} example{'s' if size != 1 else ''}: eval.batch_size="
+                  f"{scores['eval_batch_size']} does not fit this machine's free memory (the scores do not depend "
+                  "on the pass size)")
         print(f"test accuracy: {scores['test_accuracy']:.4f}")
     return 0
 

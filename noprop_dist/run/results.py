@@ -16,6 +16,7 @@ import torch
 from noprop_dist.data import ArraySplit, load_dataset, validate_split
 from noprop_dist.errors import CheckpointError, ConfigError
 from noprop_dist.rundir import RunDir, atomic_write
+from noprop_dist.training.preflight import device_memory_budget, evaluation_batch
 from noprop_dist.variants.registry import get_variant
 
 
@@ -31,7 +32,8 @@ def load_predictor(run_dir: str | Path):
 
 
 def evaluate_run(run_dir: str | Path, split: ArraySplit | None = None) -> dict[str, Any]:
-    """`noprop-dist eval`: evaluate a run on its own test split or on ``split``."""
+    """`noprop-dist eval`: evaluate a run on its own test split or on ``split`` (refused in one
+    line where not even a forward pass of one example fits this machine's free memory)."""
     predictor = load_predictor(run_dir)
     manifest, cfg = predictor.manifest, predictor.cfg
     if split is None:
@@ -44,8 +46,13 @@ def evaluate_run(run_dir: str | Path, split: ArraySplit | None = None) -> dict[s
     # Labels the run cannot predict (e.g. CIFAR-100 data for a CIFAR-10 run) would only
     # lower the accuracy silently.
     validate_split(split, "the evaluation data", manifest["num_classes"])
-    scores = predictor.evaluate(split, cfg.eval)
-    return {"examples": len(split), **scores}
+    # On the CPU, in forward passes that fit its free memory, as a run's final evaluation; the
+    # scores do not depend on the pass size.
+    setup = predictor.setup
+    max_batch = evaluation_batch(setup.objective.step_probe(setup, 0), cfg.eval.batch_size,
+                                 device_memory_budget(torch.device("cpu")), "this machine")
+    scores = predictor.evaluate(split, cfg.eval, device="cpu", max_batch=max_batch)
+    return {"examples": len(split), **scores, "eval_batch_size": cfg.eval.batch_size, "eval_forward_batch": max_batch}
 
 
 def check_export_target(run_dir: str | Path, out_path: str | Path, force: bool = False) -> Path:

@@ -141,6 +141,24 @@ def fitting_batch(estimate: StepEstimate, budget_bytes: int, wanted: int) -> int
     return max(1, min(wanted, estimate.fits(budget_bytes * MEMORY_HEADROOM)))
 
 
+def evaluation_batch(probe: StepProbe, wanted: int, budget_bytes: int, where: str) -> int:
+    """The forward-pass size for an evaluation in batches of ``wanted``: the largest <= ``wanted``
+    whose pass fits ``budget_bytes`` (free memory with the run's weights already loaded).
+
+    A training step's saved activations bound a forward pass's (no gradients); refused in one
+    line where not even one example fits."""
+    step = estimate_step(probe, wanted, "the run's images")
+    forward = replace(step, state_bytes=0, input_bytes=0)     # loaded already; no optimizer, no epoch noise
+    room = budget_bytes * MEMORY_HEADROOM
+    fits = forward.fits(room)
+    if fits < 1:
+        one = forward.total - forward.per_example_bytes * (wanted - 1)
+        raise StepTooLarge(
+            f"one evaluation pass of {probe.name} needs about {gib(one)} for a single example but {where} has "
+            f"about {gib(room)} free; free memory (or evaluate on a machine with more) and run eval again")
+    return min(wanted, fits)
+
+
 def check_unit(probe: StepProbe, batch_size: int, input_shape: tuple[int, ...], budget_bytes: int | None,
                workers_sharing: int, where: str, units_held: int = 1) -> StepEstimate:
     """The trainers' one call: dry-run ``probe`` (shape check), then refuse a step that does not

@@ -164,10 +164,11 @@ class NetworkPredictor:
         self.manifest = m = run.manifest()
         self.cfg = load_run_config(run)
         alpha_bar = tuple(float(a) for a in schedule.alpha_bar_from_config(self.cfg.schedule))   # its T
-        setup = UnitSetup(model=self.cfg.model, train=self.cfg.train, alpha_bar=alpha_bar,
-                          num_classes=m["num_classes"], input_shape=tuple(m["input_shape"]),
-                          mean=tuple(m["normalization"]["mean"]), std=tuple(m["normalization"]["std"]),
-                          embedding=torch.zeros(m["num_classes"], m["embedding_dim"]), variant=self.cfg.variant)
+        self.setup = setup = UnitSetup(
+            model=self.cfg.model, train=self.cfg.train, alpha_bar=alpha_bar, num_classes=m["num_classes"],
+            input_shape=tuple(m["input_shape"]), mean=tuple(m["normalization"]["mean"]),
+            std=tuple(m["normalization"]["std"]), embedding=torch.zeros(m["num_classes"], m["embedding_dim"]),
+            variant=self.cfg.variant)
         net = load_module_state(build_network(setup), run.load_unit(NETWORK), NETWORK, run.path).eval()
         self.network = TrainedNetwork(net, m["embedding_dim"], setup.mean, setup.std)
 

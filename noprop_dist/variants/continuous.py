@@ -271,8 +271,8 @@ class ContinuousPredictor:
     """A finished CT or FM run as a predictor: integrate, evaluate, export."""
 
     def __init__(self, run: RunDir):
-        setup, self.cfg, self.manifest, states, embedding = load_run_units(run)
-        self.chain = setup.objective.chain(setup, states, embedding, run.path)
+        self.setup, self.cfg, self.manifest, states, embedding = load_run_units(run)
+        self.chain = self.setup.objective.chain(self.setup, states, embedding, run.path)
 
     def evaluate(self, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str = "cpu",
                  max_batch: int | None = None) -> dict:

@@ -161,7 +161,8 @@ class ChainPredictor:
     """A finished DT run as a predictor: evaluate the Eq. 3 chain, export it."""
 
     def __init__(self, run: RunDir):
-        self.chain, self.cfg, self.manifest = load_chain(run.path)
+        self.setup, self.cfg, self.manifest, states, embedding = load_run_units(run)
+        self.chain = DTObjective().chain(self.setup, states, embedding, run.path)
 
     def evaluate(self, split: ArraySplit, eval_cfg: EvalConfig, device: torch.device | str = "cpu",
                  max_batch: int | None = None) -> dict:
