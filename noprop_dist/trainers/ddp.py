@@ -35,6 +35,7 @@ from noprop_dist.trainers.ray.cluster import connect, worker_capacity
 from noprop_dist.training.data_parallel import DataParallel
 from noprop_dist.training.loop import train_units
 from noprop_dist.training.preflight import worker_memory
+from noprop_dist.training.progress import MetricsTail, RunProgress
 from noprop_dist.variants.base import UnitSetup
 
 
@@ -88,7 +89,11 @@ class DDPTrainer(RunTrainer):
         gpus = placement.plan
         test_refs = ([ray.put(np.ascontiguousarray(data.test.x)), ray.put(np.ascontiguousarray(data.test.y))]
                      if cfg.eval.every > 0 else [])
-        seconds = _fit(run, cfg, setup, data.train, placement.workers, gpus, test_refs)
+        units = setup.units
+        done = sum(run.manifest()["units"].get(u.name, {}).get("epochs_done", 0) for u in units)
+        shown = RunProgress(cfg.train.epochs * len(units), done, cfg.train.epochs, show_progress)
+        with MetricsTail(run, shown):   # Ray does not forward the ranks' output: follow rank 0's records
+            seconds = _fit(run, cfg, setup, data.train, placement.workers, gpus, test_refs)
         device = "cuda" if process_group_backend(cfg.cluster, gpus) == "nccl" else "cpu"
         return seconds, {"backend": "ddp", "workers": placement.workers,
                          "threads_per_worker": cfg.cluster.threads_per_worker, "device": device,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm import tqdm
 
 from noprop_dist.config import Config
 from noprop_dist.data import ArraySplit
@@ -27,6 +26,7 @@ from noprop_dist.training.common import (
 )
 from noprop_dist.training.data_parallel import DataParallel
 from noprop_dist.training.embedding_sync import EmbeddingOwner
+from noprop_dist.training.progress import RunProgress
 from noprop_dist.training.runner import UnitRunner
 from noprop_dist.variants.base import EMBEDDING_FILE, UnitSetup
 
@@ -42,8 +42,8 @@ def train_units(run: RunDir, cfg: Config, setup: UnitSetup, train: ArraySplit, t
         if runner.name in done_units:
             runner.load_state_tensors(run.load_unit(runner.name))
     epochs = cfg.train.epochs
-    bar = tqdm(total=epochs * len(runners), initial=sum(r.epochs_done for r in runners),
-               desc="training", unit="unit-epoch", disable=not (show_progress and parallel.writes))
+    bar = RunProgress(epochs * len(runners), sum(r.epochs_done for r in runners), epochs,
+                      show_progress and parallel.writes)
     owner = embedding_owner(run, setup)
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -61,7 +61,7 @@ def train_units(run: RunDir, cfg: Config, setup: UnitSetup, train: ArraySplit, t
     return seconds
 
 
-def _train_epoch(run: RunDir, runner: UnitRunner, epoch: int, writes: bool, bar: tqdm) -> None:
+def _train_epoch(run: RunDir, runner: UnitRunner, epoch: int, writes: bool, bar: RunProgress) -> None:
     try:
         metrics = runner.run_epoch(epoch)
     except TrainingDiverged as exc:   # every rank stops here: the checked loss is all-reduced
@@ -70,12 +70,11 @@ def _train_epoch(run: RunDir, runner: UnitRunner, epoch: int, writes: bool, bar:
         raise
     if writes:
         run.append_metrics({"event": "unit_epoch", **metrics})
-    bar.set_postfix_str(f"{runner.name} loss {metrics['loss']:.4g}")
-    bar.update(1)
+    bar.unit_epoch(metrics)
 
 
 def _after_epoch(run: RunDir, cfg: Config, setup: UnitSetup, runners: list[UnitRunner], owner: EmbeddingOwner | None,
-                 epoch: int, writes: bool, bar: tqdm, test: ArraySplit | None, device: torch.device) -> None:
+                 epoch: int, writes: bool, bar: RunProgress, test: ArraySplit | None, device: torch.device) -> None:
     """Synchronise the shared tensors, checkpoint and evaluate, as the epoch's policies say."""
     if setup.syncs_shared and sync_due(cfg.train, epoch):
         # Every rank holds the same copies (data-parallel units take the same averaged
@@ -92,4 +91,4 @@ def _after_epoch(run: RunDir, cfg: Config, setup: UnitSetup, runners: list[UnitR
     if writes and eval_due(cfg.eval, epoch, cfg.train.epochs):
         states = {r.name: r.model_tensors() for r in runners}
         record = evaluate_during_training(run, setup, states, test, cfg.eval, epoch, device)
-        bar.set_postfix_str(f"epoch {epoch} test accuracy {record['test_accuracy']:.4f}")
+        bar.evaluated(record)
