@@ -11,8 +11,12 @@ the GCS, the raylet's two gRPC servers (node manager, object manager), the drive
 worker's core-worker server, the dashboard agent (gRPC, HTTP on 52365, metrics export), the
 runtime-env agent, and the Prometheus servers of the autoscaler monitor (44217) and of the
 headless dashboard (44227). Without the loopback setting the same servers listen on all
-interfaces (``::``/``0.0.0.0``) or on the node's address. Not Ray's and not covered here: a DDP
-run's torch.distributed TCPStore (rank 0 of Ray Train) listens on ``::``.
+interfaces (``::``/``0.0.0.0``) or on the node's address.
+
+A DDP run (Ray Train) on the private Ray: Ray Train's own rendezvous, a torch.distributed
+TCPStore on rank 0, listened on ``::``; its workers now meet through a file in a private
+directory and gloo binds to loopback, so a DDP run listens on loopback only too
+(:func:`test_a_ddp_run_on_a_private_ray_listens_on_loopback_only`).
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from noprop_dist.rundir import RunDir
 from noprop_dist.trainers.ray.cluster import (AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH, LOOPBACK_NODE, is_loopback,
                                               private_ray_env)
 from proc_sockets import listening_sockets, process_tree
@@ -138,6 +144,48 @@ def test_private_ray_listens_on_loopback_only(private_ray):
     for _, port, name in sockets:
         with pytest.raises(OSError):
             socket.create_connection((node_ip, port), timeout=2).close()
+
+
+DDP_RUN = r"""
+import sys
+from noprop_dist.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_ddp_run_on_a_private_ray_listens_on_loopback_only(tmp_path, data_cache):
+    """`noprop-dist train --cluster.backend=ddp` as a user runs it (token auth, loopback): every TCP
+    socket its processes listen on while it trains, the DDP workers' process group included, is
+    a loopback address. Also: its stderr (not a terminal) gets one plain line per epoch."""
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--variant=backprop", "--cluster.backend=ddp", "--cluster.workers=2",
+            "--cluster.local_cpus=2", "--train.epochs=6", f"--data.cache_dir={data_cache}", "--run-dir", str(run_dir)]
+    proc = subprocess.Popen([sys.executable, "-c", DDP_RUN, *args], env=clean_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen: dict[tuple[str, int, str], set[int]] = {}     # socket -> the run's unit-epochs done when seen
+    try:
+        while proc.poll() is None:
+            epochs = sum(r.get("event") == "unit_epoch" for r in RunDir(run_dir).read_metrics())
+            for found in listening_sockets(proc.pid):
+                seen.setdefault(found, set()).add(epochs)
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    print("\n".join(f"{address:>18} {port:>5}  {name} (seen after unit-epochs {sorted(epochs)})"
+                    for (address, port, name), epochs in sorted(seen.items(), key=lambda s: s[0][2])))
+    assert proc.returncode == 0, err[-2000:]
+    workers = {s for s in seen if "RayTrainWorker" in s[2]}
+    assert workers and {"gcs_server", "raylet"} <= {name for _, _, name in seen}, seen
+    # Sampled while the workers trained (their process group open: the run has 6 unit-epochs).
+    assert any(epochs & {1, 2, 3, 4, 5} for s, epochs in seen.items() if s in workers), seen
+    assert all(is_loopback(address) for address, _, _ in seen), [s for s in seen if not is_loopback(s[0])]
+    lines = [line for line in err.splitlines() if line.startswith("  network epoch ")]
+    assert [line.split()[2] for line in lines] == [f"{e}/6" for e in range(1, 7)], err[-2000:]
+    assert "samples/s" in lines[0] and "\r" not in err and "\x1b[" not in err
 
 
 def network_address() -> str | None:

@@ -8,7 +8,10 @@ batch with DDP applied from outside the loop (:mod:`noprop_dist.training.data_pa
 head (labels only, cheap) is trained in full on every rank. NoProp-DT is distributed by block
 instead (``--cluster.backend=ray``; the registry refuses ``dt`` here).
 
-Ray only launches the workers and opens their process group (:func:`_fit`). The training split
+Ray only launches the workers and opens their process group (:func:`_fit`): on a private local
+Ray through a file in a private directory, with collectives on loopback
+(:class:`LoopbackTorchConfig`: nothing of the run listens beyond 127.0.0.1), on a cluster as
+Ray Train does (a TCPStore on rank 0 that every worker reaches). The training split
 goes into the object store once and every worker maps it zero-copy (with ``--eval.every`` the
 test split too, for rank 0). Rank 0 writes the run directory; the driver evaluates the
 finished run. On several nodes the run directory must be on storage every node sees.
@@ -16,15 +19,22 @@ finished run. On several nodes the run directory must be on storage every node s
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import torch
+import torch.distributed as dist
+from ray.train.backend import Backend
+from ray.train.torch import TorchConfig
 
 from noprop_dist.config import ClusterConfig, Config
 from noprop_dist.data import ArraySplit, Dataset
@@ -134,16 +144,23 @@ def _fit(run: RunDir, cfg: Config, setup: UnitSetup, train: ArraySplit, workers:
     Failures become one-line errors naming ``--resume``; a divergence recorded by rank 0
     during this session is raised as such (Ray Train does not retry it)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     threads = cfg.cluster.threads_per_worker
     train_refs = [ray.put(np.ascontiguousarray(train.x)), ray.put(np.ascontiguousarray(train.y))]
-    storage = tempfile.mkdtemp(prefix="noprop-ddp-")   # Ray Train's own bookkeeping, not the run
+    storage = tempfile.mkdtemp(prefix="noprop-ddp-")   # Ray Train's own bookkeeping, not the run (mode 0700)
+    backend = process_group_backend(cfg.cluster, gpus)
+    if cfg.cluster.address:
+        torch_config = TorchConfig(backend=backend)
+    else:   # a private local Ray: every worker is on this machine
+        store_dir = os.path.join(storage, "rendezvous")
+        os.mkdir(store_dir, 0o700)
+        torch_config = LoopbackTorchConfig(backend=backend, store_dir=store_dir)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"cfg": cfg, "setup": setup, "train_refs": train_refs, "test_refs": test_refs,
                            "run_dir": str(Path(run.path).resolve()), "threads": threads},
-        torch_config=TorchConfig(backend=process_group_backend(cfg.cluster, gpus)),
+        torch_config=torch_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": threads, **({"GPU": gpus} if gpus else {})}),
         run_config=RunConfig(name=f"{run.path.resolve().name}-ddp", storage_path=storage,
@@ -165,3 +182,56 @@ def _fit(run: RunDir, cfg: Config, setup: UnitSetup, train: ArraySplit, workers:
     if any(r.get("event") == "diverged" and r.get("time", 0) >= started for r in records):
         raise TrainingDiverged(next(r["reason"] for r in reversed(records) if r.get("event") == "diverged"))
     return train_seconds
+
+
+@dataclass
+class LoopbackTorchConfig(TorchConfig):
+    """Ray Train's torch set-up for workers that all run on this machine (a private local Ray):
+    the default process group is met through a file in ``store_dir`` (a fresh one per start or
+    restart of the workers) instead of Ray Train's TCPStore on rank 0, which listens on all
+    interfaces; gloo (and nccl's bootstrap) talk over the loopback interface only. The same
+    collectives as Ray Train's set-up, so the same weights."""
+
+    store_dir: str = ""
+    """A private directory (mode 0700) for the rendezvous files."""
+
+    @property
+    def backend_cls(self):
+        return LoopbackTorchBackend
+
+
+class LoopbackTorchBackend(Backend):
+    """Opens and closes the process group of :class:`LoopbackTorchConfig` on the Ray Train workers."""
+
+    share_cuda_visible_devices = True    # as Ray Train's torch backend: nccl needs to see its peers' GPUs
+
+    def on_start(self, worker_group: Any, backend_config: LoopbackTorchConfig) -> None:
+        store = os.path.join(backend_config.store_dir, f"store-{uuid.uuid4().hex}")
+        world = len(worker_group)
+        ray.get([worker_group.execute_single_async(rank, open_loopback_group, backend_config.backend, rank, world,
+                                                   store, backend_config.timeout_s) for rank in range(world)])
+
+    def on_shutdown(self, worker_group: Any, backend_config: LoopbackTorchConfig) -> None:
+        try:
+            ray.get(worker_group.execute_async(close_group), timeout=30)
+        except ray.exceptions.GetTimeoutError:
+            pass   # a worker that does not answer is killed with its group
+
+
+def open_loopback_group(backend: str, rank: int, world: int, store_path: str, timeout_s: float) -> None:
+    """On a worker: join the default process group through ``store_path`` (a file every rank
+    sees), its transport bound to the loopback interface (gloo's pairs; nccl's bootstrap and
+    socket transport)."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    if backend == "nccl":
+        os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+        # As Ray Train does: a timed-out collective fails the worker instead of hanging it.
+        if "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    dist.init_process_group(backend, store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def close_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
