@@ -291,6 +291,8 @@ def make_record(method: str, workers: int, cfg: config.Config, run_dir: Path, wa
             "rss_bytes_per_worker": max(r.get("rss_bytes", 0) for r in unit_epochs if r["unit"] != "head"),
             "launch_seconds": summary.get("launch_to_first_step_s"),
             "peer_bytes_per_epoch_per_worker": in_group_bytes(summary, unit_epochs),
+            "coordinator_cpu_share": summary.get("coordinator_cpu_share"),
+            "checkpoints_by_workers": summary.get("checkpoints_by_workers"),
             "plan": summary.get("plan", []),
         })
     else:
@@ -503,6 +505,12 @@ def main() -> int:
                       f"{noprop_1['block_epoch_seconds']:.3f} s; "
                 f"bare step loop of the same block: {bare_epoch:.3f} s; ratio "
                 f"{noprop_1['block_epoch_seconds'] / bare_epoch:.3f}\n")
+    for r in records:
+        if r["method"] == "noprop" and r.get("coordinator_cpu_share") is not None:
+            lean_text += (f"\nNoProp N = {r['workers']}: coordinator CPU {r['coordinator_cpu_share']:.2%} of the training "
+                          f"phase; {r.get('checkpoints_by_workers') or 0} checkpoints written by the workers, "
+                          f"{r['comm_checkpoint_bytes_per_epoch'] / 1e6:.3f} MB of checkpoints and "
+                          f"{r['comm_control_bytes_per_epoch'] / 1e3:.1f} kB of control through the coordinator per epoch\n")
     if ceiling:
         lean_text += (f"\nMachine ceiling: the bare block loop alone {ceiling['alone_seconds']:.3f} s; "
                  f"{ceiling['processes']} at once (no Ray) {max(ceiling['concurrent_seconds']):.3f} s: "

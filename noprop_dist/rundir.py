@@ -355,14 +355,33 @@ class RunDir:
     def save_unit(self, name: str, tensors: dict[str, torch.Tensor], epochs_done: int,
                   finished: bool) -> dict[str, Any]:
         """Write one unit's tensors atomically, then record its checksum in the manifest."""
-        manifest = self.manifest()   # first: a damaged run is refused before anything is written
+        self.manifest()   # first: a damaged run is refused before anything is written
+        return self.commit_unit(name, self.stage_unit(name, tensors, epochs_done), finished)
+
+    def stage_unit(self, name: str, tensors: dict[str, torch.Tensor], epochs_done: int) -> dict[str, Any]:
+        """Write one unit's tensors beside its checkpoint (``units/.NAME.staged.safetensors``,
+        atomically), not yet recorded: what :meth:`commit_unit` needs to record it. Reads
+        nothing of the run, so that a Ray worker on storage the coordinator shares can write its
+        own checkpoint and send only this record (name, size, SHA-256)."""
         data = tensors_to_bytes(tensors, {"unit": name, "epochs_done": str(epochs_done)})
-        rel = f"units/{name}.safetensors"
-        entry = {"file": rel, "sha256": sha256(data), "bytes": len(data),
-                 "epochs_done": epochs_done, "finished": finished}
+        staged = f"units/.{name}.staged.safetensors"
+        atomic_write(self.path / staged, data)
+        return {"staged": staged, "sha256": sha256(data), "bytes": len(data), "epochs_done": epochs_done}
+
+    def commit_unit(self, name: str, staged: dict[str, Any], finished: bool) -> dict[str, Any]:
+        """Make a staged checkpoint the unit's (a rename, no bytes copied) and record it in the
+        manifest; if the manifest cannot be written the old checkpoint comes back. The staged
+        file must be the one described: its size is checked (its checksum is, on every load)."""
+        manifest = self.manifest()
+        rel, source = f"units/{name}.safetensors", self.path / staged["staged"]
+        if not source.is_file() or source.stat().st_size != staged["bytes"]:
+            raise CheckpointError(f"{source} is missing or not the {staged['bytes']} bytes its writer reported; "
+                                  f"the run directory {self.path} is not shared with that worker as it seemed")
+        entry = {"file": rel, "sha256": staged["sha256"], "bytes": staged["bytes"],
+                 "epochs_done": staged["epochs_done"], "finished": finished}
         manifest["units"][name] = entry
         with replacing(self.path / rel):
-            atomic_write(self.path / rel, data)
+            os.replace(source, self.path / rel)
             atomic_write_json(self.path / MANIFEST, manifest)
         return entry
 

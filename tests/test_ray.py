@@ -552,6 +552,33 @@ def test_uneven_blocks_split_one_block_and_a_killed_replica_restarts_only_its_gr
     assert max_weight_diff(run_dir, tmp_path / "clean") <= 1e-5
 
 
+# ---- checkpoints written by the workers (issue 18, item 1) -------------------------------------
+def test_workers_that_see_the_run_directory_write_their_own_checkpoints(ray_session, cache, tmp_path, monkeypatch):
+    """On a private Ray every worker sees the run directory: it writes its unit's checkpoint
+    there and sends only the record, so nothing but control bytes comes back. Where a worker
+    does not see it (here: the probe made invisible), its state crosses as before; the files
+    are the same bytes either way."""
+    from noprop_dist.trainers.ray import coordinator as coordinator_module
+
+    cfg = tiny(cache, **{"train.epochs": 3, "cluster.workers": 2})
+    direct = train_ray(cfg, tmp_path / "direct", show_progress=False)
+    assert direct["workers_seeing_run_dir"] == 3                       # 2 block workers and the head's
+    assert direct["checkpoints_by_workers"] == 5 * 3 and direct["checkpoints_by_coordinator"] == 0
+    assert direct["bytes_checkpoint_from_workers"] == 0
+    comm = [r for r in RunDir(tmp_path / "direct").read_metrics() if r.get("event") == "communication"]
+    assert len(comm) == 3 and all(r["checkpoint_from_workers"] == 0 and 0 < r["control_from_workers"] < 5000
+                                  for r in comm)
+    assert not [p.name for p in (tmp_path / "direct").rglob(".*") if p.name != ".lock"]   # no probe, no staged file
+
+    monkeypatch.setattr(coordinator_module, "PROBE_FILE", ".a-probe-no-worker-reads")
+    shipped = train_ray(cfg, tmp_path / "shipped", show_progress=False)
+    assert shipped["workers_seeing_run_dir"] == 0
+    assert shipped["checkpoints_by_workers"] == 0 and shipped["checkpoints_by_coordinator"] == 5 * 3
+    assert shipped["bytes_checkpoint_from_workers"] > 1000 * direct["bytes_control_from_workers"] / 3
+    a, b = RunDir(tmp_path / "direct").manifest()["units"], RunDir(tmp_path / "shipped").manifest()["units"]
+    assert {n: e["sha256"] for n, e in a.items()} == {n: e["sha256"] for n, e in b.items()}
+
+
 # ---- chaos (issue 19, item 6) ----------------------------------------------------------------
 def _current_pid(run_dir: Path, unit: str) -> int:
     """PID of the worker that hosts ``unit`` now: the last one the coordinator started."""

@@ -27,7 +27,9 @@ stops with one line; every checkpoint stays on disk and ``--resume`` continues.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +42,14 @@ from noprop_dist.config import Config
 from noprop_dist.data import Dataset
 from noprop_dist.errors import ClusterError, TrainingDiverged
 from noprop_dist.run.lifecycle import Placement, RunTrainer, batch_share, train_run
-from noprop_dist.rundir import RunDir
+from noprop_dist.rundir import RunDir, atomic_write
 from noprop_dist.trainers.ray.cluster import connect
 from noprop_dist.trainers.ray.placement import Layout, Traffic, plan_layout, serialized_bytes
 from noprop_dist.trainers.ray.plan import ReplicaPlan
 from noprop_dist.trainers.ray.pool import WorkerHung, WorkerPool
 from noprop_dist.trainers.ray.progress import Progress
 from noprop_dist.trainers.ray.syncs import SyncBook
+from noprop_dist.trainers.ray.worker import PROBE_FILE
 from noprop_dist.training.common import checkpoint_due, eval_due, evaluate_during_training
 from noprop_dist.training.preflight import worker_memory
 from noprop_dist.variants.base import EMBEDDING_FILE, SHARED_EMBEDDING, UnitSetup, UnitSpec, evaluation_device
@@ -80,6 +83,9 @@ class LoopFigures:
     dispatch_seconds: float = 0.0
     worker_target_seconds: float = 0.0
     first_steps: list = field(default_factory=list)
+    checkpoints_by_workers: int = 0        # written into the run directory by the worker itself
+    checkpoints_by_coordinator: int = 0    # states shipped to the coordinator, written there
+    coordinator_cpu_seconds: float = 0.0   # the driver process's CPU time over the training loop
 
 
 class Coordinator:
@@ -102,7 +108,12 @@ class Coordinator:
         self.data_bytes = int(data.train.x.nbytes + data.train.y.nbytes)
         self.data_put_seconds = time.perf_counter() - put_start
         self.run_tag = f"{run.path.resolve().name}-{os.getpid()}"
-        self.pool = WorkerPool(cfg, run, setup, layout, self.train_refs, self.progress.queue, self.run_tag)
+        # Workers that see the run directory (a private Ray, shared storage) write their own
+        # checkpoints there and send only the record; the others send the state, as before.
+        self.run_path, token = str(run.path.resolve()), secrets.token_hex(16)
+        atomic_write(run.path / PROBE_FILE, token.encode())
+        self.pool = WorkerPool(cfg, run, setup, layout, self.train_refs, self.progress.queue, self.run_tag,
+                               probe=(self.run_path, token))
         self.workers = self.pool.slots
         self.tracks = {u.name: UnitTrack(unit=u) for u in setup.units}
         for name, members in self.pool.members().items():
@@ -144,7 +155,7 @@ class Coordinator:
     # ---- the loop ----------------------------------------------------------------------
     def train(self) -> float:
         """Run every unit to the last epoch; returns the training phase's wall time."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         while True:
             for track in self.tracks.values():
                 if self._can_start(track):
@@ -152,6 +163,8 @@ class Coordinator:
             inflight = {ref: (t, i) for t in self.tracks.values() for i, ref in t.inflight.items()}
             if not inflight:
                 if all(t.epochs_done >= self.epochs for t in self.tracks.values()):
+                    # The driver's CPU time over the loop (all its threads: Ray's too).
+                    self.figures.coordinator_cpu_seconds = time.process_time() - cpu
                     return time.perf_counter() - start
                 raise RuntimeError("coordinator stalled: no unit can start")  # a bug, not a user error
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
@@ -183,14 +196,18 @@ class Coordinator:
         noise = None
         if self.cfg.cluster.ship_targets == "tensors":
             noise = self.setup.objective.epoch_noise(track.unit, self.setup, epoch, self.n).numpy()
-        want_state = (checkpoint_due(self.cfg.train, epoch, self.setup.syncs_shared)
-                      or eval_due(self.cfg.eval, epoch, self.epochs))
+        checkpoint = checkpoint_due(self.cfg.train, epoch, self.setup.syncs_shared)
+        evaluate = eval_due(self.cfg.eval, epoch, self.epochs)
+        # A checkpoint is all the coordinator would do with the state: the worker may write it.
+        stage = checkpoint and not evaluate and not self.setup.syncs_shared
         shared, wants_shared = self.syncs.shared_for(epoch), self.syncs.wants_shared(epoch)
         track.dispatched = time.monotonic()
         # Every replica trains its share (in one order on every worker: the coordinator's);
-        # replica 0 returns the state, whose weights are the group's.
+        # replica 0 returns the state (or writes the checkpoint), whose weights are the group's.
         for index, w in enumerate(track.workers):
-            args = (track.unit.name, epoch, noise, shared, want_state and index == 0, wants_shared)
+            stage_in = self.run_path if stage and index == 0 and self.workers[w].info.get("sees_run_dir") else None
+            want_state = (checkpoint or evaluate) and index == 0 and stage_in is None
+            args = (track.unit.name, epoch, noise, shared, want_state, wants_shared, stage_in)
             self.traffic.add(epoch, "control_to_workers", serialized_bytes(args))
             track.inflight[index] = self.workers[w].handle.run_epoch.remote(*args)
         self.figures.dispatch_seconds += time.perf_counter() - start
@@ -214,6 +231,9 @@ class Coordinator:
                            f"{metrics['samples_per_s']:.0f} samples/s", done=True)
         if "state" in result and eval_due(self.cfg.eval, epoch, self.epochs):
             self._maybe_evaluate(epoch, track.unit, result["state"])
+        if "checkpoint" in result:     # written by the worker: record it (a rename, no bytes)
+            self.run.commit_unit(track.unit.name, result["checkpoint"], finished=epoch == self.epochs)
+            self.figures.checkpoints_by_workers += 1
         self.syncs.take(track.unit.name, result, self.order, self._save)
         if all(t.epochs_done >= epoch for t in self.tracks.values()):
             self.run.append_metrics({"event": "communication", "epoch": epoch, **self.traffic.epoch(epoch)})
@@ -221,6 +241,7 @@ class Coordinator:
     def _save(self, unit: str, state: dict) -> None:
         epoch = int(state["epochs_done"])
         self.run.save_unit(unit, state, epoch, finished=epoch == self.epochs)
+        self.figures.checkpoints_by_coordinator += 1
 
     def _maybe_evaluate(self, epoch: int, unit: UnitSpec, state: dict) -> None:
         """``--eval.every``: keep each unit's weights after ``epoch``; once all are in, score the
@@ -278,6 +299,8 @@ class Coordinator:
         """Best effort: after a failure some of these may already be gone."""
         self.progress.close()
         self.pool.close()
+        with contextlib.suppress(OSError):
+            (self.run.path / PROBE_FILE).unlink()
 
 
 def data_copies(coordinator: Coordinator) -> dict[str, Any]:
@@ -317,6 +340,11 @@ def ray_summary(coordinator: Coordinator, train_seconds: float, launched: float)
         / max(train_seconds, 1e-9),
         "launch_to_first_step_s": (min(first) - launched) if first else None,
         "restarts": coordinator.pool.restarts,
+        "coordinator_cpu_seconds": figures.coordinator_cpu_seconds,
+        "coordinator_cpu_share": figures.coordinator_cpu_seconds / max(train_seconds, 1e-9),
+        "checkpoints_by_workers": figures.checkpoints_by_workers,
+        "checkpoints_by_coordinator": figures.checkpoints_by_coordinator,
+        "workers_seeing_run_dir": sum(bool(s.info.get("sees_run_dir")) for s in coordinator.workers),
     }
 
 

@@ -62,8 +62,8 @@ class WorkerPool:
     """The workers of one run, in the slots of its layout."""
 
     def __init__(self, cfg: Config, run: RunDir, setup: UnitSetup, layout: Layout, train_refs: tuple,
-                 progress_queue: Any, run_tag: str):
-        self.cfg, self.run, self.setup, self.layout = cfg, run, setup, layout
+                 progress_queue: Any, run_tag: str, probe: tuple[str, str] | None = None):
+        self.cfg, self.run, self.setup, self.layout, self.probe = cfg, run, setup, layout, probe
         self.train_refs, self.progress_queue, self.run_tag = train_refs, progress_queue, run_tag
         heads = [u for u in setup.units if u.role == "head"]
         self.slots = [WorkerSlot(units=g, bundle=i, replicas=[(r.index, r.replicas) for r in layout.replicas[i]])
@@ -133,7 +133,7 @@ class WorkerPool:
                 store = os.path.join(self.group_dir, f"{self.run_tag}-{unit.name}-{attempt(unit.name)}")
                 replica = (index, n, store, not self.cfg.cluster.address)
             starts.append(slot.handle.start_unit.remote(unit, load_state(unit), replica))
-        return starts, slot.handle.info.remote()
+        return starts, slot.handle.info.remote(self.probe)
 
     def lose(self, dead: int, exc: BaseException) -> list[int]:
         """The restart policy, for worker ``dead`` lost to ``exc``: count the death (one line

@@ -7,6 +7,7 @@ answers each epoch with its metrics and, when asked, the unit's state and shared
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from ray.util.queue import Queue
 
 from noprop_dist.data import ArraySplit
 from noprop_dist.errors import TrainingDiverged
+from noprop_dist.rundir import RunDir
 from noprop_dist.training.data_parallel import DataParallel, replica_group
 from noprop_dist.training.runner import UnitRunner
 from noprop_dist.variants.base import UnitSetup, UnitSpec
@@ -37,9 +39,13 @@ class UnitWorker:
         self.progress = progress
         self.runners: dict[str, UnitRunner] = {}
 
-    def info(self) -> dict[str, Any]:
+    def info(self, probe: tuple[str, str] | None = None) -> dict[str, Any]:
+        """Where this worker runs; ``sees_run_dir``: whether it sees the coordinator's run
+        directory (``probe``: its path and a token the coordinator wrote there), so that it
+        can write its own checkpoints."""
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "device": str(self.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+                "device": str(self.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "sees_run_dir": probe is not None and sees_run_dir(*probe)}
 
     def start_unit(self, unit: UnitSpec, state: dict[str, torch.Tensor] | None,
                    replica: tuple[int, int, str, bool] | None = None) -> int:
@@ -66,7 +72,11 @@ class UnitWorker:
         return runner.epochs_done
 
     def run_epoch(self, unit: str, epoch: int, noise: np.ndarray | None,
-                  shared: dict[str, torch.Tensor] | None, want_state: bool, want_shared: bool) -> dict:
+                  shared: dict[str, torch.Tensor] | None, want_state: bool, want_shared: bool,
+                  stage_in: str | None = None) -> dict:
+        """Train ``unit``'s epoch. Its state goes back when ``want_state``; with ``stage_in`` (the
+        run directory, which this worker sees) the worker writes its checkpoint there itself
+        (:meth:`~noprop_dist.rundir.RunDir.stage_unit`) and sends only its record."""
         runner = self.runners[unit]
         offload = self.device.type == "cuda" and len(self.runners) > 1 and not runner.data_parallel
         if offload:
@@ -81,7 +91,10 @@ class UnitWorker:
         if offload:
             runner.to("cpu")
         out: dict[str, Any] = {"metrics": metrics}
-        if want_state:
+        if stage_in is not None:
+            state = runner.state_tensors()
+            out["checkpoint"] = RunDir(stage_in).stage_unit(unit, state, int(state["epochs_done"]))
+        elif want_state:
             out["state"] = runner.state_tensors()
         if want_shared:
             out["shared"] = runner.shared_tensors()
@@ -95,3 +108,16 @@ class UnitWorker:
                 self.progress.put_nowait(event)
             except Exception:  # noqa: BLE001  progress is best-effort; training must not stop
                 pass
+
+
+PROBE_FILE = ".workers-probe"
+
+
+def sees_run_dir(path: str, token: str) -> bool:
+    """Does this process see the run directory at ``path`` (the coordinator wrote ``token`` into
+    its probe file)? False on another node without shared storage, or a different directory
+    that happens to have the same path there."""
+    try:
+        return (Path(path) / PROBE_FILE).read_text() == token
+    except OSError:
+        return False
