@@ -97,6 +97,23 @@ def train(cfg, run_dir: str | Path, resume: bool = False) -> tuple[dict[str, Any
     return summary, time.perf_counter() - start
 
 
+def run_together(target: Callable, args: list[tuple], timeout: float = 600.0) -> list:
+    """``target(*a, barrier, queue)`` in one spawned process per ``a`` of ``args``, all at once:
+    each process warms up, waits at ``barrier`` so that the timed parts overlap, and puts its
+    result on ``queue``. Returns the results in the order they arrived."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, barrier = ctx.Queue(), ctx.Barrier(len(args))
+    procs = [ctx.Process(target=target, args=(*a, barrier, queue)) for a in args]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=timeout) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return results
+
+
 def fresh_dir(path: str | Path) -> Path:
     """``path``, removed first if it exists (a run that must be trained anew)."""
     path = Path(path)

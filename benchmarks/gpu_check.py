@@ -29,7 +29,6 @@ does so); then the memory column is the unit loop's own figure and the ``cuda`` 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import platform
 import sys
 import tempfile
@@ -43,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from common import fmt, md_table, write_results  # noqa: E402
+from common import fmt, md_table, run_together, write_results  # noqa: E402
 from noprop_dist import config  # noqa: E402
 
 PAPER_DT_OVER_BACKPROP_MEMORY = 0.56   # Table 2, MNIST
@@ -111,17 +110,7 @@ def _block_process(cfg_dict: dict, index: int, epochs: int, barrier, queue) -> N
 def packed_blocks(cfg: config.Config, epochs: int, examples: int) -> dict[str, Any]:
     """Blocks 1 and 2 of ``cfg``: one process alone, then two processes at once on the one
     device. Packing efficiency = alone / slowest packed (1.0: packing costs nothing)."""
-    ctx = mp.get_context("spawn")
-    out = {}
-    for k in (1, 2):
-        queue, barrier = ctx.Queue(), ctx.Barrier(k)
-        procs = [ctx.Process(target=_block_process, args=(config.to_dict(cfg), i + 1, epochs, barrier, queue))
-                 for i in range(k)]
-        for proc in procs:
-            proc.start()
-        out[k] = [queue.get(timeout=600) for _ in procs]
-        for proc in procs:
-            proc.join()
+    out = {k: run_together(_block_process, [(config.to_dict(cfg), i + 1, epochs) for i in range(k)]) for k in (1, 2)}
     alone = sum(out[1][0][1]) / epochs
     packed = max(sum(s) / epochs for _, s, _, _ in out[2])
     cuda = [c for _, _, _, c in out[2] if c is not None]

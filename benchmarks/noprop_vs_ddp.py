@@ -44,8 +44,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import (SMOKE_NOTE, add_overrides, add_smoke, fmt, fresh_dir, parse_args, ray_environment, read_run, train,
-                    write_results)
+from common import (
+    SMOKE_NOTE, add_overrides, add_smoke, fmt, fresh_dir, parse_args, ray_environment, read_run, run_together, train,
+    write_results
+)
 from noprop_dist import config
 
 METHODS = ("noprop", "backprop", "backprop_cnn")
@@ -175,35 +177,21 @@ def lean_loop(cfg: config.Config, data, repeats: int = 3) -> dict[str, float]:
     return {"bare_seconds": min(bare), "unit_seconds": min(unit), "ratio": min(unit) / min(bare)}
 
 
-def _bare_epoch_process(cfg_dict: dict, start_at: float, queue) -> None:
+def _bare_epoch_process(cfg_dict: dict, barrier, queue) -> None:
     from noprop_dist.data import load_dataset
 
     torch.set_num_threads(1)
     cfg = config.from_dict(cfg_dict)
     data = load_dataset(cfg.data)
     bare_block_epoch_seconds(cfg, data)   # warm up (allocator, caches) before the common start
-    while time.time() < start_at:         # start together
-        time.sleep(0.01)
+    barrier.wait(timeout=600)             # start together
     queue.put(bare_block_epoch_seconds(cfg, data))
 
 
 def hardware_parallel_efficiency(cfg: config.Config, processes: int) -> dict[str, Any]:
     """The machine's own ceiling: the bare block loop in 1 process, then in ``processes``
     processes at once (no Ray, no communication). Efficiency = alone / slowest concurrent."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    out = {}
-    for k in (1, processes):
-        queue = ctx.Queue()
-        start_at = time.time() + 5.0 + 3.0 * k   # time to import, load and warm up
-        procs = [ctx.Process(target=_bare_epoch_process, args=(config.to_dict(cfg), start_at, queue))
-                 for _ in range(k)]
-        for proc in procs:
-            proc.start()
-        out[k] = [queue.get(timeout=600) for _ in procs]
-        for proc in procs:
-            proc.join()
+    out = {k: run_together(_bare_epoch_process, [(config.to_dict(cfg),)] * k) for k in (1, processes)}
     return {"processes": processes, "alone_seconds": out[1][0], "concurrent_seconds": out[processes],
             "efficiency": out[1][0] / max(out[processes])}
 

@@ -157,8 +157,9 @@ def test_noprop_vs_ddp_benchmark_smoke(tmp_path):
     # With one worker nothing is all-reduced; with two every gradient is, each step.
     assert runs[("backprop", 1)]["comm_bytes_per_epoch"] == 0
     assert runs[("backprop", 2)]["comm_bytes_per_epoch"] >= results["profile"]["param_bytes"]["backprop"]
-    # NoProp: control messages are small, checkpoints are the bulk.
-    assert 0 < runs[("noprop", 2)]["comm_control_bytes_per_epoch"] < runs[("noprop", 2)]["comm_checkpoint_bytes_per_epoch"]
+    # NoProp: the workers see the run directory and write their checkpoints; only control crosses.
+    assert 0 < runs[("noprop", 2)]["comm_control_bytes_per_epoch"] < 20_000
+    assert runs[("noprop", 2)]["comm_checkpoint_bytes_per_epoch"] == 0 and runs[("noprop", 2)]["checkpoints_by_workers"] > 0
     for name in ("results.md", "results.png"):
         assert (out / name).stat().st_size > 0
     assert "| noprop | 2 |" in (out / "results.md").read_text()
