@@ -23,6 +23,7 @@ import torch
 
 from noprop_dist import cli, rundir
 from noprop_dist.rundir import RunDir
+from run_weights import unit_tensors
 
 TINY = ["--config", "tiny", "--cluster.backend=local", "--no-progress"]
 
@@ -51,13 +52,8 @@ class FullDiskOs:
         return self._count(os.write, "write", fd, data)
 
 
-def unit_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    run = RunDir(run_dir)
-    return {name: run.load_unit(name) for name in run.manifest()["units"]}
-
-
 def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = unit_weights(a), unit_weights(b)
+    wa, wb = unit_tensors(a), unit_tensors(b)
     assert wa.keys() == wb.keys()
     for name in wa:
         assert wa[name].keys() == wb[name].keys(), name

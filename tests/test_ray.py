@@ -31,6 +31,7 @@ from noprop_dist.trainers.local import train_local  # noqa: E402
 from noprop_dist.data import load_dataset  # noqa: E402
 from noprop_dist.nets.blocks import initial_embedding  # noqa: E402
 from noprop_dist.variants.base import EMBED_SEED_UNIT, INIT, derive_seed  # noqa: E402
+from run_weights import max_weight_diff, unit_tensors  # noqa: E402
 
 LOGICAL_CPUS = 8
 LOGICAL_GPUS = 4
@@ -56,22 +57,6 @@ def tiny(cache: str, **overrides) -> config.Config:
     base = {"data.cache_dir": cache, "cluster.backend": "ray", "train.threads": 1}
     base.update({k: str(v) for k, v in overrides.items()})
     return config.resolve("tiny", base)
-
-
-def unit_tensors(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    run = RunDir(run_dir)
-    return {name: run.load_unit(name) for name in run.manifest()["units"]}
-
-
-def max_weight_diff(a: Path, b: Path) -> float:
-    ta, tb = unit_tensors(a), unit_tensors(b)
-    assert ta.keys() == tb.keys()
-    diff = 0.0
-    for name in ta:
-        for key in ta[name]:
-            if key.startswith("model/") and ta[name][key].is_floating_point():
-                diff = max(diff, float((ta[name][key] - tb[name][key]).abs().max()))
-    return diff
 
 
 def unit_epochs(run_dir: Path) -> list[tuple[str, int]]:

@@ -20,6 +20,7 @@ import pytest
 from noprop_dist import config
 from noprop_dist.rundir import RunDir
 from noprop_dist.trainers.local import train_local
+from run_weights import max_weight_diff
 
 CLI = [sys.executable, "-m", "noprop_dist.cli"]
 
@@ -74,18 +75,6 @@ def epochs_done(run_dir: Path) -> int:
         return 0
 
 
-def weights(run_dir: Path) -> dict[str, dict]:
-    run = RunDir(run_dir)
-    return {n: {k: v for k, v in run.load_unit(n).items() if k.startswith("model/") and v.is_floating_point()}
-            for n in run.manifest()["units"]}
-
-
-def max_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max(float((wa[n][k] - wb[n][k]).abs().max()) for n in wa for k in wa[n])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("backend, sig", [("ray", signal.SIGINT), ("ray", signal.SIGTERM), ("local", signal.SIGINT)])
 def test_a_signal_to_the_driver_stops_the_run_and_the_printed_command_resumes_it(backend, sig, data_cache, tmp_path):
@@ -118,4 +107,4 @@ def test_a_signal_to_the_driver_stops_the_run_and_the_printed_command_resumes_it
     train_local(config.resolve("tiny", {"data.cache_dir": data_cache, "cluster.backend": "local",
                                         "train.epochs": str(epochs), "train.threads": "1"}),
                 reference, show_progress=False)
-    assert max_diff(run_dir, reference) <= 1e-5
+    assert max_weight_diff(run_dir, reference) <= 1e-5
