@@ -90,7 +90,10 @@ def one_error_line(err: str) -> str:
 # 78 the embedding, 79-80 the manifest, 81 summary.json, 82 the last metrics line, 83 the
 # manifest, 84 the plot. 3: the first metrics line; 24: the manifest just after block_01's
 # epoch-2 file replaced its epoch-1 file (the old file must come back); 40: a unit file.
-@pytest.mark.parametrize("fail_at", [3, 24, 40, 81, 82, 84])
+# The fast tier keeps one mid-run checkpoint; the other writes (each a train and a resume) are slow.
+@pytest.mark.parametrize("fail_at", [pytest.param(3, marks=pytest.mark.slow), 24, pytest.param(40, marks=pytest.mark.slow),
+                                     pytest.param(81, marks=pytest.mark.slow), pytest.param(82, marks=pytest.mark.slow),
+                                     pytest.param(84, marks=pytest.mark.slow)])
 def test_a_full_disk_ends_in_one_line_and_resume_gives_the_same_weights(tmp_path, monkeypatch, capsys,
                                                                           uninterrupted, fail_at):
     run_dir = tmp_path / "run"
@@ -150,6 +153,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_then_resume(small_disk, capsys, uninterrupted):
     """The run directory on a 3 MB tmpfs, filled but for ~350 KB: the run stops in one line; once
     the filler is removed, --resume finishes with the weights of an uninterrupted run."""
