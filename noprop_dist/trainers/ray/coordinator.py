@@ -120,16 +120,12 @@ class Coordinator:
             self.tracks[name].workers = members
 
     # ---- workers -----------------------------------------------------------------------
-    def finished_units(self) -> set[str]:
-        """Units whose last epoch is checkpointed (a resumed run)."""
-        return {name for name, entry in self.run.manifest()["units"].items() if entry["finished"]}
-
     def start(self) -> None:
         """Reserve the placement group, then start the workers (their start-ups overlap). On
         resume a worker whose units have all finished is not started: those units' checkpoints
         are only read here, for the shared tensors."""
         self.pool.reserve()
-        finished = self.finished_units()
+        finished = finished_units(self.run)
         needed = [w for w, slot in enumerate(self.workers) if any(u.name not in finished for u in slot.units)]
         for w, slot in enumerate(self.workers):
             if w not in needed:
@@ -353,6 +349,11 @@ def plan_lines(layout: Layout) -> list[str]:
     return ReplicaPlan(layout.replicas).lines()
 
 
+def finished_units(run: RunDir) -> set[str]:
+    """Units whose last epoch is checkpointed (a resumed run)."""
+    return {name for name, entry in run.manifest()["units"].items() if entry["finished"]}
+
+
 def _place_when_free(units: list[UnitSpec], cfg: Config) -> tuple[dict[str, float], Layout]:
     """The layout on the resources available now. A driver that trains twice (a benchmark, a
     notebook) can ask before Ray has taken back what its last run's workers held (actors and
@@ -391,7 +392,7 @@ class RayTrainer(RunTrainer):
     def train(self, run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, placement: Placement,
               show_progress: bool) -> tuple[float, dict[str, Any]]:
         layout = placement.plan
-        finished = {name for name, entry in run.manifest()["units"].items() if entry["finished"]}
+        finished = finished_units(run)
         if finished:
             left = [u.name for g in layout.groups for u in g if u.name not in finished]
             left += [u.name for u in setup.units if u.role == "head" and u.name not in finished]
