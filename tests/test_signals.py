@@ -108,3 +108,30 @@ def test_a_signal_to_the_driver_stops_the_run_and_the_printed_command_resumes_it
                                         "train.epochs": str(epochs), "train.threads": "1"}),
                 reference, show_progress=False)
     assert max_weight_diff(run_dir, reference) <= 1e-5
+
+
+def test_a_sigterm_that_reaches_the_cli_as_a_plain_keyboardinterrupt_is_still_named_sigterm(monkeypatch):
+    """Ray's blocking calls run the handler inside their own signal check, swallow the Stopped
+    it raised and raise a bare KeyboardInterrupt (CI once printed "stopped by SIGINT" after a
+    SIGTERM): the name and the exit status must come from the signal that was handled."""
+    from noprop_dist.run import signals
+
+    monkeypatch.setattr(signals, "_received", None)
+    before = {s: signal.getsignal(s) for s in signals.SIGNALS}
+    try:
+        assert signals.stop_on_signals()
+        with pytest.raises(KeyboardInterrupt) as caught:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)       # the handler raises before this ends
+            except signals.Stopped:
+                raise KeyboardInterrupt() from None     # what ray.wait does with it
+        assert type(caught.value) is KeyboardInterrupt
+        assert signals.signal_name(caught.value) == "SIGTERM"
+        assert signals.exit_status(caught.value) == 128 + signal.SIGTERM
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    # With no signal handled, a KeyboardInterrupt is Ctrl-C's.
+    monkeypatch.setattr(signals, "_received", None)
+    assert signals.signal_name(KeyboardInterrupt()) == "SIGINT"

@@ -20,6 +20,7 @@ import threading
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _installed = False
+_received: int | None = None     # the first stop signal this process handled
 
 
 class Stopped(KeyboardInterrupt):
@@ -31,6 +32,9 @@ class Stopped(KeyboardInterrupt):
 
 
 def _stop(signum: int, frame) -> None:
+    global _received
+    if _received is None:
+        _received = signum
     # A second signal while the first one's cleanup runs takes the default action (SIGINT:
     # KeyboardInterrupt again; SIGTERM: the process ends at once), as a user who insists expects.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -57,10 +61,22 @@ def keep_stopping_on_signals() -> None:
         stop_on_signals()
 
 
+def received_signal(exc: BaseException) -> int:
+    """The signal that stopped the run. The exception alone cannot say: Ray's blocking calls
+    (``ray.get``, ``ray.wait``) run the handler inside their own signal check, swallow the
+    :class:`Stopped` it raised and raise a plain KeyboardInterrupt instead, so a SIGTERM that
+    lands while the coordinator waits would read as SIGINT. The first signal the handler saw
+    is kept for that case; a KeyboardInterrupt with no handled signal behind it is a SIGINT."""
+    signum = getattr(exc, "signum", None)
+    if signum is None:
+        signum = _received if _received is not None else signal.SIGINT
+    return int(signum)
+
+
 def signal_name(exc: BaseException) -> str:
-    """SIGINT or SIGTERM: what stopped the run (a plain KeyboardInterrupt is a SIGINT)."""
-    return signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
+    """SIGINT or SIGTERM: what stopped the run."""
+    return signal.Signals(received_signal(exc)).name
 
 
 def exit_status(exc: BaseException) -> int:
-    return 128 + int(getattr(exc, "signum", signal.SIGINT))
+    return 128 + received_signal(exc)
