@@ -101,7 +101,7 @@ def published_ports(service: dict) -> list[tuple[str | None, str]]:
         if isinstance(entry, dict):
             out.append((entry.get("host_ip"), str(entry.get("published", entry.get("target")))))
             continue
-        spec = str(entry).split("/")[0]
+        spec = interpolate(str(entry)).split("/")[0]
         host_ip = None
         if spec.startswith("["):                        # [ipv6]:published:target
             host_ip, spec = spec[1:].split("]:", 1)
