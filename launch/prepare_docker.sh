@@ -48,6 +48,8 @@ esac
 say() { echo "prepare_docker: $*"; }
 fail() { echo "prepare_docker: error: $*" >&2; exit 1; }
 mkdir -p "$CACHE"
+# Written last, once every step passed: the compose tests skip while it is missing.
+rm -f "$CACHE/build.env"
 
 apt_install() {  # apt_install PACKAGE...: install what is missing, updating the lists once
   local missing=()
@@ -65,7 +67,7 @@ if docker info >/dev/null 2>&1; then
 else
   command -v dockerd >/dev/null 2>&1 || apt_install docker.io
   say "engine: starting dockerd (log $CACHE/dockerd.log)"
-  nohup dockerd >"$CACHE/dockerd.log" 2>&1 &
+  setsid nohup dockerd >"$CACHE/dockerd.log" 2>&1 < /dev/null &   # its own session: outlives this script
   for _ in $(seq 1 60); do
     docker info >/dev/null 2>&1 && break
     sleep 1

@@ -187,7 +187,9 @@ submit_main() {
     local logs why
     logs="$("$RAY" job logs --address "$address" --log-style record --log-color false "$submission_id" 2>&1 | strip_colors)" || true
     why="$(grep -oE "noprop-dist( job)?: error: .*" <<<"$logs" | tail -n 1 | cut -c1-400)" || true
-    if [ -z "$why" ] && grep -qF "$py" <<<"$logs" && grep -qE "command not found|No such file or directory" <<<"$logs"; then
+    # The shell's own words for a missing interpreter ("sh: 1: python: not found"), not any
+    # traceback that mentions a python path and a missing file.
+    if [ -z "$why" ] && grep -qF -e "$py: not found" -e "$py: command not found" -e "$py: No such file or directory" <<<"$logs"; then
       why="the head has no $py: run \`bash launch/setup.sh\` there and submit with NOPROP_PYTHON=/path/to/checkout/.venv/bin/python"
     fi
     msg="${why:-$msg}"
