@@ -119,6 +119,20 @@ class ContinuousConfig:
     """NoProp-CT: weight eta of the SNR'(t)-weighted denoising loss (the paper: 1)."""
     time_dim: int = 64
     """Width of the sinusoidal time embedding of the CT/FM network (the paper: 64)."""
+    time_sampling: str = "uniform"
+    """NoProp-CT: how each example's t is drawn: uniform (the paper's t ~ U(0, 1)), antithetic (VDM's low-discrepancy draw: one uniform per batch, spread evenly over the batch) or snr_importance (t with density proportional to SNR'(t), the loss reweighted to keep its expectation). See docs/ct.md."""
+    schedule_shape: str = "loss"
+    """NoProp-CT: what trains the learned schedule's shape g~ between its endpoints: loss (the Eq. 9 loss), variance (VDM: the loss estimator's second moment, whose gradient in the shape is the variance's) or fixed (its initial log-SNR-linear form). See docs/ct.md."""
+    schedule_endpoints: str = "loss"
+    """NoProp-CT: what trains the learned schedule's endpoints gamma(0), gamma(1): loss (each unit's loss: the intervals' denoising term, the head's cross-entropy and KL) or fixed (continuous.alpha_bar_0/_1). See docs/ct.md."""
+    schedule_weight_decay: bool = True
+    """NoProp-CT: apply train.weight_decay to the learned schedule's parameters as well as to the networks'."""
+    alpha_bar_0: float = 0.0
+    """NoProp-CT: initial alpha_bar(0) of the learned schedule (0 = schedule.alpha_bar_min)."""
+    alpha_bar_1: float = 0.0
+    """NoProp-CT: initial alpha_bar(1) of the learned schedule (0 = schedule.alpha_bar_max)."""
+    fm_sigma: float = 0.0
+    """NoProp-FM: standard deviation sigma of the Gaussian path N(t u_y + (1 - t) z_0, sigma^2 I); the paper leaves its value unstated, so 0 (the straight path)."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +210,9 @@ _CHOICES = {
     ("cluster", "ship_targets"): ("recipe", "tensors"),
     ("cluster", "placement"): ("pack", "spread"),
     ("train", "embed_sync"): ("average", "summed_gradient"),
+    ("continuous", "time_sampling"): ("uniform", "antithetic", "snr_importance"),
+    ("continuous", "schedule_shape"): ("loss", "variance", "fixed"),
+    ("continuous", "schedule_endpoints"): ("loss", "fixed"),
 }
 
 
@@ -228,7 +245,7 @@ def validate(cfg: Config) -> None:
               "cluster.workers": cfg.cluster.workers, "cluster.max_restarts": cfg.cluster.max_restarts,
               "data.limit_train": cfg.data.limit_train, "eval.every": cfg.eval.every, "data.limit_test": cfg.data.limit_test,
               "cluster.local_cpus": cfg.cluster.local_cpus, "train.seed": cfg.train.seed,
-              "schedule.cosine_offset": cfg.schedule.cosine_offset}
+              "schedule.cosine_offset": cfg.schedule.cosine_offset, "continuous.fm_sigma": cfg.continuous.fm_sigma}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must not be negative")
@@ -246,6 +263,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"continuous.steps={cfg.continuous.steps} is fewer than continuous.intervals="
                           f"{cfg.continuous.intervals}: some intervals' networks would never be used; pass "
                           f"--continuous.steps={cfg.continuous.intervals} or more")
+    c = cfg.continuous
+    for key, value in (("continuous.alpha_bar_0", c.alpha_bar_0), ("continuous.alpha_bar_1", c.alpha_bar_1)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}={value} must be in (0, 1), or 0 for the schedule's own end")
+    ab_0 = c.alpha_bar_0 or cfg.schedule.alpha_bar_min
+    ab_1 = c.alpha_bar_1 or cfg.schedule.alpha_bar_max
+    if not ab_0 < ab_1:
+        raise ConfigError(f"CT's initial alpha_bar(0)={ab_0} must be below alpha_bar(1)={ab_1} "
+                          "(continuous.alpha_bar_0/_1, 0 = schedule.alpha_bar_min/_max)")
     if cfg.continuous.time_dim % 2:
         raise ConfigError(f"continuous.time_dim={cfg.continuous.time_dim} must be even (sine and cosine halves)")
     if cfg.train.batch_size < 2:

@@ -553,3 +553,87 @@ def test_tiny_overfit_ct():
 def test_tiny_overfit_fm():
     before, after = _overfit("fm")
     assert after < 0.5 * before, (before, after)
+
+
+# ------------------------------------------------------------------ issue 17: how t is drawn, how the schedule trains
+
+def test_uniform_draw_is_the_old_one_and_antithetic_spreads_the_batch():
+    u = torch.rand(16, generator=torch.Generator().manual_seed(0))
+    t, w = C.draw_times(u, 0.25, 0.75, "uniform")
+    assert torch.equal(t, 0.25 + 0.5 * u) and torch.equal(w, torch.ones(16))
+    t, w = C.draw_times(u, 0.25, 0.75, "antithetic")
+    assert torch.all((t >= 0.25) & (t < 0.75)) and torch.equal(w, torch.ones(16))
+    gaps = torch.diff(torch.sort(t).values)
+    assert torch.allclose(gaps, torch.full_like(gaps, 0.5 / 16), atol=1e-6)   # one point per stratum
+
+
+def test_time_of_snr_inverts_the_schedule():
+    sched = randomize(C.LearnedSchedule(1e-3, 0.999).double(), 3, 1.0)
+    t = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
+    back = sched.time_of_snr(sched.snr(t))
+    assert torch.allclose(back, t, atol=1e-9)
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (0.5, 1.0)])
+def test_snr_importance_draw_keeps_the_expectation(lo, hi):
+    """E_{t~p}[w(t) SNR'(t) f(t)] = E_{t~U(lo,hi)}[SNR'(t) f(t)] for a smooth f (float64,
+    20k draws; the importance weight times SNR' is constant, so the estimate's error is f's)."""
+    sched = C.LearnedSchedule(1e-2, 0.99).double()
+    f = lambda t: 1.0 + torch.cos(3.0 * t)                                   # noqa: E731
+    with torch.no_grad():
+        grid = lo + (hi - lo) * (torch.arange(20_000, dtype=torch.float64) + 0.5) / 20_000
+        exact = float((sched.snr_derivative(grid) * f(grid)).mean())
+        u = torch.rand(20_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        t, w = C.draw_times(u, lo, hi, "snr_importance", sched)
+        assert torch.all((t >= lo) & (t <= hi))
+        estimate = float((w * sched.snr_derivative(t) * f(t)).mean())
+    assert abs(estimate - exact) < 0.02 * exact
+
+
+def test_variance_training_gives_the_shape_the_second_moment_and_the_rest_the_loss():
+    """schedule_shape=variance (VDM): gamma_0 / gap and the network get d mean(l)/d theta,
+    the shape g~ gets d mean(l^2)/d theta (l the per-example Eq. 9 term)."""
+    torch.manual_seed(0)
+    sched = randomize(C.LearnedSchedule(1e-2, 0.99).double(), 5, 0.5)
+    net = nn.Linear(4, 3).double()
+    emb = EMBEDDING.double()
+    y = torch.tensor([0, 1, 2, 1, 0])
+    u, t, eps = emb[y], torch.rand(5, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+
+    def grads(mode: str) -> tuple[dict, torch.Tensor]:
+        sched.zero_grad()
+        net.zero_grad()
+        if mode == "variance":
+            box = C.GradScale()
+            ab, sp = sched.alpha_bar_and_snr_derivative(t, box)
+            C.ct_denoise_loss(net(C.sample_ct_marginal(u, ab, eps)), emb, u, sp, 1.0, None, box).backward()
+        else:
+            ab, sp = sched.alpha_bar(t), sched.snr_derivative(t)
+            err = (schedule.denoised_embedding(net(C.sample_ct_marginal(u, ab, eps)), emb) - u).pow(2).sum(-1)
+            per_example = 0.5 * sp * err
+            (per_example.mean() if mode == "mean" else per_example.pow(2).mean()).backward()
+        return {n: p.grad.clone() for n, p in sched.named_parameters()}, net.weight.grad.clone()
+
+    var, var_net = grads("variance")
+    mean, mean_net = grads("mean")
+    square, _ = grads("square")
+    assert torch.allclose(var_net, mean_net, rtol=1e-12, atol=1e-14)
+    for name, grad in var.items():
+        ref = mean[name] if name in ("gamma_0", "raw_gap") else square[name]
+        assert torch.allclose(grad, ref, rtol=1e-8, atol=1e-12), name
+    shape = {n for n, _ in sched.named_parameters()} - {"gamma_0", "raw_gap"}
+    assert shape == {n for n, p in sched.named_parameters() if any(p is q for q in sched.shape_parameters())}
+
+
+def test_alpha_bar_and_snr_derivative_match_the_separate_methods():
+    sched = randomize(C.LearnedSchedule(1e-3, 0.999).double(), 7, 1.0)
+    t = torch.linspace(0, 1, 33, dtype=torch.float64)
+    ab, sp = sched.alpha_bar_and_snr_derivative(t)
+    assert torch.allclose(ab, sched.alpha_bar(t), rtol=1e-12) and torch.allclose(sp, sched.snr_derivative(t), rtol=1e-12)
+
+
+def test_fm_interpolate_with_sigma_adds_the_path_noise():
+    z0, u, eps = torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 4)
+    t = torch.rand(5)
+    assert torch.equal(C.fm_interpolate(z0, u, t, 0.0, eps), C.fm_interpolate(z0, u, t))
+    assert torch.allclose(C.fm_interpolate(z0, u, t, 0.1, eps), C.fm_interpolate(z0, u, t) + 0.1 * eps)

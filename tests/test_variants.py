@@ -267,3 +267,97 @@ def test_variant_on_the_command_line(tmp_path, capsys, data_cache):
     assert RunDir(run_dir).manifest()["variant"] == "fm"
     assert main(["train", "--config", "tiny", "--variant", "nope"]) == 2
     assert "variant='nope' is not one of" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ issue 17: CT's and FM's settings
+
+def test_fm_sigma_zero_draws_what_it_drew_before_and_sigma_adds_path_noise(tiny_config, digits):
+    """continuous.fm_sigma = 0 (the default) keeps FM's epoch noise and loss bit for bit; a
+    positive sigma adds d columns of path noise from their own stream and changes the loss."""
+    from noprop_dist.variants.continuous import time_noise
+
+    plain = make_setup(tiny_config({"variant": "fm"}), digits)
+    noisy = make_setup(tiny_config({"variant": "fm", "continuous.fm_sigma": "0.1"}), digits)
+    unit, obj, d = interval(1, 1), plain.objective, plain.embedding.shape[1]
+    rows = obj.epoch_noise(unit, plain, 1, 64)
+    assert torch.equal(rows, time_noise(unit, plain, 1, 64))
+    wide = obj.epoch_noise(unit, noisy, 1, 64)
+    assert wide.shape == (64, 2 * d + 1)
+    assert torch.equal(wide[:, :d], rows[:, :d]) and torch.equal(wide[:, -1], rows[:, -1])
+    assert not torch.equal(wide[:, d:2 * d], rows[:, :d])
+    torch.manual_seed(0)
+    runner = UnitRunner(unit, plain, digits.train)
+    x = torch.randn(64, *digits.input_shape)
+    y = torch.from_numpy(digits.train.y[:64].astype("int64"))
+    runner.module.eval()
+    with torch.no_grad():
+        base = obj.batch_loss(runner, x, y, rows)
+        runner.setup = noisy
+        assert float(obj.batch_loss(runner, x, y, wide)) != float(base)
+        runner.setup = plain
+        assert float(obj.batch_loss(runner, x, y, wide[:, list(range(d)) + [2 * d]])) == float(base)
+
+
+@pytest.mark.parametrize("shape, endpoints", [("fixed", "fixed"), ("fixed", "loss"), ("variance", "fixed")])
+def test_ct_schedule_parts_marked_fixed_do_not_move(tiny_config, digits, shape, endpoints):
+    cfg = tiny_config({"variant": "ct", "continuous.schedule_shape": shape, "continuous.schedule_endpoints": endpoints,
+                       "data.limit_train": "200", "train.head_passes": "2"})
+    setup = make_setup(cfg, digits)
+    for unit in setup.units:
+        runner = UnitRunner(unit, setup, digits.train)
+        before = {k: v.clone() for k, v in runner.module.schedule.state_dict().items()}
+        runner.run_epoch(1)
+        after = runner.module.schedule.state_dict()
+        ends = {"gamma_0", "raw_gap"}
+        trained = {k for k in before if (endpoints != "fixed" if k in ends else shape != "fixed")}
+        for key in set(before) - trained:
+            assert torch.equal(before[key], after[key]), (unit.name, key)
+        if unit.role == "interval":   # the interval's loss reaches every trained part
+            assert all(not torch.equal(before[k], after[k]) for k in trained), unit.name
+
+
+def test_ct_schedule_weight_decay_off_puts_the_schedule_in_its_own_group(tiny_config, digits):
+    setup = make_setup(tiny_config({"variant": "ct", "continuous.schedule_weight_decay": "false"}), digits)
+    runner = UnitRunner(interval(1, 1), setup, digits.train)
+    groups = runner.optimizer.param_groups
+    assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == setup.train.weight_decay
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in runner.module.schedule.parameters()}
+    default = UnitRunner(interval(1, 1), make_setup(tiny_config({"variant": "ct"}), digits), digits.train)
+    assert len(default.optimizer.param_groups) == 1
+
+
+def test_ct_initial_endpoints_follow_the_continuous_settings(tiny_config, digits):
+    setup = make_setup(tiny_config({"variant": "ct", "continuous.alpha_bar_0": "0.05",
+                                    "continuous.alpha_bar_1": "0.95"}), digits)
+    sched = setup.objective.build_module(interval(1, 1), setup).schedule
+    ends = sched.alpha_bar(torch.tensor([0.0, 1.0])).detach()
+    assert float(ends[0]) == pytest.approx(0.05, rel=1e-5) and float(ends[1]) == pytest.approx(0.95, rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"continuous.alpha_bar_0": "0.9", "continuous.alpha_bar_1": "0.5"}, r"alpha_bar\(0\)=0.9 must be below"),
+    ({"continuous.alpha_bar_1": "1.0"}, "continuous.alpha_bar_1=1.0 must be in"),
+    ({"continuous.time_sampling": "sobol"}, "continuous.time_sampling='sobol' is not one of"),
+    ({"continuous.fm_sigma": "-0.1"}, "continuous.fm_sigma=-0.1 must not be negative"),
+])
+def test_bad_ct_fm_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        config.resolve("tiny", {"variant": "ct", **overrides})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("sampling", ["antithetic", "snr_importance"])
+def test_ct_time_sampling_stays_inside_the_interval_and_is_deterministic(tiny_config, digits, sampling):
+    setup = make_setup(tiny_config({"variant": "ct", "continuous.intervals": "2", "continuous.time_sampling": sampling,
+                                    "data.limit_train": "128", "train.threads": "1"}), digits)
+    unit = interval(2, 2)
+    runner = UnitRunner(unit, setup, digits.train)
+    seen: list[torch.Tensor] = []
+    handle = runner.module.net.register_forward_pre_hook(lambda _, args: seen.append(args[2].detach().clone()))
+    runner.run_epoch(1)
+    handle.remove()
+    t = torch.cat(seen)
+    assert float(t.min()) >= 0.5 and float(t.max()) <= 1.0 and float(t.max() - t.min()) > 0.1
+    again = train_unit(unit, setup, digits.train, epochs=1).state_tensors()
+    for key, value in runner.state_tensors().items():
+        assert torch.equal(value, again[key]), key

@@ -135,6 +135,42 @@ class LearnedSchedule(nn.Module):
         return F.softplus(self.raw_gap) * f_prime / span * self.snr(t)   # (B,)
 
     @torch.no_grad()
+    def time_of_snr(self, snr: torch.Tensor, iterations: int = 60) -> torch.Tensor:
+        """The t in [0, 1] with SNR(t) = snr (B,) -> (B,), by bisection on the strictly
+        increasing g~ (no gradient: a sampling device). ``snr`` must lie in [SNR(0), SNR(1)]."""
+        gap = F.softplus(self.raw_gap)
+        target = ((self.gamma_0 + torch.log(snr)) / gap).clamp(0.0, 1.0)   # g~(t) = (gamma_0 - gamma(t)) / gap
+        lo, hi = torch.zeros_like(snr), torch.ones_like(snr)
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            below = self.normalized(mid) < target
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def alpha_bar_and_snr_derivative(self, t: torch.Tensor, shape_grad: "GradScale | None" = None
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_bar(t) and SNR'(t), (B,) each, as :meth:`alpha_bar` and :meth:`snr_derivative`.
+
+        ``shape_grad``: the per-example factor by which the gradient that reaches the shape
+        g~ is multiplied in the backward pass (VDM's variance objective for the shape: with
+        factor 2 l_b on a loss mean_b(l_b), the shape's gradient is that of mean_b(l_b^2));
+        the endpoints' gradient is left as it is."""
+        l1, h = self._hidden(t)                                          # (B,), (B, H)
+        w1, w2, w3 = F.softplus(self.raw_w1), F.softplus(self.raw_w2), F.softplus(self.raw_w3)
+        f0, span = self._f_range(t)
+        g = (l1 + h @ w3 - f0) / span                                    # (B,) g~(t)
+        g_prime = w1 * (1.0 + (h * (1.0 - h)) @ (w2 * w3)) / span       # (B,) g~'(t)
+        if shape_grad is not None:
+            g, g_prime = shape_grad(g), shape_grad(g_prime)
+        gap = F.softplus(self.raw_gap)
+        gamma = self.gamma_0 - gap * g                                   # (B,)
+        return torch.sigmoid(-gamma), gap * g_prime * torch.exp(-gamma)
+
+    def shape_parameters(self) -> list[nn.Parameter]:
+        """The parameters of g~ (the shape between the endpoints), not gamma_0 or the gap."""
+        return [self.raw_w1, self.b1, self.raw_w2, self.b2, self.raw_w3]
+
+    @torch.no_grad()
     def alpha_bar_grid(self, steps: int) -> np.ndarray:
         """alpha_bar(s / steps) for s = 0..steps, float64 (steps + 1,), strictly increasing:
         the grid :class:`CTChain` integrates on. Evaluated on a float64 copy, so that the
@@ -150,19 +186,94 @@ class LearnedSchedule(nn.Module):
         return ab
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``box.scale`` (set after the forward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, box: "GradScale") -> torch.Tensor:
+        ctx.box = box
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.box.scale, None
+
+
+class GradScale:
+    """A per-example gradient factor decided after the forward pass (:meth:`set`), applied
+    in the backward pass to every tensor passed through it (``box(x)``)."""
+
+    def __init__(self):
+        self.scale: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _ScaleGrad.apply(x, self)
+
+    def set(self, scale: torch.Tensor) -> None:
+        self.scale = scale.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# How CT draws t (docs/ct.md)
+# --------------------------------------------------------------------------------------------
+
+TIME_SAMPLING = ("uniform", "antithetic", "snr_importance")
+
+
+def draw_times(uniform: torch.Tensor, lo: float, hi: float, method: str,
+               sched: LearnedSchedule | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's t in [lo, hi) and the weight that keeps Eq. 9's expectation:
+    ``(t (B,), weight (B,))`` from ``uniform`` (B,), draws in [0, 1).
+
+    * ``uniform``: ``t = lo + (hi - lo) u``, weight 1 (the paper's t ~ U).
+    * ``antithetic``: VDM's low-discrepancy draw, ``t_b = lo + (hi - lo) frac(u_0 + b / B)``:
+      one uniform per batch, the batch spread evenly over the interval; weight 1 (each t_b is
+      still uniform, so the estimate stays unbiased, with less variance).
+    * ``snr_importance``: SNR(t) uniform between SNR(lo) and SNR(hi), i.e. t with density
+      ``p(t) = SNR'(t) / (SNR(hi) - SNR(lo))``; weight ``1 / ((hi - lo) p(t))`` (no gradient),
+      so ``weight * SNR'(t) * error`` keeps the expectation of the uniform draw and its
+      gradient in the schedule.
+    """
+    width = hi - lo
+    if method == "uniform":
+        return lo + width * uniform, torch.ones_like(uniform)
+    if method == "antithetic":
+        b = torch.arange(len(uniform), dtype=uniform.dtype, device=uniform.device)
+        return lo + width * torch.remainder(uniform[0] + b / len(uniform), 1.0), torch.ones_like(uniform)
+    if method == "snr_importance":
+        if sched is None:
+            raise ValueError("snr_importance needs the learned schedule")
+        with torch.no_grad():
+            ends = sched.snr(torch.tensor([lo, hi], dtype=uniform.dtype, device=uniform.device))
+            t = sched.time_of_snr(ends[0] + uniform * (ends[1] - ends[0])).clamp(lo, hi)
+            weight = (ends[1] - ends[0]) / (width * sched.snr_derivative(t))
+        return t, weight
+    raise ValueError(f"unknown time sampling {method!r}; one of {', '.join(TIME_SAMPLING)}")
+
+
 # --------------------------------------------------------------------------------------------
 # CT losses (Eq. 9)
 # --------------------------------------------------------------------------------------------
 
 def ct_denoise_loss(logits: torch.Tensor, embedding: torch.Tensor, u_y: torch.Tensor,
-                    snr_prime: torch.Tensor, eta: float) -> torch.Tensor:
-    """mean_b( 0.5 * eta * SNR'(t_b) * ||softmax(logits_b) @ W_embed - u_y_b||^2 ) -> scalar.
+                    snr_prime: torch.Tensor, eta: float, weight: torch.Tensor | None = None,
+                    shape_grad: GradScale | None = None) -> torch.Tensor:
+    """mean_b( w_b * 0.5 * eta * SNR'(t_b) * ||softmax(logits_b) @ W_embed - u_y_b||^2 ) -> scalar.
 
     logits (B, m), embedding (m, d), u_y (B, d), snr_prime (B,) (> 0; keep its graph to train
-    the schedule).
+    the schedule), weight (B,) the importance weight of t's draw (:func:`draw_times`; None = 1).
+    ``shape_grad``: the :class:`GradScale` the schedule's shape went through
+    (:meth:`LearnedSchedule.alpha_bar_and_snr_derivative`); set here to ``2 l_b``, so the
+    shape is trained on the estimator's second moment ``mean_b(l_b^2)`` (VDM, Sec. 5.2:
+    the loss's expectation does not depend on the shape, only its variance does).
     """
     err = (denoised_embedding(logits, embedding) - u_y).pow(2).sum(-1)  # (B,)
-    return (0.5 * eta * snr_prime * err).mean()
+    per_example = 0.5 * eta * snr_prime * err                            # (B,)
+    if weight is not None:
+        per_example = weight * per_example
+    if shape_grad is not None:
+        shape_grad.set(2.0 * per_example)
+    return per_example.mean()
 
 
 def sample_ct_marginal(u_y: torch.Tensor, alpha_bar_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -191,10 +302,15 @@ def kl_prior_continuous(u_y: torch.Tensor, ab_0: torch.Tensor) -> torch.Tensor:
 # FM (Eqs. 10-13)
 # --------------------------------------------------------------------------------------------
 
-def fm_interpolate(z0: torch.Tensor, u_y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """z_t = t u_y + (1 - t) z_0; z0, u_y (B, d), t (B,) -> (B, d)."""
+def fm_interpolate(z0: torch.Tensor, u_y: torch.Tensor, t: torch.Tensor,
+                   sigma: float = 0.0, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """z_t = t u_y + (1 - t) z_0 (+ sigma eps, the Gaussian path N(., sigma^2 I) of Eq. 10);
+    z0, u_y, eps (B, d), t (B,) -> (B, d). The target velocity is u_y - z_0 either way."""
     tt = t[:, None]
-    return tt * u_y + (1.0 - tt) * z0
+    z_t = tt * u_y + (1.0 - tt) * z0
+    if sigma:
+        z_t = z_t + sigma * eps
+    return z_t
 
 
 def fm_target(z0: torch.Tensor, u_y: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,8 @@ from noprop_dist import config as config_mod
 from noprop_dist.config import MAX_T, Config, EvalConfig, TrainConfig
 from noprop_dist.core import schedule
 from noprop_dist.core.continuous import (
-    LearnedSchedule, ct_denoise_loss, ct_head_loss, fm_anchor_loss, fm_interpolate, fm_loss, fm_target, fm_velocity,
-    interval_bounds, kl_prior_continuous, sample_ct_marginal
+    GradScale, LearnedSchedule, ct_denoise_loss, ct_head_loss, draw_times, fm_anchor_loss, fm_interpolate, fm_loss, fm_target,
+    fm_velocity, interval_bounds, kl_prior_continuous, sample_ct_marginal
 )
 from noprop_dist.data import ArraySplit, Dataset
 from noprop_dist.nets.blocks import BLOCK_SIZES, OutputHead
@@ -52,6 +52,8 @@ from noprop_dist.variants.base import (
 
 TIME = 4
 """derive_seed stream of the uniform draws that place each example's t inside its interval."""
+FM_PATH = 5
+"""derive_seed stream of FM's path noise eps (``continuous.fm_sigma > 0`` only)."""
 SCHEDULE_SEED_UNIT = 2_000_000
 """Unit id of the learned schedule's initialisation (one seed: every unit starts from the same copy)."""
 
@@ -115,18 +117,21 @@ class ContinuousObjective(UnitObjective):
         return time_noise(unit, setup, epoch, n)
 
     def step_probe(self, setup: UnitSetup, n_train: int) -> StepProbe:
-        d = setup.embedding.shape[1]
         first = self.intervals(setup)[0]
 
         def forward(module: nn.Module, batch: int) -> torch.Tensor:
             runner = _ProbeRunner(module, first, setup)
             x = torch.zeros(batch, *setup.input_shape)                            # (B, C, H, W)
-            rows = torch.full((batch, d + 1), 0.5)                                # (B, d + 1)
+            rows = torch.full((batch, self.noise_width(setup)), 0.5)              # (B, width)
             return self.batch_loss(runner, x, torch.zeros(batch, dtype=torch.long), rows)
 
         return StepProbe(name=f"the {setup.model.block} {self.name.upper()} network",
                          build=lambda: self.build_module(first, setup), forward=forward,
-                         fixed_bytes=n_train * (d + 1) * 4 * max(1, setup.train.head_passes))
+                         fixed_bytes=n_train * self.noise_width(setup) * 4 * max(1, setup.train.head_passes))
+
+    def noise_width(self, setup: UnitSetup) -> int:
+        """Columns of an interval unit's epoch noise: d Gaussian, one uniform for t."""
+        return setup.embedding.shape[1] + 1
 
     def manifest_fields(self, cfg: Config, data: Dataset, setup: UnitSetup) -> dict[str, Any]:
         return {
@@ -153,12 +158,24 @@ class CTObjective(ContinuousObjective):
         return self.intervals(setup) + [HEAD]
 
     def learned_schedule(self, setup: UnitSetup) -> LearnedSchedule:
-        """The schedule every unit starts from (one seed, the ends of the config's schedule)."""
+        """The schedule every unit starts from (one seed; its ends ``continuous.alpha_bar_0/_1``,
+        0 meaning the ends of the config's schedule)."""
         spec = UnitSpec(name="schedule", seed_id=SCHEDULE_SEED_UNIT, role="schedule")
-        return seeded_module(spec, setup, lambda: LearnedSchedule(setup.alpha_bar[0], setup.alpha_bar[-1]))
+        ab_0 = setup.continuous.alpha_bar_0 or setup.alpha_bar[0]
+        ab_1 = setup.continuous.alpha_bar_1 or setup.alpha_bar[-1]
+        return seeded_module(spec, setup, lambda: LearnedSchedule(ab_0, ab_1))
 
     def build_module(self, unit: UnitSpec, setup: UnitSetup) -> nn.Module:
         copy = self.learned_schedule(setup)
+        trained = set()
+        if setup.continuous.schedule_shape != "fixed":
+            trained |= {id(q) for q in copy.shape_parameters()}
+        if setup.continuous.schedule_endpoints != "fixed":
+            trained |= {id(copy.gamma_0), id(copy.raw_gap)}
+        for q in copy.parameters():
+            q.requires_grad_(id(q) in trained)
+            if not setup.continuous.schedule_weight_decay:
+                q.no_weight_decay = True        # read by optimizer(): the schedule's own group
         if unit.role == "head":
             return HeadModule(seeded_module(unit, setup, lambda: OutputHead(setup.embedding.shape[1], setup.num_classes)),
                               copy)
@@ -178,10 +195,30 @@ class CTObjective(ContinuousObjective):
             ends = sched.alpha_bar(torch.tensor([0.0, 1.0], device=u_y.device))   # alpha_bar(0), alpha_bar(1)
             z_1 = sample_ct_marginal(u_y, ends[1].expand(len(y)), rows)          # (B, d)
             return ct_head_loss(module.head(z_1), y) + kl_prior_continuous(u_y, ends[0]).mean()
+        cont = runner.setup.continuous
         eps, t = split_time_noise(rows, runner.unit)                              # (B, d), (B,)
-        z_t = sample_ct_marginal(u_y, sched.alpha_bar(t), eps)                    # (B, d)
+        weight = None
+        if cont.time_sampling != "uniform":
+            t, weight = draw_times(rows[:, -1], *runner.unit.t_range, cont.time_sampling, sched)
+        if cont.schedule_shape == "variance":
+            shape_grad = GradScale()
+            alpha_bar, snr_prime = sched.alpha_bar_and_snr_derivative(t, shape_grad)  # (B,), (B,)
+        else:
+            shape_grad, alpha_bar, snr_prime = None, sched.alpha_bar(t), sched.snr_derivative(t)
+        z_t = sample_ct_marginal(u_y, alpha_bar, eps)                             # (B, d)
         logits = module.net(z_t, x, t)                                            # (B, m)
-        return ct_denoise_loss(logits.float(), embedding, u_y, sched.snr_derivative(t), runner.setup.continuous.eta)
+        return ct_denoise_loss(logits.float(), embedding, u_y, snr_prime, cont.eta,
+                               None if cont.time_sampling == "uniform" else weight, shape_grad)
+
+    def optimizer(self, params: list[torch.Tensor], train: TrainConfig) -> torch.optim.Optimizer:
+        """Adam; the schedule's parameters in a group without weight decay when
+        ``continuous.schedule_weight_decay`` is off (:meth:`build_module` marks them)."""
+        decayed = [q for q in params if not getattr(q, "no_weight_decay", False)]
+        if len(decayed) == len(params):
+            return super().optimizer(params, train)
+        plain = [q for q in params if getattr(q, "no_weight_decay", False)]
+        return torch.optim.Adam([{"params": decayed}, {"params": plain, "weight_decay": 0.0}],
+                                lr=train.lr, weight_decay=train.weight_decay)
 
     def averaged_schedule(self, setup: UnitSetup, states: dict[str, dict[str, torch.Tensor]]) -> LearnedSchedule:
         """The learned schedule of a run: the mean of the units' copies (equal after a sync)."""
@@ -209,12 +246,30 @@ class FMObjective(ContinuousObjective):
     def build_module(self, unit: UnitSpec, setup: UnitSetup) -> nn.Module:
         return IntervalModule(seeded_module(unit, setup, lambda: self.network(setup)))
 
+    def noise_width(self, setup: UnitSetup) -> int:
+        """d for z_0, d more for the path noise when ``continuous.fm_sigma > 0``, one uniform for t."""
+        d = setup.embedding.shape[1]
+        return (2 * d if setup.continuous.fm_sigma else d) + 1
+
+    def epoch_noise(self, unit: UnitSpec, setup: UnitSetup, epoch: int, n: int) -> torch.Tensor:
+        """(n, d + 1) as :func:`time_noise`; with ``fm_sigma > 0`` (n, 2d + 1): z_0, the path
+        noise eps (its own stream, so sigma = 0 draws exactly what it drew before), t's uniform."""
+        rows = time_noise(unit, setup, epoch, n)                                  # (n, d + 1)
+        if not setup.continuous.fm_sigma:
+            return rows
+        d = setup.embedding.shape[1]
+        eps = schedule.marginal_noise(n, d, derive_seed(setup.train.seed, unit.seed_id, epoch, FM_PATH))  # (n, d)
+        return torch.cat([rows[:, :d], eps, rows[:, d:]], dim=1)                 # (n, 2d + 1)
+
     def batch_loss(self, runner: Any, x: torch.Tensor | None, y: torch.Tensor,
                    rows: torch.Tensor) -> torch.Tensor:
         embedding = runner.embedding
         u_y = embedding[y]                                                        # (B, d)
-        z_0, t = split_time_noise(rows, runner.unit)                              # (B, d), (B,)
-        z_t = fm_interpolate(z_0, u_y, t)                                         # (B, d)
+        noise, t = split_time_noise(rows, runner.unit)                            # (B, d or 2d), (B,)
+        d = u_y.shape[1]
+        sigma = runner.setup.continuous.fm_sigma
+        z_0 = noise[:, :d]                                                        # (B, d)
+        z_t = fm_interpolate(z_0, u_y, t, sigma, noise[:, d:] if sigma else None)  # (B, d)
         v = fm_velocity(runner.module.net(z_t, x, t).float(), embedding)          # (B, d)
         loss = fm_loss(v, fm_target(z_0, u_y))
         if runner.setup.learnable_embedding:
