@@ -70,6 +70,23 @@ def run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+def test_startup_benchmark_smoke(tmp_path):
+    """The CLI launched as a user does: its launch -> first step, and the run's own phases,
+    which add up to the run's own launch figure (timed from the process's start, so a little
+    after the benchmark's launch)."""
+    proc = run(["benchmarks/startup.py", "--smoke", "--out", str(tmp_path / "out")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "startup.json").read_text())
+    (record,) = result["runs"]
+    phases = [name for name, _ in record["phases"]]
+    assert phases[0] == "interpreter and imports" and phases[-1] == "to the first step"
+    assert {"connect", "start workers", "preflight", "workers"} <= set(phases)
+    assert 0 < sum(s for _, s in record["phases"]) <= record["launch_to_first_step_s"] + 0.05
+    assert [name for name, _ in record["worker_phases"]] == ["process", "imports", "data", "units", "join"]
+    assert "Launch -> first step" in proc.stdout and "too little work" in proc.stdout
+
+
+@pytest.mark.slow
 def test_scaling_benchmark_smoke(tmp_path):
     out = tmp_path / "scaling.json"
     proc = run(["benchmarks/scaling.py", "--smoke-test", "--workers", "1", "2", "--out", str(out)], tmp_path)
@@ -109,7 +126,7 @@ def test_memory_benchmark_writes_outside_the_checkout_without_out(tmp_path):
 
 def test_scaling_and_memory_default_to_no_file_in_the_checkout():
     """Their --out has no default inside the checkout (the scripts pick a temporary directory)."""
-    for script in ("scaling.py", "memory.py"):
+    for script in ("scaling.py", "memory.py", "startup.py"):
         text = (ROOT / "benchmarks" / script).read_text()
         assert "benchmarks/results" not in text and 'default_out("' in text.replace("'", '"'), script
 

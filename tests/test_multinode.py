@@ -86,6 +86,9 @@ def test_blocks_spread_or_pack_across_nodes_and_the_data_reaches_each_node_once(
     assert summary["data_worker_nodes"] == len(set(nodes.values()))
     assert summary["data_nodes"] == len(set(nodes.values()) | {driver})
     assert summary["bytes_data_to_nodes"] == summary["bytes_data_object_store"] * (summary["data_nodes"] - 1)
+    # A cluster's workers are told to run at the driver's priority, not Ray's niceness 15.
+    started = [r for r in RunDir(run_dir).read_metrics() if r.get("event") == "worker_started"]
+    assert started and all(r["niceness"] == 0 for r in started), [r["niceness"] for r in started]
 
 
 def test_a_node_lost_mid_run_restarts_only_its_blocks_with_the_same_final_weights(cluster, cache, tmp_path):

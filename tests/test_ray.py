@@ -122,6 +122,28 @@ def test_unsatisfiable_placement_fails_fast(ray_session, cache, tmp_path):
     assert not (tmp_path / "run" / "manifest.json").exists()
 
 
+def test_workers_started_before_a_refused_preflight_are_released(ray_session, cache, tmp_path, monkeypatch):
+    """The workers spawn before the preflight (their start-up overlaps it): a run refused there
+    writes nothing and gives back every worker and its placement group."""
+    from noprop_dist.errors import ConfigError
+    from noprop_dist.run import lifecycle
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("refused by the test's preflight")
+
+    monkeypatch.setattr(lifecycle, "check_unit", refuse)
+    with pytest.raises(ConfigError, match="refused by the test"):
+        train_ray(tiny(cache, **{"cluster.workers": 2}), tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < LOGICAL_CPUS:
+        assert time.monotonic() < deadline, f"workers not released: {ray.available_resources()}"
+        time.sleep(0.2)
+    mine = [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"run-{os.getpid()}/")]
+    assert not mine, mine
+
+
 # ---- equivalence --------------------------------------------------------------------------
 def test_ray_and_in_process_trainers_give_the_same_weights(ray_session, cache, tmp_path):
     """Our best guard: same seed, fixed embedding -> same weights (<= 1e-5), both target modes.
@@ -142,6 +164,15 @@ def test_ray_and_in_process_trainers_give_the_same_weights(ray_session, cache, t
     # Nothing but recipes, metrics and checkpoints crossed: no activations, no gradients.
     assert summary["bytes_to_workers"] < 10_000
     assert summary["bytes_from_workers"] > 0
+    # Where the start-up went: every phase in the order it ran, adding up to the launch figure.
+    for s, trainer_phases in ((summary, ["connect", "place", "start workers", "preflight", "open", "workers"]),
+                              (local_summary, ["place", "start workers", "preflight", "open"])):
+        phases = [name for name, _ in s["startup_s"] if name != "interpreter and imports"]
+        assert phases == ["data", "setup", *trainer_phases, "to the first step"], phases
+        assert all(seconds >= 0 for _, seconds in s["startup_s"])
+        assert sum(seconds for _, seconds in s["startup_s"]) == pytest.approx(s["launch_to_first_step_s"], abs=0.01)
+    assert [name for name, _ in summary["worker_startup_s"]] == ["process", "imports", "data", "units", "join"]
+    assert sum(seconds for _, seconds in summary["worker_startup_s"]) <= summary["launch_to_first_step_s"]
 
 
 def test_learned_embedding_is_synchronised_like_in_process(ray_session, cache, tmp_path):

@@ -100,6 +100,10 @@ def test_a_signal_to_the_driver_stops_the_run_and_the_printed_command_resumes_it
     assert stop_seconds < 20
     assert epochs_done(run_dir) < epochs * 5, "the run went on to its end"    # 4 blocks + the head
 
+    if backend == "ray":     # the CLI's private Ray runs its training workers at the driver's priority
+        started = [r for r in RunDir(run_dir).read_metrics() if r.get("event") == "worker_started"]
+        assert started and all(r["niceness"] == 0 for r in started)
+
     resume = shlex.split(last.split("continue with: ", 1)[1])
     done = subprocess.run(CLI + resume[1:] + ["--no-progress"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

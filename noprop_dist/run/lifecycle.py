@@ -4,11 +4,16 @@
 
     data = load_data(cfg); setup = make_setup(cfg, data)      # before anything is written
     placement = trainer.place(cfg, data, setup)                # cluster reachable, workers, memory
+    trainer.start_workers(...)                                 # Ray: spawned now, start up meanwhile
     step = check_unit(...)                                     # the preflight: the step fits
     with trainer.open(cfg, run_dir, resume, manifest) as run:  # the run directory, locked
         if finished: return its summary                        # a --resume of a finished run
         seconds, extra = trainer.train(run, ...)               # the trainer's own part
         return finish_run(...)                                 # evaluate, summary.json, plot
+    trainer.close()                                            # whatever the outcome
+
+Each phase is timed on a :class:`~noprop_dist.run.startup.StartupClock` (``startup_s`` and
+``launch_to_first_step_s`` in summary.json).
 
 A trainer (:class:`RunTrainer`; the registry in :mod:`noprop_dist.variants.registry` finds
 them) supplies only what differs: where it trains (:class:`Placement`), the training body and
@@ -34,6 +39,7 @@ from noprop_dist.data import Dataset, load_dataset
 from noprop_dist.errors import CheckpointError
 from noprop_dist.run.plots import plot_run
 from noprop_dist.run.signals import keep_stopping_on_signals
+from noprop_dist.run.startup import StartupClock
 from noprop_dist.rundir import LOCK_FILE, RunDir
 from noprop_dist.training.preflight import StepEstimate, check_unit, device_memory_budget, fitting_batch
 from noprop_dist.variants.base import UnitSetup, check_gpu, evaluation_device, make_setup
@@ -73,6 +79,15 @@ class RunTrainer:
         """Train every unit to ``train.epochs``; returns (training seconds, the trainer's summary fields)."""
         raise NotImplementedError
 
+    def start_workers(self, cfg: Config, data: Dataset, setup: UnitSetup, placement: Placement,
+                      run_dir: str | Path) -> None:
+        """Start what can start before the preflight and the run directory (the Ray trainer's
+        worker processes, so that their start-up overlaps the driver's); writes nothing."""
+
+    def close(self) -> None:
+        """Release what :meth:`start_workers` started if :meth:`train` did not (a refused
+        preflight, a stop); called once the run ends, whatever the outcome."""
+
     def open(self, cfg: Config, run_dir: str | Path, resume: bool, fields: dict[str, Any]) -> ContextManager[RunDir]:
         return open_run(cfg, run_dir, resume, fields)
 
@@ -86,26 +101,47 @@ class RunTrainer:
     writes = True
     """Does this process finish the run (evaluate, write the summary)? Ranks other than 0 do not."""
 
+    startup: StartupClock | None = None
+    """The run's start-up phases (set by :func:`train_run`); a trainer marks its own."""
+
+    def mark(self, phase: str) -> None:
+        if self.startup is not None:
+            self.startup.mark(phase)
+
 def train_run(trainer: RunTrainer, cfg: Config, run_dir: str | Path, resume: bool = False,
               show_progress: bool = True) -> dict[str, Any] | None:
     """Train a run with ``trainer``: the one lifecycle of every entry point; returns the summary."""
+    clock = trainer.startup = StartupClock()
     started = time.time()
     data = load_data(cfg)
+    clock.mark("data")
     setup = make_setup(cfg, data)
     objective = setup.objective
+    clock.mark("setup")
     placement = trainer.place(cfg, data, setup)
+    clock.mark("place")
     keep_stopping_on_signals()    # placing may have started Ray, which takes SIGTERM over
     trainer.check_devices(cfg)
-    step = check_unit(objective.step_probe(setup, len(data.train)), placement.batch_share, data.input_shape,
-                      placement.budget, placement.sharing, placement.where, units_held=placement.units_held)
-    with trainer.open(cfg, run_dir, resume, objective.manifest_fields(cfg, data, setup)) as run:
-        if (done := finished_summary(run)) is not None:
-            return done
-        train_seconds, extra = trainer.train(run, cfg, data, setup, placement, show_progress)
-        if not trainer.writes:
-            return None
-        figures = session_figures(run.read_metrics(), started)
-        return finish_run(run, cfg, data, train_seconds, {**figures, **extra}, step)
+    try:
+        trainer.start_workers(cfg, data, setup, placement, run_dir)
+        clock.mark("start workers")
+        step = check_unit(objective.step_probe(setup, len(data.train)), placement.batch_share, data.input_shape,
+                          placement.budget, placement.sharing, placement.where, units_held=placement.units_held)
+        clock.mark("preflight")
+        with trainer.open(cfg, run_dir, resume, objective.manifest_fields(cfg, data, setup)) as run:
+            clock.mark("open")
+            if (done := finished_summary(run)) is not None:
+                return done
+            train_seconds, extra = trainer.train(run, cfg, data, setup, placement, show_progress)
+            if not trainer.writes:
+                return None
+            figures = session_figures(run.read_metrics(), started)
+            first = figures.pop("first_step_at")
+            figures.update({"startup_s": clock.phases(first),
+                            "launch_to_first_step_s": clock.launch_to_first_step(first)})
+            return finish_run(run, cfg, data, train_seconds, {**figures, **extra}, step)
+    finally:
+        trainer.close()
 
 
 def session_figures(records: list[dict[str, Any]], since: float) -> dict[str, Any]:
@@ -122,7 +158,9 @@ def session_figures(records: list[dict[str, Any]], since: float) -> dict[str, An
         last[r["unit"]] = r
         seconds[r["epoch"]] = seconds.get(r["epoch"], 0.0) + r["seconds"]
         peak[r["unit"]] = max(peak.get(r["unit"], 0), r["peak_memory_bytes"])
+    first_steps = [r["first_step_at"] for r in unit_epochs if r.get("first_step_at")]
     return {"epoch_seconds": [seconds[e] for e in sorted(seconds)],
+            "first_step_at": min(first_steps, default=None),
             "allreduce_bytes_per_worker_per_epoch": sum(r.get("allreduce_bytes", 0) for r in last.values()),
             "peak_memory_bytes": peak, "rss_bytes": max((r["rss_bytes"] for r in unit_epochs), default=0),
             "eval_every_seconds": sum(r["eval_seconds"] for r in records if r.get("event") == "eval")}

@@ -61,6 +61,10 @@ LOOPBACK_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 """``0``: Ray takes 127.0.0.1 as the node's address (its single-machine mode)."""
 
 
+WORKER_NICENESS = "RAY_worker_niceness"
+"""Read by each Ray worker process at its start: the niceness it runs at (Ray's default 15)."""
+
+
 def private_ray_env(environ: Mapping[str, str], ray_imported: bool) -> dict[str, str]:
     """The variables to add to ``environ`` before a private local Ray starts (see the module
     docstring). After ``import ray`` only the token can still take effect, and only while
@@ -105,6 +109,11 @@ def connect(cluster: ClusterConfig) -> None:
 
     if not address:
         gpus = cluster.local_gpus if cluster.local_gpus >= 0 else torch.cuda.device_count()
+        # Ray starts its workers at nice 15 (ahead of them: its own servers, and every other
+        # process of the machine): training workers are this machine's work, so they run at
+        # the driver's priority. Inherited by the raylet, so idle workers it starts early
+        # (reused for actors) have it too; a user's own value is kept.
+        os.environ.setdefault(WORKER_NICENESS, "0")
         try:
             ray.init(address="local", namespace=NAMESPACE, num_cpus=cluster.local_cpus or os.cpu_count(),
                      num_gpus=gpus, include_dashboard=False, log_to_driver=False,

@@ -28,8 +28,10 @@ stops with one line; every checkpoint stays on disk and ``--resume`` continues.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +84,6 @@ class LoopFigures:
 
     dispatch_seconds: float = 0.0
     worker_target_seconds: float = 0.0
-    first_steps: list = field(default_factory=list)
     checkpoints_by_workers: int = 0        # written into the run directory by the worker itself
     checkpoints_by_coordinator: int = 0    # states shipped to the coordinator, written there
     coordinator_cpu_seconds: float = 0.0   # the driver process's CPU time over the training loop
@@ -91,9 +92,9 @@ class LoopFigures:
 class Coordinator:
     """The dispatch loop over the units' epochs, the restart policy and the traffic count."""
 
-    def __init__(self, cfg: Config, run: RunDir, setup: UnitSetup, data: Dataset, layout: Layout,
+    def __init__(self, cfg: Config, run: RunDir, setup: UnitSetup, data: Dataset, early: EarlyStart,
                  show_progress: bool):
-        self.cfg, self.run, self.setup, self.layout = cfg, run, setup, layout
+        self.cfg, self.run, self.setup, self.layout = cfg, run, setup, early.pool.layout
         self.epochs = cfg.train.epochs
         self.test = data.test
         self.n = len(data.train)
@@ -103,17 +104,14 @@ class Coordinator:
         self.syncs = SyncBook(cfg, run, setup)
         self.order = [u.name for u in setup.units]
         self.eval_states: dict[int, dict[str, dict]] = {}
-        put_start = time.perf_counter()
-        self.train_refs = (ray.put(np.ascontiguousarray(data.train.x)), ray.put(np.ascontiguousarray(data.train.y)))
         self.data_bytes = int(data.train.x.nbytes + data.train.y.nbytes)
-        self.data_put_seconds = time.perf_counter() - put_start
-        self.run_tag = f"{run.path.resolve().name}-{os.getpid()}"
+        self.data_put_seconds = early.data_put_seconds
         # Workers that see the run directory (a private Ray, shared storage) write their own
         # checkpoints there and send only the record; the others send the state, as before.
         self.run_path, token = str(run.path.resolve()), secrets.token_hex(16)
         atomic_write(run.path / PROBE_FILE, token.encode())
-        self.pool = WorkerPool(cfg, run, setup, layout, self.train_refs, self.progress.queue, self.run_tag,
-                               probe=(self.run_path, token))
+        self.pool = early.pool
+        self.pool.attach(run, self.progress.queue, probe=(self.run_path, token))
         self.workers = self.pool.slots
         self.tracks = {u.name: UnitTrack(unit=u) for u in setup.units}
         for name, members in self.pool.members().items():
@@ -121,21 +119,23 @@ class Coordinator:
 
     # ---- workers -----------------------------------------------------------------------
     def start(self) -> None:
-        """Reserve the placement group, then start the workers (their start-ups overlap). On
-        resume a worker whose units have all finished is not started: those units' checkpoints
-        are only read here, for the shared tensors."""
-        self.pool.reserve()
+        """Start the workers' units (their processes were spawned at placement, see
+        :class:`EarlyStart`). On resume a worker whose units have all finished is not kept:
+        those units' checkpoints are only read here, for the shared tensors."""
         finished = finished_units(self.run)
         needed = [w for w, slot in enumerate(self.workers) if any(u.name not in finished for u in slot.units)]
         for w, slot in enumerate(self.workers):
             if w not in needed:
+                self.pool.kill(w)
+                slot.handle = None
                 for unit in slot.units:
                     self.syncs.learn_from_checkpoint(self.run.load_unit(unit.name))
                     self.tracks[unit.name].epochs_done = self.epochs
-        self._start(needed)
+        self._start(needed, spawned=True)
 
-    def _start(self, slots: list[int]) -> None:
-        for name, done in self.pool.start(slots, self._load_state, lambda unit: self.tracks[unit].attempt).items():
+    def _start(self, slots: list[int], spawned: bool = False) -> None:
+        for name, done in self.pool.start(slots, self._load_state, lambda unit: self.tracks[unit].attempt,
+                                          spawned).items():
             track = self.tracks[name]
             track.epochs_done, track.inflight, track.results = done, {}, {}
 
@@ -219,7 +219,6 @@ class Coordinator:
         self.traffic.add(epoch, "control_from_workers", serialized_bytes({k: v for k, v in result.items() if k != "state"}))
         track.epochs_done = epoch
         track.slowest = max(track.slowest, time.monotonic() - track.dispatched)
-        self.figures.first_steps.append(metrics["first_step_at"])
         self.figures.worker_target_seconds += metrics["target_seconds"]
         self.run.append_metrics({"event": "unit_epoch", "worker": self.workers[track.workers[0]].info.get("pid"),
                                  **metrics})
@@ -313,10 +312,9 @@ def data_copies(coordinator: Coordinator) -> dict[str, Any]:
     return {"data_nodes": len(nodes), "data_worker_nodes": len(worker_nodes),
             "bytes_data_to_nodes": coordinator.data_bytes * len(nodes - {driver})}
 
-def ray_summary(coordinator: Coordinator, train_seconds: float, launched: float) -> dict[str, Any]:
+def ray_summary(coordinator: Coordinator, train_seconds: float) -> dict[str, Any]:
     """The Ray trainer's fields of summary.json (after the loop)."""
     figures, traffic = coordinator.figures, coordinator.traffic
-    first = [t for t in figures.first_steps if t is not None]
     slots = {s.label: s.info for s in coordinator.workers}
     return {
         "backend": "ray", "workers": len(coordinator.layout.groups), "head_workers": len(coordinator.workers) - len(coordinator.layout.groups),
@@ -334,8 +332,8 @@ def ray_summary(coordinator: Coordinator, train_seconds: float, launched: float)
         # own time plus the workers' noise generation, spread over the workers that ran it.
         "target_share": (figures.dispatch_seconds + figures.worker_target_seconds / len(coordinator.workers))
         / max(train_seconds, 1e-9),
-        "launch_to_first_step_s": (min(first) - launched) if first else None,
         "restarts": coordinator.pool.restarts,
+        "worker_startup_s": coordinator.pool.startup_phases(),
         "coordinator_cpu_seconds": figures.coordinator_cpu_seconds,
         "coordinator_cpu_share": figures.coordinator_cpu_seconds / max(train_seconds, 1e-9),
         "checkpoints_by_workers": figures.checkpoints_by_workers,
@@ -378,16 +376,57 @@ def _fits(units: list[UnitSpec], cfg: Config, resources: dict[str, float]) -> bo
         return False
 
 
+@dataclass
+class EarlyStart:
+    """The workers started as soon as the run is placed, before the driver's preflight and
+    before the run directory is open: the training split is put into the object store, the
+    placement group reserved and the worker processes spawned, so that their start-up
+    (process, torch import, data fetch) overlaps what the driver still does. Nothing is
+    written before the run is open; :meth:`RayTrainer.close` releases them if the run never
+    trains (a refused preflight, a signal)."""
+
+    pool: WorkerPool
+    data_put_seconds: float
+
+    @classmethod
+    def start(cls, cfg: Config, setup: UnitSetup, data: Dataset, layout: Layout, run_dir: str | Path) -> EarlyStart:
+        put_start = time.perf_counter()
+        train_refs = (ray.put(np.ascontiguousarray(data.train.x)), ray.put(np.ascontiguousarray(data.train.y)))
+        put_seconds = time.perf_counter() - put_start
+        pool = WorkerPool(cfg, setup, layout, train_refs, run_tag=f"{Path(run_dir).resolve().name}-{os.getpid()}")
+        early = cls(pool, put_seconds)
+        try:
+            pool.reserve()
+            pool.spawn(list(range(len(pool.slots))))
+        except BaseException:
+            pool.close()
+            raise
+        return early
+
+
 class RayTrainer(RunTrainer):
-    def __init__(self):
-        self.launched = time.time()
+    early: EarlyStart | None = None
 
     def place(self, cfg: Config, data: Dataset, setup: UnitSetup) -> Placement:
+        # The preflight builds the first optimizer, which imports torch._dynamo (seconds): done
+        # in a thread while connecting, which mostly waits for Ray's processes to come up.
+        warm = threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True)
+        warm.start()
         connect(cfg.cluster)
+        self.mark("connect")
         resources, layout = _place_when_free([u for u in setup.units if u.role != "head"], cfg)
         return Placement(len(layout.groups), batch_share(cfg, data, 1),
                          *worker_memory(cfg.cluster, len(layout.groups), layout.gpus, resources),
                          units_held=max(len(g) for g in layout.groups), plan=layout)
+
+    def start_workers(self, cfg: Config, data: Dataset, setup: UnitSetup, placement: Placement,
+                      run_dir: str | Path) -> None:
+        self.early = EarlyStart.start(cfg, setup, data, placement.plan, run_dir)
+
+    def close(self) -> None:
+        if self.early is not None:
+            self.early.pool.close()
+            self.early = None
 
     def train(self, run: RunDir, cfg: Config, data: Dataset, setup: UnitSetup, placement: Placement,
               show_progress: bool) -> tuple[float, dict[str, Any]]:
@@ -404,12 +443,13 @@ class RayTrainer(RunTrainer):
             print("noprop-dist: replica groups (a split unit trains equal shares of every batch on each of its workers):")
             for line in plan_lines(layout):
                 print(f"  {line}")
-        coordinator = Coordinator(cfg, run, setup, data, layout, show_progress)
+        coordinator = Coordinator(cfg, run, setup, data, self.early, show_progress)
         try:
             coordinator.start()
+            self.mark("workers")
             seconds = coordinator.train()
             run.save_tensors(EMBEDDING_FILE, {"embedding": coordinator.syncs.final_embedding()})
-            return seconds, {**ray_summary(coordinator, seconds, self.launched), "plan": plan_lines(layout)}
+            return seconds, {**ray_summary(coordinator, seconds), "plan": plan_lines(layout)}
         finally:
             coordinator.close()
 

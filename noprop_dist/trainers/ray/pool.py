@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from noprop_dist.config import Config
 from noprop_dist.errors import ClusterError
 from noprop_dist.rundir import RunDir
-from noprop_dist.trainers.ray.cluster import first_line
+from noprop_dist.trainers.ray.cluster import WORKER_NICENESS, first_line
 from noprop_dist.trainers.ray.placement import Layout, worker_name
 from noprop_dist.trainers.ray.worker import UnitWorker
 from noprop_dist.variants.base import UnitSetup, UnitSpec
@@ -45,6 +46,7 @@ class WorkerSlot:
     handle: Any = None
     restarts: int = 0               # deaths of this worker (counted against cluster.max_restarts)
     spawns: int = 0                 # starts, its own or with a restarted group (names the actor)
+    spawned_at: float = 0.0         # when the driver asked for its process (epoch seconds)
     info: dict = field(default_factory=dict)
 
     @property
@@ -61,20 +63,27 @@ Attempt = Callable[[str], int]
 class WorkerPool:
     """The workers of one run, in the slots of its layout."""
 
-    def __init__(self, cfg: Config, run: RunDir, setup: UnitSetup, layout: Layout, train_refs: tuple,
-                 progress_queue: Any, run_tag: str, probe: tuple[str, str] | None = None):
-        self.cfg, self.run, self.setup, self.layout, self.probe = cfg, run, setup, layout, probe
-        self.train_refs, self.progress_queue, self.run_tag = train_refs, progress_queue, run_tag
+    def __init__(self, cfg: Config, setup: UnitSetup, layout: Layout, train_refs: tuple, run_tag: str):
+        self.cfg, self.setup, self.layout = cfg, setup, layout
+        self.train_refs, self.run_tag = train_refs, run_tag
         heads = [u for u in setup.units if u.role == "head"]
         self.slots = [WorkerSlot(units=g, bundle=i, replicas=[(r.index, r.replicas) for r in layout.replicas[i]])
                       for i, g in enumerate(layout.groups)]
         self.slots += [WorkerSlot(units=heads, bundle=None, replicas=[(0, 1)] * len(heads))] if heads else []
         self.restarts: list[dict] = []       # every death, for summary.json
+        self.pg = None
+        self.run: RunDir | None = None
+        self.progress_queue: Any = None
+        self.probe: tuple[str, str] | None = None
+        self.group_dir: str | None = None
+
+    def attach(self, run: RunDir, progress_queue: Any, probe: tuple[str, str] | None) -> None:
+        """The open run the workers join (their start-up may have begun before it was open)."""
+        self.run, self.progress_queue, self.probe = run, progress_queue, probe
         # Replica groups meet through files: a private Ray's workers share this machine's /tmp;
         # on a cluster the run directory must be on storage every node sees (as for DDP).
-        self.group_dir = (tempfile.mkdtemp(prefix="noprop-groups-") if not cfg.cluster.address
+        self.group_dir = (tempfile.mkdtemp(prefix="noprop-groups-") if not self.cfg.cluster.address
                           else str(run.path.resolve() / ".replica_groups"))
-        self.pg = None
 
     def members(self) -> dict[str, list[int]]:
         """unit -> the slots of its replica group, by replica index."""
@@ -98,11 +107,35 @@ class WorkerPool:
                 f"{PLACEMENT_TIMEOUT_S:.0f} s (resources: {ray.available_resources()}); lower "
                 "--cluster.workers/threads_per_worker/gpus_per_worker or add nodes")
 
-    def start(self, slots: list[int], load_state: LoadState, attempt: Attempt) -> dict[str, int]:
+    def spawn(self, slots: list[int]) -> None:
+        """Start the worker processes of ``slots`` (their imports and data fetch run in the
+        background: nothing here waits for them)."""
+        for w in slots:
+            slot = self.slots[w]
+            options: dict[str, Any] = {"name": worker_name(self.run_tag, slot.label, slot.spawns),
+                                       "max_restarts": 0, "max_concurrency": 1}
+            if slot.bundle is None:
+                options.update(num_cpus=0, num_gpus=0)   # the head: a linear layer on d-dim vectors
+            else:
+                options.update(num_cpus=self.layout.cpus, num_gpus=self.layout.gpus,
+                               scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                   placement_group=self.pg, placement_group_bundle_index=slot.bundle))
+            if self.cfg.cluster.address:
+                # A cluster's workers start at Ray's niceness 15 unless told (a private Ray's
+                # get it from the environment, see cluster.connect, and reuse Ray's idle workers).
+                options["runtime_env"] = {"env_vars": {WORKER_NICENESS: "0"}}
+            threads = 1 if slot.bundle is None else self.layout.cpus
+            slot.spawns += 1
+            slot.spawned_at = time.time()
+            slot.handle = UnitWorker.options(**options).remote(self.setup, *self.train_refs, threads)
+
+    def start(self, slots: list[int], load_state: LoadState, attempt: Attempt, spawned: bool = False) -> dict[str, int]:
         """(Re)start the workers of ``slots`` together (their start-ups overlap; a replica group's
-        members must all be up to meet) and load each unit from ``load_state``; returns each
-        unit's epochs already done."""
-        pending = {w: self._spawn(w, load_state, attempt) for w in slots}
+        members must all be up to meet; ``spawned``: their processes were started already) and
+        load each unit from ``load_state``; returns each unit's epochs already done."""
+        if not spawned:
+            self.spawn(slots)
+        pending = {w: self._load(w, load_state, attempt) for w in slots}
         done: dict[str, int] = {}
         for w, (starts, info) in pending.items():
             slot = self.slots[w]
@@ -113,19 +146,8 @@ class WorkerPool:
                                      **slot.info})
         return done
 
-    def _spawn(self, w: int, load_state: LoadState, attempt: Attempt) -> tuple[list, Any]:
+    def _load(self, w: int, load_state: LoadState, attempt: Attempt) -> tuple[list, Any]:
         slot = self.slots[w]
-        options: dict[str, Any] = {"name": worker_name(self.run_tag, slot.label, slot.spawns),
-                                   "max_restarts": 0, "max_concurrency": 1}
-        if slot.bundle is None:
-            options.update(num_cpus=0, num_gpus=0)   # the head: a linear layer on d-dim vectors
-        else:
-            options.update(num_cpus=self.layout.cpus, num_gpus=self.layout.gpus,
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(
-                               placement_group=self.pg, placement_group_bundle_index=slot.bundle))
-        threads = 1 if slot.bundle is None else self.layout.cpus
-        slot.spawns += 1
-        slot.handle = UnitWorker.options(**options).remote(self.setup, *self.train_refs, threads, self.progress_queue)
         starts = []
         for unit, (index, n) in zip(slot.units, slot.replicas):
             replica = None
@@ -133,7 +155,26 @@ class WorkerPool:
                 store = os.path.join(self.group_dir, f"{self.run_tag}-{unit.name}-{attempt(unit.name)}")
                 replica = (index, n, store, not self.cfg.cluster.address)
             starts.append(slot.handle.start_unit.remote(unit, load_state(unit), replica))
-        return starts, slot.handle.info.remote(self.probe)
+        return starts, slot.handle.join_run.remote(self.probe, self.progress_queue)
+
+    def startup_phases(self) -> list[tuple[str, float]]:
+        """The start-up of the worker that was ready last (the first epochs wait for all of
+        them), from the driver's spawn: Ray starting its process (0 when an idle one was
+        reused), the imports (torch, this package), the training split from the object store,
+        the units built (from seeds or checkpoints), and joining the open run."""
+        started = [s for s in self.slots if s.info.get("timeline")]
+        if not started:
+            return []
+        slot = max(started, key=lambda s: s.info["timeline"]["joined"])
+        t = slot.info["timeline"]
+        process = max(t["process_start"] or slot.spawned_at, slot.spawned_at)
+        marks = [("process", process), ("imports", t["imported"]), ("data", t["constructed"]),
+                 ("units", t.get("units_built", t["constructed"])), ("join", t["joined"])]
+        out, before = [], slot.spawned_at
+        for phase, at in marks:
+            out.append((phase, round(max(at - before, 0.0), 4)))
+            before = max(at, before)
+        return out
 
     def lose(self, dead: int, exc: BaseException) -> list[int]:
         """The restart policy, for worker ``dead`` lost to ``exc``: count the death (one line
@@ -182,7 +223,7 @@ class WorkerPool:
                 _quietly(ray.kill, slot.handle)
         if self.pg is not None:
             _quietly(remove_placement_group, self.pg)
-        if not self.cfg.cluster.address:
+        if self.group_dir is not None and not self.cfg.cluster.address:
             shutil.rmtree(self.group_dir, ignore_errors=True)
 
 

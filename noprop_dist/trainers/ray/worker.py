@@ -7,6 +7,7 @@ answers each epoch with its metrics and, when asked, the unit's state and shared
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from ray.util.queue import Queue
 from noprop_dist.data import ArraySplit
 from noprop_dist.errors import TrainingDiverged
 from noprop_dist.rundir import RunDir
+from noprop_dist.run.startup import process_start_time
 from noprop_dist.training.data_parallel import DataParallel, replica_group
 from noprop_dist.training.runner import UnitRunner
 from noprop_dist.variants.base import UnitSetup, UnitSpec
@@ -27,8 +29,10 @@ from noprop_dist.variants.base import UnitSetup, UnitSpec
 class UnitWorker:
     """Hosts one or more units; trains them epoch by epoch on the device Ray assigned."""
 
-    def __init__(self, setup: UnitSetup, train_x: np.ndarray, train_y: np.ndarray, threads: int,
-                 progress: Queue | None):
+    def __init__(self, setup: UnitSetup, train_x: np.ndarray, train_y: np.ndarray, threads: int):
+        # Started as soon as the driver has placed the run (before its preflight and before the
+        # run directory is open): the imports and the data fetch overlap the driver's work.
+        self.timeline = {"process_start": process_start_time(), "imported": time.time()}
         torch.set_num_threads(threads)
         gpu_ids = ray.get_gpu_ids()
         # Ray sets CUDA_VISIBLE_DEVICES for this actor: its GPU is cuda:0. Logical GPUs
@@ -36,14 +40,18 @@ class UnitWorker:
         self.device = torch.device("cuda:0" if gpu_ids and torch.cuda.is_available() else "cpu")
         self.setup = setup
         self.train = ArraySplit(train_x, train_y)   # zero-copy views of the object store
-        self.progress = progress
+        self.progress: Queue | None = None
         self.runners: dict[str, UnitRunner] = {}
+        self.timeline["constructed"] = time.time()   # the data are views of the object store: no copy
 
-    def info(self, probe: tuple[str, str] | None = None) -> dict[str, Any]:
-        """Where this worker runs; ``sees_run_dir``: whether it sees the coordinator's run
-        directory (``probe``: its path and a token the coordinator wrote there), so that it
-        can write its own checkpoints."""
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+    def join_run(self, probe: tuple[str, str] | None = None, progress: Queue | None = None) -> dict[str, Any]:
+        """Join the open run: take its progress queue (None: no step events) and say where this
+        worker runs; ``sees_run_dir``: whether it sees the coordinator's run directory
+        (``probe``: its path and a token the coordinator wrote there), so that it can write its
+        own checkpoints."""
+        self.progress = progress
+        self.timeline["joined"] = time.time()
+        return {"timeline": self.timeline, "niceness": os.nice(0),"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "device": str(self.device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "sees_run_dir": probe is not None and sees_run_dir(*probe)}
 
@@ -65,6 +73,7 @@ class UnitWorker:
         if state is not None:
             runner.load_state_tensors(state)
         self.runners[unit.name] = runner
+        self.timeline["units_built"] = time.time()
         if self.device.type == "cuda" and len(self.runners) > 1:
             for hosted in self.runners.values():
                 if not hosted.data_parallel:   # a replica stays on its device
@@ -85,7 +94,7 @@ class UnitWorker:
             runner.set_shared(shared)
         try:
             metrics = runner.run_epoch(epoch, None if noise is None else torch.from_numpy(noise),
-                                       progress=self._report)
+                                       progress=self._report if self.progress is not None else None)
         except TrainingDiverged as exc:
             return {"diverged": str(exc)}   # a fact about the run, not a worker death: no restart
         if offload:
