@@ -15,10 +15,13 @@ trainer's includes Ray Train's start-up; the epochs alone are shown beside it). 
 
 Then, for each finished CT/FM run, inference at ``--steps`` integration steps (default 10,
 100, 1000): accuracy and seconds per 1,000 test images (``eval.batch_size`` 500, this
-process's torch threads).
+process's torch threads). ``--eval-every N`` also evaluates every N epochs during the timed
+run (``--eval.every``; the epochs are fixed by the probe before, so the points do not change
+them) and reports the curve and its largest fall between consecutive points after the first.
 
     python benchmarks/variants.py --out benchmarks/results/variants                  # all, 150 s
     python benchmarks/variants.py --out DIR --budget 60 --only dt fm_time_K1          # a subset
+    python benchmarks/variants.py --out DIR --budget 120 --only ct_time_K1 --eval-every 4   # with CT's curve
     python benchmarks/variants.py --smoke --out /tmp/variants                         # tiny, CI
 
 Results are written after every run (``DIR/results.json``, ``DIR/results.md``). Timing on a
@@ -57,10 +60,12 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 
-def command(name: str, epochs: int, smoke: bool) -> tuple[list[str], config.Config]:
+def command(name: str, epochs: int, smoke: bool, eval_every: int = 0) -> tuple[list[str], config.Config]:
     """The ``noprop-dist train`` arguments of a setting and the config they resolve to (through
     the command's own parser of overrides)."""
     argv = [*SETTINGS[name], *COMMON, f"--train.epochs={epochs}"]
+    if eval_every:
+        argv.append(f"--eval.every={eval_every}")
     if smoke:
         argv[argv.index("--config") + 1] = "tiny"
         argv += ["--continuous.steps=8"]
@@ -68,11 +73,11 @@ def command(name: str, epochs: int, smoke: bool) -> tuple[list[str], config.Conf
     return argv, config.resolve(argv[at + 1], parse_overrides(argv[:at] + argv[at + 2:]))
 
 
-def train(name: str, run_dir: Path, epochs: int, smoke: bool) -> dict[str, Any]:
+def train(name: str, run_dir: Path, epochs: int, smoke: bool, eval_every: int = 0) -> dict[str, Any]:
     """One ``noprop-dist train`` run, in a subprocess; returns its summary.json (with the
     subprocess's ``wall_seconds``). A finished run of the same config in ``run_dir`` is read,
     not retrained (``wall_seconds`` None); anything else there is removed first."""
-    argv, cfg = command(name, epochs, smoke)
+    argv, cfg = command(name, epochs, smoke, eval_every)
 
     def in_subprocess(_cfg, path: Path, _resume: bool) -> tuple[dict[str, Any], float]:
         cmd = [sys.executable, "-m", "noprop_dist.cli", "train", *argv, "--no-progress", "--run-dir", str(path)]
@@ -93,6 +98,16 @@ def epoch_cost(summary: dict[str, Any]) -> float:
     if summary.get("epoch_seconds"):
         return sum(summary["epoch_seconds"]) / len(summary["epoch_seconds"])
     return summary["train_seconds"] / summary["epochs"]
+
+
+def accuracy_curve(run_dir: Path) -> dict[str, Any]:
+    """The ``--eval.every`` points of a run (epoch, accuracy with the run's headline noise
+    setting, and CT's without the step noise) and the largest fall between consecutive points
+    after the first (the issue-17 criterion: at most 0.02)."""
+    points = [{"epoch": r["epoch"], "accuracy": r["test_accuracy"], "no_noise": r.get("chain_accuracy_no_noise")}
+              for r in read_run(run_dir).metrics if r.get("event") == "eval" and r.get("epoch") is not None]
+    falls = [a["accuracy"] - b["accuracy"] for a, b in zip(points[1:], points[2:])]
+    return {"points": points, "largest_fall": max(falls, default=0.0)}
 
 
 def steps_sweep(run_dir: Path, steps: list[int]) -> list[dict[str, Any]]:
@@ -129,6 +144,11 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
              f"Machine: {meta['machine']}; command: `{meta['command']}`", ""]
     lines += md_table(["setting", "epoch s (probe)", "epochs", "train s (epochs alone)", "test accuracy",
                        "CT: no noise", "workers"], rows)
+    curves = [[name, " ".join(f"{p['epoch']}: {fmt(p['accuracy'])}" for p in r["curve"]["points"]),
+               fmt(r["curve"]["largest_fall"])] for name, r in results.items() if r.get("curve")]
+    if curves:
+        lines += ["", "## Test accuracy during the timed run (--eval-every)", ""]
+        lines += md_table(["setting", "epoch: accuracy", "largest fall after the first point"], curves)
     lines += ["", "## Inference against integration steps (seconds per 1,000 test images)", ""]
     lines += md_table(["setting", "steps", "accuracy", "CT: no noise", "s / 1,000 images"], steps)
     return "\n".join(lines) + "\n"
@@ -140,6 +160,8 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=150.0, help="training seconds per setting")
     parser.add_argument("--only", nargs="+", choices=list(SETTINGS))
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="also evaluate every N epochs of the timed run and report the curve (0: at the end only)")
     add_smoke(parser, "tiny preset, 1 epoch, 2 settings: seconds")
     args = parser.parse_args()
     ray_environment()
@@ -154,12 +176,14 @@ def main() -> int:
         probe = train(name, out / "runs" / f"{name}-probe", 1, args.smoke) if not args.smoke else None
         epoch_seconds = epoch_cost(probe) if probe else 0.0
         epochs = 1 if args.smoke else max(1, math.floor(args.budget / epoch_seconds))
-        summary = train(name, out / "runs" / name, epochs, args.smoke)
+        summary = train(name, out / "runs" / name, epochs, args.smoke, args.eval_every)
         results[name] = {"args": SETTINGS[name], "probe_seconds": epoch_seconds, "epochs": epochs,
                          "summary": {k: summary.get(k) for k in (
                              "test_accuracy", "chain_accuracy_noise", "chain_accuracy_no_noise", "train_seconds",
                              "wall_seconds", "workers", "backend", "steps", "seconds_per_1000_images")},
                          "epochs_seconds": epoch_cost(summary) * epochs}
+        if args.eval_every:
+            results[name]["curve"] = accuracy_curve(out / "runs" / name)
         if not name.startswith("dt"):
             results[name]["steps"] = steps_sweep(out / "runs" / name, steps)
         write_results(out, {"meta": meta, "results": results}, markdown(results, meta))

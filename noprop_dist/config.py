@@ -121,16 +121,16 @@ class ContinuousConfig:
     """Width of the sinusoidal time embedding of the CT/FM network (the paper: 64)."""
     time_sampling: str = "uniform"
     """NoProp-CT: how each example's t is drawn: uniform (the paper's t ~ U(0, 1)), antithetic (VDM's low-discrepancy draw: one uniform per batch, spread evenly over the batch) or snr_importance (t with density proportional to SNR'(t), the loss reweighted to keep its expectation). See docs/ct.md."""
-    schedule_shape: str = "loss"
-    """NoProp-CT: what trains the learned schedule's shape g~ between its endpoints: loss (the Eq. 9 loss), variance (VDM: the loss estimator's second moment, whose gradient in the shape is the variance's) or fixed (its initial log-SNR-linear form). See docs/ct.md."""
-    schedule_endpoints: str = "loss"
-    """NoProp-CT: what trains the learned schedule's endpoints gamma(0), gamma(1): loss (each unit's loss: the intervals' denoising term, the head's cross-entropy and KL) or fixed (continuous.alpha_bar_0/_1). See docs/ct.md."""
+    schedule_shape: str = "variance"
+    """NoProp-CT: what trains the learned schedule's shape g~ between its endpoints: variance (VDM: the loss estimator's second moment, whose gradient in the shape is the variance's; the loss's expectation does not depend on the shape), loss (the Eq. 9 loss; before issue 17) or fixed (its initial log-SNR-linear form). See docs/ct.md."""
+    schedule_endpoints: str = "fixed"
+    """NoProp-CT: what trains the learned schedule's endpoints gamma(0), gamma(1): fixed (at continuous.alpha_bar_0/_1) or loss (each unit's loss: the intervals' denoising term, the head's cross-entropy and KL, each unit with its own Adam; before issue 17: the head's steps drive the ends apart, docs/ct.md)."""
     schedule_weight_decay: bool = True
     """NoProp-CT: apply train.weight_decay to the learned schedule's parameters as well as to the networks'."""
-    alpha_bar_0: float = 0.0
-    """NoProp-CT: initial alpha_bar(0) of the learned schedule (0 = schedule.alpha_bar_min)."""
-    alpha_bar_1: float = 0.0
-    """NoProp-CT: initial alpha_bar(1) of the learned schedule (0 = schedule.alpha_bar_max)."""
+    alpha_bar_0: float = 0.05
+    """NoProp-CT: alpha_bar(0) of the learned schedule, at initialisation (0 = schedule.alpha_bar_min, DT's clip of 1e-4: before issue 17). SNR(1) / SNR(0) sets how much more Eq. 9 weighs t = 1 than t = 0 (docs/ct.md)."""
+    alpha_bar_1: float = 0.95
+    """NoProp-CT: alpha_bar(1) of the learned schedule, at initialisation (0 = schedule.alpha_bar_max, DT's clip of 0.9999: before issue 17)."""
     fm_sigma: float = 0.0
     """NoProp-FM: standard deviation sigma of the Gaussian path N(t u_y + (1 - t) z_0, sigma^2 I); the paper leaves its value unstated, so 0 (the straight path)."""
 

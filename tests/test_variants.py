@@ -80,7 +80,11 @@ def test_ct_units_start_from_one_schedule_and_different_networks(tiny_config, di
     first = next(iter(a.net.state_dict()))
     assert not torch.equal(a.net.state_dict()[first], b.net.state_dict()[first])
     ends = a.schedule.alpha_bar(torch.tensor([0.0, 1.0])).detach()
-    assert ends[0] == pytest.approx(setup.alpha_bar[0], rel=1e-3) and ends[1] == pytest.approx(setup.alpha_bar[-1], abs=1e-6)
+    cont = setup.continuous
+    assert ends[0] == pytest.approx(cont.alpha_bar_0, rel=1e-5) and ends[1] == pytest.approx(cont.alpha_bar_1, rel=1e-5)
+    old = make_setup(tiny_config({"variant": "ct", "continuous.alpha_bar_0": "0", "continuous.alpha_bar_1": "0"}), digits)
+    ends = old.objective.build_module(interval(1, 1), old).schedule.alpha_bar(torch.tensor([0.0, 1.0])).detach()
+    assert ends[0] == pytest.approx(old.alpha_bar[0], rel=1e-3) and ends[1] == pytest.approx(old.alpha_bar[-1], abs=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["ct", "fm"])
@@ -153,10 +157,13 @@ def test_ct_learned_schedule_stays_monotone_and_is_synchronised(tiny_config, tmp
     for name in states:
         for key in keys:
             assert torch.equal(states[name][key], states["head"][key]), (name, key)
-    sched = LearnedSchedule(1e-4, 0.9999)
+    setup = make_setup(cfg, _data(cfg))
+    sched = LearnedSchedule(0.5, 0.6)
     sched.load_state_dict({k[len("model/schedule."):]: v for k, v in states["head"].items() if k in keys})
-    initial = LearnedSchedule(1e-4, 0.9999)
-    assert any(not torch.equal(sched.state_dict()[k], initial.state_dict()[k]) for k in ("gamma_0", "raw_gap"))
+    initial = setup.objective.learned_schedule(setup).state_dict()
+    # The defaults: endpoints fixed, the shape learned (by the estimator's variance).
+    assert all(torch.equal(sched.state_dict()[k], initial[k]) for k in ("gamma_0", "raw_gap"))
+    assert any(not torch.equal(sched.state_dict()[k], initial[k]) for k in ("raw_w1", "b1", "raw_w2", "b2", "raw_w3"))
     gamma = sched.gamma(torch.linspace(0, 1, 2001)).detach()
     assert torch.all(gamma[1:] < gamma[:-1])
     syncs = [r["epoch"] for r in run.read_metrics() if r.get("event") == "embedding_sync"]

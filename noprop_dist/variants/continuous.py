@@ -168,7 +168,10 @@ class CTObjective(ContinuousObjective):
     def build_module(self, unit: UnitSpec, setup: UnitSetup) -> nn.Module:
         copy = self.learned_schedule(setup)
         trained = set()
-        if setup.continuous.schedule_shape != "fixed":
+        # The head's loss reads alpha_bar(0) and alpha_bar(1) only, where the shape is 0 and 1 by
+        # construction: its copy of the shape gets no gradient, and (coupled) weight decay alone
+        # would move it by Adam's full step, head_passes times per epoch, before the average.
+        if setup.continuous.schedule_shape != "fixed" and unit.role != "head":
             trained |= {id(q) for q in copy.shape_parameters()}
         if setup.continuous.schedule_endpoints != "fixed":
             trained |= {id(copy.gamma_0), id(copy.raw_gap)}
