@@ -50,7 +50,9 @@ def main() -> int:
     ray_environment()
     import ray
 
+    from noprop_dist.config import ClusterConfig
     from noprop_dist.data import load_dataset
+    from noprop_dist.trainers.ray.cluster import connect
     from noprop_dist.trainers.ray.worker import UnitWorker
     from noprop_dist.training.runner import UnitRunner
     from noprop_dist.variants.base import make_setup
@@ -60,7 +62,7 @@ def main() -> int:
     data = load_dataset(cfg.data)
     setup = make_setup(cfg, data)
     unit = [u for u in setup.units if u.role != "head"][1]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    connect(ClusterConfig(backend="ray", local_cpus=2))     # the trainer's private Ray, its workers' priority
     try:
         refs = (ray.put(np.ascontiguousarray(data.train.x)), ray.put(np.ascontiguousarray(data.train.y)))
         worker = UnitWorker.options(num_cpus=1, max_restarts=0).remote(setup, *refs, 1)

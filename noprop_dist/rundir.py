@@ -188,6 +188,16 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _matches(path: Path, entry: dict[str, Any]) -> bool:
+    """Is ``path`` a regular file of the size and SHA-256 a manifest entry records?"""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size != entry["bytes"]:
+            return False
+        return sha256(path.read_bytes()) == entry["sha256"]
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[None]:
     """Replace ``path`` (a checkpoint file the manifest records) inside the ``with`` block, which
@@ -394,6 +404,28 @@ class RunDir:
         with replacing(self.path / rel):
             atomic_write(self.path / rel, data)
             atomic_write_json(self.path / MANIFEST, manifest)
+
+    def undo_interrupted_commits(self) -> list[str]:
+        """Roll back what a process killed mid-commit left (SIGKILL, power loss; the lock is
+        held, so no live process is committing): between putting a new checkpoint in place and
+        recording it in the manifest, :func:`replacing` keeps the old file as a hard link
+        ``.NAME.previous``. Where the file no longer matches the manifest but that link does,
+        the old file comes back (the unit trains the unrecorded epoch again, with the same
+        seeds); a link left after a commit that did complete is removed. Returns the files put
+        back."""
+        manifest = self.manifest()
+        restored = []
+        for entry in [*manifest["units"].values(), *manifest.get("files", {}).values()]:
+            path = self.path / entry["file"]
+            backup = path.with_name(f".{path.name}.previous")
+            if not backup.is_file() or backup.is_symlink():
+                continue
+            if _matches(path, entry):
+                backup.unlink()
+            elif _matches(backup, entry):
+                os.replace(backup, path)
+                restored.append(entry["file"])
+        return restored
 
     def _entry_file(self, entry: dict[str, Any], label: str) -> Path:
         """The file a manifest entry names, refused unless it is a relative path without '..'

@@ -87,6 +87,16 @@ def test_startup_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_worker_overhead_benchmark_smoke(tmp_path):
+    proc = run(["benchmarks/worker_overhead.py", "--smoke", "--out", str(tmp_path / "out")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "worker_overhead.json").read_text())
+    assert [r["epoch"] for r in result["rows"]] == [1, 2]
+    assert all(r["in_worker_s"] > 0 and r["in_process_s"] > 0 and r["bare_s"] > 0 for r in result["rows"])
+    assert "Ray worker / in process" in proc.stdout and "too little work" in proc.stdout
+
+
+@pytest.mark.slow
 def test_scaling_benchmark_smoke(tmp_path):
     out = tmp_path / "scaling.json"
     proc = run(["benchmarks/scaling.py", "--smoke-test", "--workers", "1", "2", "--out", str(out)], tmp_path)

@@ -617,3 +617,34 @@ def test_cli_on_a_damaged_run_prints_one_line_and_exits_1(run_copy, capsys, case
     err = capsys.readouterr().err
     assert fragment in one_error_line(err) and "Traceback" not in err
     assert snapshot(run_copy.parent) == before
+
+
+def test_a_commit_interrupted_by_a_kill_is_rolled_back_on_resume(run_copy):
+    """A driver SIGKILLed between putting a unit's new checkpoint in place and recording it
+    (CI met this window under load) leaves the file newer than the manifest: --resume puts
+    the recorded one back from its .previous link, and removes a link left by a commit that
+    did complete."""
+    run = RunDir(run_copy)
+    recorded = run.load_unit("block_01")
+    path = run_copy / "units" / "block_01.safetensors"
+    backup = path.with_name(".block_01.safetensors.previous")
+    # The kill lands inside replacing(): the old file is linked, the new one renamed in place.
+    os.link(path, backup)
+    staged = run.stage_unit("block_01", {k: v + 1 if v.is_floating_point() else v for k, v in recorded.items()},
+                            int(recorded["epochs_done"]) + 1)
+    os.replace(run_copy / staged["staged"], path)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        run.load_unit("block_01")
+    assert run.undo_interrupted_commits() == ["units/block_01.safetensors"]
+    assert not backup.exists()
+    assert all(torch.equal(v, recorded[k]) for k, v in run.load_unit("block_01").items())
+    # A link left after a complete commit: the recorded file stays, the link goes.
+    os.link(path, backup)
+    assert run.undo_interrupted_commits() == [] and not backup.exists()
+    assert all(torch.equal(v, recorded[k]) for k, v in run.load_unit("block_01").items())
+    # Through the CLI: the resume says what it put back, and finishes the run.
+    os.link(path, backup)
+    os.replace(run_copy / run.stage_unit("block_01", recorded, 99)["staged"], path)
+    assert main(["train", "--resume", str(run_copy), "--no-progress"]) == 0
+    assert not backup.exists()
+    RunDir(run_copy).load_unit("block_01")

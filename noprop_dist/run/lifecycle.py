@@ -40,7 +40,7 @@ from noprop_dist.errors import CheckpointError
 from noprop_dist.run.plots import plot_run
 from noprop_dist.run.signals import keep_stopping_on_signals
 from noprop_dist.run.startup import StartupClock
-from noprop_dist.rundir import LOCK_FILE, RunDir
+from noprop_dist.rundir import LOCK_FILE, MANIFEST, RunDir
 from noprop_dist.training.preflight import StepEstimate, check_unit, device_memory_budget, fitting_batch
 from noprop_dist.variants.base import UnitSetup, check_gpu, evaluation_device, make_setup
 from noprop_dist.variants.registry import find_trainer, get_variant, load_target
@@ -177,6 +177,10 @@ def open_run(cfg: Config, run_dir: str | Path, resume: bool, fields: dict[str, A
     with RunLock(run.path):
         # Under the lock (a directory with a lock file is checked only here, so that a run
         # being created by another process is reported as in use, not as foreign files).
+        if resume and (run.path / MANIFEST).exists():
+            for file in run.undo_interrupted_commits():
+                print(f"noprop-dist: {run.path / file}: the last run stopped while recording it; its previous "
+                      "checkpoint is back (that unit trains its unrecorded epoch again)")
         run.create(config_mod.to_toml(cfg), {"variant": cfg.variant, **fields}, resume=resume)
         yield run
 

@@ -47,17 +47,17 @@ class StartupClock:
         """The phase ``phase`` ended now."""
         self.marks.append((phase, time.time()))
 
-    def phases(self, first_step: float | None) -> list[tuple[str, float]]:
-        """(phase, seconds) in the order the phases ran (a list: summary.json sorts a dict's
+    def phases(self, first_step: float | None) -> list[list]:
+        """[phase, seconds] in the order the phases ran (a list: summary.json sorts a dict's
         keys); the last, "to the first step", ends at ``first_step`` (epoch seconds; None: no
         step was taken in this session, e.g. a resume of finished units)."""
-        out: list[tuple[str, float]] = []
+        out: list[list] = []          # [phase, seconds]: as summary.json reads back
         before = self.origin
         for phase, at in self.marks:
-            out.append((phase, round(at - before, 4)))
+            out.append([phase, round(at - before, 4)])
             before = at
         if first_step is not None and first_step >= before:
-            out.append(("to the first step", round(first_step - before, 4)))
+            out.append(["to the first step", round(first_step - before, 4)])
         return out
 
     def launch_to_first_step(self, first_step: float | None) -> float | None:

@@ -303,7 +303,7 @@ def data_copies(coordinator: Coordinator) -> dict[str, Any]:
     store (the driver's put it there; every other node fetched it once, for all its
     workers) and the bytes that crossed the network for it."""
     try:
-        where = ray.experimental.get_object_locations(list(coordinator.train_refs))
+        where = ray.experimental.get_object_locations(list(coordinator.pool.train_refs))
     except Exception:  # noqa: BLE001  a diagnostic: never fail a finished run over it
         return {}
     nodes = set().union(*(set(v.get("node_ids") or []) for v in where.values()))

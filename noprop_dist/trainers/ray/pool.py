@@ -157,7 +157,7 @@ class WorkerPool:
             starts.append(slot.handle.start_unit.remote(unit, load_state(unit), replica))
         return starts, slot.handle.join_run.remote(self.probe, self.progress_queue)
 
-    def startup_phases(self) -> list[tuple[str, float]]:
+    def startup_phases(self) -> list[list]:
         """The start-up of the worker that was ready last (the first epochs wait for all of
         them), from the driver's spawn: Ray starting its process (0 when an idle one was
         reused), the imports (torch, this package), the training split from the object store,
@@ -172,7 +172,7 @@ class WorkerPool:
                  ("units", t.get("units_built", t["constructed"])), ("join", t["joined"])]
         out, before = [], slot.spawned_at
         for phase, at in marks:
-            out.append((phase, round(max(at - before, 0.0), 4)))
+            out.append([phase, round(max(at - before, 0.0), 4)])
             before = max(at, before)
         return out
 
