@@ -107,7 +107,7 @@ def accuracy_curve(run_dir: Path) -> dict[str, Any]:
     points = [{"epoch": r["epoch"], "accuracy": r["test_accuracy"], "no_noise": r.get("chain_accuracy_no_noise")}
               for r in read_run(run_dir).metrics if r.get("event") == "eval" and r.get("epoch") is not None]
     falls = [a["accuracy"] - b["accuracy"] for a, b in zip(points[1:], points[2:])]
-    return {"points": points, "largest_fall": max(falls, default=0.0)}
+    return {"points": points, "largest_fall": max([0.0, *falls])}
 
 
 def steps_sweep(run_dir: Path, steps: list[int]) -> list[dict[str, Any]]:
