@@ -215,6 +215,15 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
+def report(out: str | Path, results: Any, lines: list[str], name: str, smoke: bool) -> None:
+    """Write ``OUT/<name>.json`` and the Markdown of ``lines`` (with the smoke note when
+    ``smoke``) and print the Markdown and where both went."""
+    markdown = "\n".join(lines + (["", SMOKE_NOTE] if smoke else [])) + "\n"
+    write_results(out, results, markdown, name=name)
+    print(markdown)
+    print(f"[{name}] wrote {Path(out) / name}.json and .md")
+
+
 def write_results(out: str | Path, results: Any, markdown: str, name: str = "results") -> tuple[Path, Path]:
     """``OUT/<name>.json`` and ``OUT/<name>.md`` (rewritten whole, e.g. after every run)."""
     out = Path(out)

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import SMOKE_NOTE, add_overrides, add_smoke, default_out, fmt, md_table, parse_args, write_results
+from common import add_overrides, add_smoke, default_out, fmt, md_table, parse_args, report
 from noprop_dist.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,12 +102,7 @@ def main() -> int:
     if result["median_worker_phases"]:
         lines += ["", *md_table(["phase (the last worker ready, from its spawn)", "seconds"],
                                 [[n, fmt(s, ".2f")] for n, s in result["median_worker_phases"]])]
-    if args.smoke:
-        lines += ["", SMOKE_NOTE]
-    markdown = "\n".join(lines) + "\n"
-    write_results(out, result, markdown, name="startup")
-    print(markdown)
-    print(f"[startup] wrote {out}/startup.json and startup.md")
+    report(out, result, lines, "startup", args.smoke)
     return 0
 
 

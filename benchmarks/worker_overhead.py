@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from common import (
-    SMOKE_NOTE, add_overrides, add_smoke, default_out, fmt, md_table, parse_args, ray_environment, write_results
+    add_overrides, add_smoke, default_out, fmt, md_table, parse_args, ray_environment, report
 )
 from noprop_dist import config
 
@@ -98,12 +98,7 @@ def main() -> int:
              "", f"Ray worker / in process, epoch by epoch: median {med['worker_over_process']:.3f} "
                  f"(range {min(r['worker_over_process'] for r in counted):.3f}-"
                  f"{max(r['worker_over_process'] for r in counted):.3f})"]
-    if args.smoke:
-        lines += ["", SMOKE_NOTE]
-    markdown = "\n".join(lines) + "\n"
-    write_results(out, result, markdown, name="worker_overhead")
-    print(markdown)
-    print(f"[worker_overhead] wrote {out}/worker_overhead.json and .md")
+    report(out, result, lines, "worker_overhead", args.smoke)
     return 0
 
 
