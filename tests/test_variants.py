@@ -368,3 +368,26 @@ def test_ct_time_sampling_stays_inside_the_interval_and_is_deterministic(tiny_co
     again = train_unit(unit, setup, digits.train, epochs=1).state_tensors()
     for key, value in runner.state_tensors().items():
         assert torch.equal(value, again[key]), key
+
+
+def test_ct_diagnostic_reads_a_ct_run(tiny_config, tmp_path):
+    """benchmarks/ct_diagnostic.py on a one-epoch tiny CT run: one row per asked t, the schedule's
+    ends as configured, accuracies in [0, 1], loss-weight shares summing to 1."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = tiny_config({"variant": "ct", "train.epochs": "1", **FAST})
+    train_local(cfg, tmp_path / "ct", show_progress=False)
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "diag.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "ct_diagnostic.py"), str(tmp_path / "ct"),
+                           "--t", "0", "0.5", "1", "--json", str(out)], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["t"] for r in result["rows"]] == [0.0, 0.5, 1.0]
+    assert result["rows"][0]["alpha_bar"] == pytest.approx(cfg.continuous.alpha_bar_0, rel=1e-4)
+    assert result["rows"][-1]["alpha_bar"] == pytest.approx(cfg.continuous.alpha_bar_1, rel=1e-4)
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["snr_prime"] > 0 for r in result["rows"])
+    assert sum(b["weight_share"] for b in result["bands"]) == pytest.approx(1.0)
+    assert "| t | net |" in proc.stdout
