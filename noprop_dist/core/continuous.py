@@ -11,7 +11,10 @@ CT (Eq. 9), one time-conditioned network ``u_hat(z_t, x, t)`` trained with::
     L = CE(head(z_1), y) + KL(q(z_0|y) || N(0, I)) + 0.5 * eta * SNR'(t) * ||u_hat - u_y||^2
 
 with the learned schedule ``SNR(t) = exp(-gamma(t))``, ``gamma`` decreasing by construction
-(:class:`LearnedSchedule`). Inference (:class:`CTChain`) runs the DT step of Eq. 3 on a grid.
+(:class:`LearnedSchedule`). ``t`` may also be drawn antithetically or by importance
+(:func:`draw_times`, the expectation kept); the schedule's shape may be trained on the
+estimator's second moment (VDM; :class:`GradScale`). Inference (:class:`CTChain`) runs the DT
+step of Eq. 3 on a grid.
 
 FM (Eqs. 10-13)::
 

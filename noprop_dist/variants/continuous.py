@@ -15,10 +15,14 @@ K = 1 is the paper's single network.
   on the schedule's endpoints). Every unit holds a copy of the learned schedule
   (``schedule.*``, shared like W_embed: averaged at each sync point; the average of
   positive-weight monotone schedules is again one, so monotonicity survives the sync).
+  What trains it (``continuous.schedule_shape``, ``schedule_endpoints``), where it starts
+  (``alpha_bar_0/_1``) and how t is drawn (``time_sampling``) are settings; the defaults and
+  why: docs/ct.md (issue 17).
 * **FM** (Eqs. 10-13): units ``interval_01..interval_K`` only (prediction is the nearest
   class embedding, no head). ``z_t = t u_y + (1 - t) z_0``, loss
   ``||u(z_t, x, t) @ W_embed - (u_y - z_0)||^2`` plus, with a learned embedding, the anchor
-  term of :func:`~noprop_dist.nets.time_conditioned.fm_anchor_loss`.
+  term of :func:`~noprop_dist.nets.time_conditioned.fm_anchor_loss`; with
+  ``continuous.fm_sigma > 0`` the path's Gaussian noise ``sigma eps`` is added to ``z_t``.
 
 Optimiser: Adam (the paper's, for CT and FM), with ``train.weight_decay`` as its L2 term.
 Seeds: interval k is ``seed_id`` k, the head 0 (as DT's block k and head); the learned
