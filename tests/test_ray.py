@@ -144,6 +144,31 @@ def test_workers_started_before_a_refused_preflight_are_released(ray_session, ca
     assert not mine, mine
 
 
+def test_workers_that_die_before_they_start_are_started_again(ray_session, cache, tmp_path, monkeypatch):
+    """A replacement can land on a node that is gone but not yet declared dead and die before it
+    starts (the compose tier's killed container): not a death of a training worker, the batch
+    starts again shortly. Here the first spawn's worker is killed at once; the run ends on the
+    in-process weights and the worker_started events say the start took two tries."""
+    from noprop_dist.trainers.ray.pool import WorkerPool
+
+    real, killed = WorkerPool.spawn, []
+
+    def spawn_then_kill_the_first(self, slots):
+        real(self, slots)
+        if not killed:
+            killed.append(slots[0])
+            ray.kill(self.slots[slots[0]].handle)
+
+    monkeypatch.setattr(WorkerPool, "spawn", spawn_then_kill_the_first)
+    train_ray(tiny(cache, **{"cluster.workers": 2, "train.epochs": 2}), tmp_path / "ray", show_progress=False)
+    train_local(config.resolve("tiny", {"data.cache_dir": cache, "cluster.backend": "local", "train.threads": "1",
+                                        "train.epochs": "2"}), tmp_path / "local", show_progress=False)
+    assert max_weight_diff(tmp_path / "local", tmp_path / "ray") <= 1e-5
+    events = RunDir(tmp_path / "ray").read_metrics()
+    assert {r["start_tries"] for r in events if r.get("event") == "worker_started"} == {2}
+    assert not [r for r in events if r.get("event") == "worker_died"]
+
+
 # ---- equivalence --------------------------------------------------------------------------
 def test_ray_and_in_process_trainers_give_the_same_weights(ray_session, cache, tmp_path):
     """Our best guard: same seed, fixed embedding -> same weights (<= 1e-5), both target modes.

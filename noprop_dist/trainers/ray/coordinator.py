@@ -48,7 +48,7 @@ from noprop_dist.rundir import RunDir, atomic_write
 from noprop_dist.trainers.ray.cluster import connect
 from noprop_dist.trainers.ray.placement import Layout, Traffic, plan_layout, serialized_bytes
 from noprop_dist.trainers.ray.plan import ReplicaPlan
-from noprop_dist.trainers.ray.pool import WorkerHung, WorkerPool
+from noprop_dist.trainers.ray.pool import RAY_FAILURES, WorkerHung, WorkerPool
 from noprop_dist.trainers.ray.progress import Progress
 from noprop_dist.trainers.ray.syncs import SyncBook
 from noprop_dist.trainers.ray.worker import PROBE_FILE
@@ -59,7 +59,6 @@ from noprop_dist.variants.base import EMBEDDING_FILE, SHARED_EMBEDDING, UnitSetu
 POLL_S = 0.2
 RELEASE_WAIT_S = 10.0
 HUNG_FACTOR, HUNG_MIN_S = 10.0, 120.0   # cluster.epoch_timeout = -1 (auto)
-RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError)
 
 
 @dataclass

@@ -32,6 +32,8 @@ from noprop_dist.trainers.ray.worker import UnitWorker
 from noprop_dist.variants.base import UnitSetup, UnitSpec
 
 PLACEMENT_TIMEOUT_S = 60.0
+START_RETRY_S = 120.0     # how long workers that die before they start are started again (Ray may take a minute to declare a node dead)
+RAY_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.NodeDiedError)
 
 
 class WorkerHung(Exception):
@@ -84,6 +86,7 @@ class WorkerPool:
         # on a cluster the run directory must be on storage every node sees (as for DDP).
         self.group_dir = (tempfile.mkdtemp(prefix="noprop-groups-") if not self.cfg.cluster.address
                           else str(run.path.resolve() / ".replica_groups"))
+        os.makedirs(self.group_dir, exist_ok=True)
 
     def members(self) -> dict[str, list[int]]:
         """unit -> the slots of its replica group, by replica index."""
@@ -132,27 +135,49 @@ class WorkerPool:
     def start(self, slots: list[int], load_state: LoadState, attempt: Attempt, spawned: bool = False) -> dict[str, int]:
         """(Re)start the workers of ``slots`` together (their start-ups overlap; a replica group's
         members must all be up to meet; ``spawned``: their processes were started already) and
-        load each unit from ``load_state``; returns each unit's epochs already done."""
-        if not spawned:
-            self.spawn(slots)
-        pending = {w: self._load(w, load_state, attempt) for w in slots}
+        load each unit from ``load_state``; returns each unit's epochs already done.
+
+        A worker that dies before it has started is not a death of a training worker: a
+        replacement can land on a node that is gone but not yet declared dead by Ray (its
+        placement-group bundle moves only then). The whole batch starts again after a short
+        wait, until :data:`START_RETRY_S`, then the run stops with one line."""
+        deadline, tries = time.monotonic() + START_RETRY_S, 0
+        while True:
+            if not spawned:
+                self.spawn(slots)
+            pending = {w: self._load(w, load_state, attempt, tries) for w in slots}
+            try:
+                started = {w: (ray.get(starts), ray.get(info)) for w, (starts, info) in pending.items()}
+                break
+            except RAY_FAILURES as exc:
+                for w in slots:
+                    self.kill(w)
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"workers for {', '.join(self.slots[w].label for w in slots)} kept dying before they "
+                        f"started for {START_RETRY_S:.0f} s (last: {first_line(exc)[:160]}); the checkpoints are "
+                        f"kept in {self.run.path}; check the cluster's nodes, then `noprop-dist train --resume "
+                        f"{self.run.path}`") from None
+                tries, spawned = tries + 1, False
+                time.sleep(min(2.0 ** tries, 10.0))
         done: dict[str, int] = {}
-        for w, (starts, info) in pending.items():
+        for w, (epochs, info) in started.items():
             slot = self.slots[w]
-            done.update({u.name: d for u, d in zip(slot.units, ray.get(starts))})
-            slot.info = ray.get(info)
+            done.update({u.name: d for u, d in zip(slot.units, epochs)})
+            slot.info = info
             self.run.append_metrics({"event": "worker_started", "units": [u.name for u in slot.units],
                                      "replicas": [list(r) for r in slot.replicas], "restart": slot.restarts,
-                                     **slot.info})
+                                     "start_tries": tries + 1, **slot.info})
         return done
 
-    def _load(self, w: int, load_state: LoadState, attempt: Attempt) -> tuple[list, Any]:
+    def _load(self, w: int, load_state: LoadState, attempt: Attempt, tries: int = 0) -> tuple[list, Any]:
         slot = self.slots[w]
         starts = []
         for unit, (index, n) in zip(slot.units, slot.replicas):
             replica = None
             if n > 1:
-                store = os.path.join(self.group_dir, f"{self.run_tag}-{unit.name}-{attempt(unit.name)}")
+                store = os.path.join(self.group_dir, f"{self.run_tag}-{unit.name}-{attempt(unit.name)}"
+                                     + (f"-try{tries}" if tries else ""))
                 replica = (index, n, store, not self.cfg.cluster.address)
             starts.append(slot.handle.start_unit.remote(unit, load_state(unit), replica))
         return starts, slot.handle.join_run.remote(self.probe, self.progress_queue)
