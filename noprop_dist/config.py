@@ -399,8 +399,25 @@ def resolve(name_or_path: str, overrides: dict[str, Any] | None = None) -> Confi
     return cfg
 
 
+# Settings whose default changed after runs were written without them: a saved config that
+# lacks one trained with the value here (its behaviour then), not with today's default, so a
+# --resume, eval or export of such a run continues it as it was trained.
+SAVED_BEFORE = {
+    ("continuous", "alpha_bar_0"): 0.0,              # issue 17: CT's schedule started at DT's clips
+    ("continuous", "alpha_bar_1"): 0.0,
+    ("continuous", "schedule_endpoints"): "loss",
+    ("continuous", "schedule_shape"): "loss",
+}
+
+
 def from_dict(table: dict[str, Any]) -> Config:
-    """Rebuild a Config from its nested-dict form (as saved in a run directory)."""
+    """Rebuild a Config from its nested-dict form (as saved in a run directory); a setting the
+    saved form lacks takes its value from before it existed (:data:`SAVED_BEFORE`), else the
+    default."""
+    table = {k: dict(v) if isinstance(v, dict) else v for k, v in table.items()}
+    for (section, key), value in SAVED_BEFORE.items():
+        if isinstance(table.get(section), dict) and key not in table[section]:
+            table[section][key] = value
     cfg = apply_overrides(Config(), _flatten(table), "the saved config")
     validate(cfg)
     return cfg

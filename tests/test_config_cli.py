@@ -414,3 +414,19 @@ def test_export_refuses_existing_files_unless_forced_and_bad_targets_leave_nothi
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "Traceback" not in err[0]
     assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_a_saved_config_without_a_later_setting_keeps_what_it_trained_with():
+    """A CT run written before issue 17 has no schedule_* keys in its config.toml: reading it
+    back (for --resume, eval, export) gives the behaviour it trained with, not today's
+    defaults; a config that has the keys reads back as itself."""
+    from noprop_dist import config as config_mod
+
+    cfg = config_mod.resolve("demo_ct", {})
+    table = config_mod.to_dict(cfg)
+    assert config_mod.from_dict(table) == cfg
+    for section, key in config_mod.SAVED_BEFORE:
+        del table[section][key]
+    old = config_mod.from_dict(table).continuous
+    assert (old.alpha_bar_0, old.alpha_bar_1, old.schedule_endpoints, old.schedule_shape) == (0.0, 0.0, "loss", "loss")
+    assert cfg.continuous.schedule_shape == "variance"      # today's default, untouched by the read
