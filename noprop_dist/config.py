@@ -167,6 +167,10 @@ class ClusterConfig:
     """ray: seconds a unit-epoch may take before its worker is taken for hung (a stopped process, a stuck
     device, a silent peer of its replica group), killed and restarted like a dead one. -1 = auto: 10x the
     unit's slowest epoch so far and at least 120 s (none before its first epoch ends); 0 = never."""
+    queue_timeout: float = -1.0
+    """ray: seconds a run waits for room for its workers that other jobs hold (a run that could never fit the
+    cluster is refused at once) before it stops with one line. -1 = auto: 3600 s on a cluster (--address),
+    10 s on a private Ray (the release of its own last run's workers); 0 = no wait."""
     ship_targets: str = "recipe"
     """How the coordinator hands out the noisy targets: recipe (seeded noise spec) or tensors (object store)."""
     local_cpus: int = 0
@@ -249,6 +253,9 @@ def validate(cfg: Config) -> None:
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must not be negative")
+    if cfg.cluster.queue_timeout < 0 and cfg.cluster.queue_timeout != -1:
+        raise ConfigError(f"cluster.queue_timeout={cfg.cluster.queue_timeout} must be seconds >= 0 (0: no wait) or "
+                          "-1 (auto); e.g. --cluster.queue_timeout=600")
     if cfg.cluster.epoch_timeout < 0 and cfg.cluster.epoch_timeout != -1:
         raise ConfigError(f"cluster.epoch_timeout={cfg.cluster.epoch_timeout} must be seconds > 0, 0 (never) or "
                           "-1 (auto: 10x the slowest epoch, at least 120 s)")

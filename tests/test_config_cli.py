@@ -133,6 +133,7 @@ def test_toml_file_as_config(tmp_path):
     ("train.device", "tpu", "train.device"),
     ("cluster.gpus_per_worker", "-2", "gpus_per_worker"),
     ("cluster.epoch_timeout", "-5", "cluster.epoch_timeout=-5.0 must be seconds > 0, 0 .never. or -1"),
+    ("cluster.queue_timeout", "-5", "cluster.queue_timeout=-5.0 must be seconds >= 0 .0: no wait. or -1"),
 ])
 def test_bad_values_are_config_errors(key, value, message):
     """Unknown keys, wrong types, out-of-range values and bad choices: one-line ConfigError

@@ -169,6 +169,31 @@ def test_workers_that_die_before_they_start_are_started_again(ray_session, cache
     assert not [r for r in events if r.get("event") == "worker_died"]
 
 
+def test_a_run_that_does_not_fit_now_queues_until_other_jobs_free_the_room(ray_session, cache, tmp_path, capsys):
+    """Another job holds 7 of the 8 CPUs: a run asking for 2 workers waits (one line says so)
+    and trains once the room is freed; with --cluster.queue_timeout=0 it is refused at once,
+    and a run the whole cluster could never hold is refused at once whatever the timeout."""
+    held = ray.util.placement_group([{"CPU": LOGICAL_CPUS - 1}])
+    ray.get(held.ready())
+    try:
+        with pytest.raises(ClusterError, match="placement needs 2 workers"):
+            train_ray(tiny(cache, **{"cluster.workers": 2, "cluster.queue_timeout": 0}), tmp_path / "now",
+                      show_progress=False)
+        with pytest.raises(ClusterError, match="placement needs 9 workers"):
+            start = time.monotonic()
+            train_ray(tiny(cache, **{"cluster.workers": 9, "cluster.queue_timeout": 600}), tmp_path / "never",
+                      show_progress=False)
+        assert time.monotonic() - start < 30
+        threading.Timer(12.0, ray.util.remove_placement_group, args=(held,)).start()
+        start = time.monotonic()
+        summary = train_ray(tiny(cache, **{"cluster.workers": 2, "cluster.queue_timeout": 120, "train.epochs": 1}),
+                            tmp_path / "queued", show_progress=False)
+    finally:
+        ray.util.remove_placement_group(held)
+    assert time.monotonic() - start >= 12 and summary["workers"] == 2
+    assert "waiting up to 120 s for it (--cluster.queue_timeout)" in capsys.readouterr().out
+
+
 # ---- equivalence --------------------------------------------------------------------------
 def test_ray_and_in_process_trainers_give_the_same_weights(ray_session, cache, tmp_path):
     """Our best guard: same seed, fixed embedding -> same weights (<= 1e-5), both target modes.

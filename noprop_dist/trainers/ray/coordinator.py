@@ -58,6 +58,7 @@ from noprop_dist.variants.base import EMBEDDING_FILE, SHARED_EMBEDDING, UnitSetu
 
 POLL_S = 0.2
 RELEASE_WAIT_S = 10.0
+CLUSTER_QUEUE_S = 3600.0    # cluster.queue_timeout=-1 on a cluster: how long a run queues for room
 HUNG_FACTOR, HUNG_MIN_S = 10.0, 120.0   # cluster.epoch_timeout = -1 (auto)
 
 
@@ -352,19 +353,29 @@ def finished_units(run: RunDir) -> set[str]:
 
 
 def _place_when_free(units: list[UnitSpec], cfg: Config) -> tuple[dict[str, float], Layout]:
-    """The layout on the resources available now. A driver that trains twice (a benchmark, a
-    notebook) can ask before Ray has taken back what its last run's workers held (actors and
-    placement groups are released asynchronously): a request that does not fit now but would
-    fit the whole cluster is tried again for up to ``RELEASE_WAIT_S`` before its one-line error."""
-    deadline = time.monotonic() + RELEASE_WAIT_S
+    """The layout on the resources available now. A request that does not fit now but would fit
+    the whole cluster waits (queues) for ``cluster.queue_timeout`` before its one-line error:
+    on a cluster other jobs hold the room; on a private Ray a driver that trains twice (a
+    benchmark, a notebook) can ask before Ray has taken back what its last run's workers held
+    (actors and placement groups are released asynchronously)."""
+    wait = cfg.cluster.queue_timeout
+    if wait < 0:
+        wait = CLUSTER_QUEUE_S if cfg.cluster.address else RELEASE_WAIT_S
+    start = time.monotonic()
+    told = False
     while True:
         resources = ray.available_resources()
         try:
             return resources, plan_layout(units, cfg.cluster, resources)
         except ClusterError:
-            if time.monotonic() > deadline or not _fits(units, cfg, ray.cluster_resources()):
+            waited = time.monotonic() - start
+            if waited > wait or not _fits(units, cfg, ray.cluster_resources()):
                 raise
-            time.sleep(POLL_S)
+            if not told and waited > min(RELEASE_WAIT_S, wait / 2):
+                print(f"noprop-dist: the cluster has no room for this run's workers now (other jobs hold it); "
+                      f"waiting up to {wait:.0f} s for it (--cluster.queue_timeout)", flush=True)
+                told = True
+            time.sleep(POLL_S if waited < RELEASE_WAIT_S else 1.0)
 
 
 def _fits(units: list[UnitSpec], cfg: Config, resources: dict[str, float]) -> bool:
