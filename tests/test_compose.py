@@ -38,7 +38,7 @@ import pytest
 from noprop_dist import config
 from noprop_dist.trainers.local import train_local
 from proc_sockets import listening_sockets
-from run_weights import max_weight_diff
+from run_weights import max_weight_diff, unit_tensors
 
 pytestmark = [pytest.mark.compose, pytest.mark.slow]
 
@@ -369,8 +369,20 @@ def test_replica_groups_meet_on_the_shared_volume(cluster, references, tmp_path)
                          "FileStore at RUN_DIR/.replica_groups but never creates that directory")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert groups, "no unit was split into a replica group: the test did not test them"
+    split = {u for r in groups for u, (_, n) in zip(r["units"], r["replicas"]) if n > 1}
     copy = cluster.copy_out("/runs/replicas", tmp_path / "replicas")
-    assert max_weight_diff(copy, references[5][0]) <= 1e-5
+    ours, reference = unit_tensors(copy), unit_tensors(references[5][0])
+    assert ours.keys() == reference.keys()
+    for name in ours.keys() - split:        # whole units: exactly the in-process weights
+        assert max(float((ours[name][k] - reference[name][k]).abs().max()) for k in ours[name]
+                   if k.startswith("model/") and ours[name][k].is_floating_point()) <= 1e-5, name
+    # A split unit matches one worker only up to float rounding, which Adam amplifies (README,
+    # tests/test_replicas.py): it trained in its group (gradients all-reduced there every epoch)
+    # and the run scores as the in-process one does.
+    in_group = [r.get("allreduce_bytes", 0) for r in records if r.get("event") == "unit_epoch" and r["unit"] in split]
+    assert in_group and all(b > 0 for b in in_group), in_group
+    accuracy = json.loads((copy / "summary.json").read_text())["test_accuracy"]
+    assert abs(accuracy - references[5][1]["test_accuracy"]) <= 0.05, accuracy
 
 
 def test_demo_job_once_timed(cluster, tmp_path):
