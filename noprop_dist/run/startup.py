@@ -30,6 +30,17 @@ def process_start_time() -> float | None:
         return None
 
 
+def phase_seconds(origin: float, marks: list[tuple[str, float]]) -> list[list]:
+    """[phase, seconds] for marks (phase, the epoch second it ended) after ``origin``, each
+    phase from the end of the one before (never negative)."""
+    out: list[list] = []
+    before = origin
+    for phase, at in marks:
+        out.append([phase, round(max(at - before, 0.0), 4)])
+        before = max(at, before)
+    return out
+
+
 class StartupClock:
     """Named phases from the launch to the first step, in the order they ended."""
 
@@ -51,14 +62,10 @@ class StartupClock:
         """[phase, seconds] in the order the phases ran (a list: summary.json sorts a dict's
         keys); the last, "to the first step", ends at ``first_step`` (epoch seconds; None: no
         step was taken in this session, e.g. a resume of finished units)."""
-        out: list[list] = []          # [phase, seconds]: as summary.json reads back
-        before = self.origin
-        for phase, at in self.marks:
-            out.append([phase, round(at - before, 4)])
-            before = at
-        if first_step is not None and first_step >= before:
-            out.append(["to the first step", round(first_step - before, 4)])
-        return out
+        marks = list(self.marks)
+        if first_step is not None and first_step >= (marks[-1][1] if marks else self.origin):
+            marks.append(("to the first step", first_step))
+        return phase_seconds(self.origin, marks)
 
     def launch_to_first_step(self, first_step: float | None) -> float | None:
         return None if first_step is None else first_step - self.origin

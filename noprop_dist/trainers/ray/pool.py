@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from noprop_dist.config import Config
 from noprop_dist.errors import ClusterError
+from noprop_dist.run.startup import phase_seconds
 from noprop_dist.rundir import RunDir
 from noprop_dist.trainers.ray.cluster import WORKER_NICENESS, first_line
 from noprop_dist.trainers.ray.placement import Layout, worker_name
@@ -84,9 +85,11 @@ class WorkerPool:
         self.run, self.progress_queue, self.probe = run, progress_queue, probe
         # Replica groups meet through files: a private Ray's workers share this machine's /tmp;
         # on a cluster the run directory must be on storage every node sees (as for DDP).
-        self.group_dir = (tempfile.mkdtemp(prefix="noprop-groups-") if not self.cfg.cluster.address
-                          else str(run.path.resolve() / ".replica_groups"))
-        os.makedirs(self.group_dir, exist_ok=True)
+        if self.cfg.cluster.address:
+            self.group_dir = str(run.path.resolve() / ".replica_groups")
+            os.makedirs(self.group_dir, exist_ok=True)
+        else:
+            self.group_dir = tempfile.mkdtemp(prefix="noprop-groups-")
 
     def members(self) -> dict[str, list[int]]:
         """unit -> the slots of its replica group, by replica index."""
@@ -193,13 +196,9 @@ class WorkerPool:
         slot = max(started, key=lambda s: s.info["timeline"]["joined"])
         t = slot.info["timeline"]
         process = max(t["process_start"] or slot.spawned_at, slot.spawned_at)
-        marks = [("process", process), ("imports", t["imported"]), ("data", t["constructed"]),
-                 ("units", t.get("units_built", t["constructed"])), ("join", t["joined"])]
-        out, before = [], slot.spawned_at
-        for phase, at in marks:
-            out.append([phase, round(max(at - before, 0.0), 4)])
-            before = max(at, before)
-        return out
+        return phase_seconds(slot.spawned_at, [
+            ("process", process), ("imports", t["imported"]), ("data", t["constructed"]),
+            ("units", t.get("units_built", t["constructed"])), ("join", t["joined"])])
 
     def lose(self, dead: int, exc: BaseException) -> list[int]:
         """The restart policy, for worker ``dead`` lost to ``exc``: count the death (one line
