@@ -2,10 +2,12 @@
 
 Every setting trains on the embedded MNIST subset (4,000 train / 1,000 test, ``small``
 block, one-hot, no dropout: the ``demo`` family of presets) with the command a user runs
-(``noprop-dist train``, in a subprocess). For an equal budget the script first trains one
-epoch of the setting to time it, then trains ``max(1, floor(budget / epoch seconds))``
-epochs from scratch and reports the test accuracy and the training time it took (the DDP
-trainer's includes Ray Train's start-up; the epochs alone are shown beside it). Settings:
+(``noprop-dist train``, in a subprocess). For an equal budget the script first trains
+``PROBE_EPOCHS`` (3) epochs of the setting to time a steady epoch (wall seconds from the end
+of the first epoch to the end of the last, :func:`epoch_wall`: the first epoch's one-off
+costs left out), then trains ``max(1, floor(budget / epoch seconds))`` epochs from scratch
+and reports the test accuracy and the training time it took (with the one-off costs: the
+DDP trainer's includes Ray Train's start-up; the epochs alone are shown beside it). Settings:
 
 * ``dt``: NoProp-DT on Ray (the ``demo`` preset: 10 blocks and the head on the workers).
 * ``ct_time_K1`` / ``fm_time_K1``: one network (``continuous.intervals=1``), one worker.
@@ -91,13 +93,26 @@ def train(name: str, run_dir: Path, epochs: int, smoke: bool, eval_every: int = 
     return {**summary, "wall_seconds": wall}
 
 
-def epoch_cost(summary: dict[str, Any]) -> float:
-    """Seconds of one training epoch: the DDP trainer's own per-epoch figure (its
-    ``train_seconds`` also holds Ray Train's start-up, 10-15 s here), else the training
-    phase's seconds per epoch (the Ray and local trainers time only their training phase)."""
-    if summary.get("epoch_seconds"):
-        return sum(summary["epoch_seconds"]) / len(summary["epoch_seconds"])
-    return summary["train_seconds"] / summary["epochs"]
+PROBE_EPOCHS = 3
+"""Epochs of the probe run that times a setting: the first one's one-off costs (workers'
+start, a first epoch's warm-up) are left out of the epoch time (:func:`epoch_wall`)."""
+
+
+def epoch_wall(run_dir: Path) -> float:
+    """Wall seconds of one steady training epoch of a finished run: from the end of its first
+    epoch to the end of its last (an epoch ends when its last unit reports), divided by the
+    epochs between. The units of a Ray epoch overlap and a DDP run's start-up (Ray Train's,
+    10-15 s here) comes before its first epoch's end, so this is the same figure for every
+    trainer. A one-epoch run (the smoke test) falls back to its training seconds."""
+    finished = read_run(run_dir)
+    ends: dict[int, float] = {}
+    for r in finished.metrics:
+        if r.get("event") == "unit_epoch":
+            ends[r["epoch"]] = max(ends.get(r["epoch"], 0.0), r["time"])
+    if len(ends) < 2:
+        return finished.summary["train_seconds"] / finished.summary["epochs"]
+    first, last = min(ends), max(ends)
+    return (ends[last] - ends[first]) / (last - first)
 
 
 def accuracy_curve(run_dir: Path) -> dict[str, Any]:
@@ -173,15 +188,18 @@ def main() -> int:
             "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, cuda={torch.cuda.is_available()}"}
     results: dict[str, Any] = dict(read_json(out / "results.json", {}).get("results", {}))
     for name in names:
-        probe = train(name, out / "runs" / f"{name}-probe", 1, args.smoke) if not args.smoke else None
-        epoch_seconds = epoch_cost(probe) if probe else 0.0
+        if args.smoke:
+            epoch_seconds = 0.0
+        else:
+            train(name, out / "runs" / f"{name}-probe", PROBE_EPOCHS, args.smoke)
+            epoch_seconds = epoch_wall(out / "runs" / f"{name}-probe")
         epochs = 1 if args.smoke else max(1, math.floor(args.budget / epoch_seconds))
         summary = train(name, out / "runs" / name, epochs, args.smoke, args.eval_every)
         results[name] = {"args": SETTINGS[name], "probe_seconds": epoch_seconds, "epochs": epochs,
                          "summary": {k: summary.get(k) for k in (
                              "test_accuracy", "chain_accuracy_noise", "chain_accuracy_no_noise", "train_seconds",
                              "wall_seconds", "workers", "backend", "steps", "seconds_per_1000_images")},
-                         "epochs_seconds": epoch_cost(summary) * epochs}
+                         "epochs_seconds": epoch_wall(out / "runs" / name) * epochs}
         if args.eval_every:
             results[name]["curve"] = accuracy_curve(out / "runs" / name)
         if not name.startswith("dt"):

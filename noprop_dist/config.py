@@ -85,6 +85,8 @@ class TrainConfig:
     """Mini-batch size per block (Table 3)."""
     lr: float = 1e-3
     """AdamW learning rate (Table 3)."""
+    lr_schedule: str = "constant"
+    """Learning rate over the run: constant (the paper's) or cosine (from train.lr at the first step to 0 after the last of train.epochs, set before every step; the CT presets' choice, docs/ct.md)."""
     weight_decay: float = 1e-3
     """AdamW weight decay (Table 3)."""
     eta: float = 0.1
@@ -214,6 +216,7 @@ _CHOICES = {
     ("cluster", "ship_targets"): ("recipe", "tensors"),
     ("cluster", "placement"): ("pack", "spread"),
     ("train", "embed_sync"): ("average", "summed_gradient"),
+    ("train", "lr_schedule"): ("constant", "cosine"),
     ("continuous", "time_sampling"): ("uniform", "antithetic", "snr_importance"),
     ("continuous", "schedule_shape"): ("loss", "variance", "fixed"),
     ("continuous", "schedule_endpoints"): ("loss", "fixed"),

@@ -66,6 +66,9 @@ def test_ct_fm_presets_follow_the_paper():
         assert (cfg.variant, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay,
                 cfg.continuous.steps, cfg.continuous.intervals, cfg.continuous.eta, cfg.model.block) == (
                     variant, epochs, 128, 1e-3, 1e-3, 1000, 1, 1.0, "paper"), name
+        assert cfg.train.lr_schedule == "constant", name          # the paper's rate
+    assert resolve("demo_ct").train.lr_schedule == "cosine"       # issue 17: docs/ct.md, table 3
+    assert resolve("tiny_ct").train.lr_schedule == "constant"
     for name in ("demo_ct", "demo_fm"):
         assert resolve(name).data.name == "mnist_subset" and resolve(name).variant == name[-2:]
 
@@ -134,6 +137,7 @@ def test_toml_file_as_config(tmp_path):
     ("cluster.gpus_per_worker", "-2", "gpus_per_worker"),
     ("cluster.epoch_timeout", "-5", "cluster.epoch_timeout=-5.0 must be seconds > 0, 0 .never. or -1"),
     ("cluster.queue_timeout", "-5", "cluster.queue_timeout=-5.0 must be seconds >= 0 .0: no wait. or -1"),
+    ("train.lr_schedule", "linear", "train.lr_schedule='linear' is not one of constant, cosine"),
 ])
 def test_bad_values_are_config_errors(key, value, message):
     """Unknown keys, wrong types, out-of-range values and bad choices: one-line ConfigError

@@ -22,7 +22,8 @@ from noprop_dist.nets.blocks import BLOCK_SIZES, DTBlock
 from noprop_dist.variants.base import HEAD
 from noprop_dist.variants.dt import DTObjective, block
 from noprop_dist.variants.base import DROPOUT, average_embeddings, derive_seed, epoch_order, make_setup
-from noprop_dist.training.runner import UnitRunner, train_unit
+from noprop_dist.config import TrainConfig
+from noprop_dist.training.runner import UnitRunner, lr_factor, train_unit
 
 
 def epoch_noise(setup, unit, epoch, n):
@@ -328,11 +329,14 @@ def test_units_do_not_depend_on_the_global_rng(small):
     assert_same_state(first, second)
 
 
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
 @pytest.mark.parametrize("unit", [block(1), HEAD], ids=["block", "head"])
-def test_resume_from_state_tensors_is_exact(small, unit):
+def test_resume_from_state_tensors_is_exact(small, unit, lr_schedule):
     """Save after epoch 1 (through safetensors bytes), load into a fresh runner, train epoch 2:
-    bit-identical to two uninterrupted epochs (weights, optimizer moments, epochs_done)."""
-    _, data, setup = small
+    bit-identical to two uninterrupted epochs (weights, optimizer moments, epochs_done), with
+    either learning-rate schedule (the cosine one is a function of the step counters alone)."""
+    _, data, _ = small
+    setup = setup_for(small, **{"train.lr_schedule": lr_schedule, "train.epochs": "3"})
     straight = train_unit(unit, setup, data.train, epochs=2).state_tensors()
     first = UnitRunner(unit, setup, data.train)
     first.run_epoch(1)
@@ -345,6 +349,44 @@ def test_resume_from_state_tensors_is_exact(small, unit):
     assert_same_state(resumed.state_tensors(), straight)
     assert int(straight["epochs_done"]) == 2
     assert any(k.startswith("optim/") for k in straight)
+
+
+def all_factors(train: TrainConfig, passes: int, steps: int) -> list[float]:
+    """lr_factor at every step of a run, in the order the runner takes them."""
+    return [lr_factor(train, e, p, passes, s, steps)
+            for e in range(1, train.epochs + 1) for p in range(passes) for s in range(1, steps + 1)]
+
+
+@pytest.mark.parametrize("passes,steps", [(1, 7), (10, 3)])
+def test_lr_factor_constant_and_cosine(passes, steps):
+    """constant: 1 at every step. cosine: 1 at the first step, strictly decreasing over the run
+    (a multi-pass head's passes included), 0.5 halfway, just above 0 at the last step."""
+    assert set(all_factors(TrainConfig(epochs=4, lr_schedule="constant"), passes, steps)) == {1.0}
+    cosine = TrainConfig(epochs=4, lr_schedule="cosine")
+    factors = all_factors(cosine, passes, steps)
+    assert factors[0] == 1.0
+    assert all(b < a for a, b in zip(factors, factors[1:]))
+    assert lr_factor(cosine, 3, 0, passes, 1, steps) == pytest.approx(0.5, abs=1e-12)
+    n = len(factors)
+    assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * (n - 1) / n)), abs=1e-12)
+    assert 0 < factors[-1] < 1e-2
+    assert lr_factor(cosine, 5, 0, passes, 1, steps) == 0.0   # a resumed run past train.epochs: no step
+
+
+def test_cosine_schedule_drives_the_optimizer(small):
+    """The runner sets lr = train.lr * lr_factor before each step: after a cosine run the
+    optimizer holds the last step's rate, the weights differ from a constant run's after
+    the first step, and a constant run keeps train.lr."""
+    _, data, _ = small
+    runs = {}
+    for kind in ("constant", "cosine"):
+        setup = setup_for(small, **{"train.lr_schedule": kind, "train.epochs": "2"})
+        runner = train_unit(block(1), setup, data.train, epochs=2)
+        steps = math.ceil(len(data.train) / setup.train.batch_size)
+        expected = setup.train.lr * lr_factor(setup.train, 2, 0, 1, steps, steps)
+        assert [g["lr"] for g in runner.optimizer.param_groups] == [expected] * len(runner.optimizer.param_groups)
+        runs[kind] = runner.state_tensors()
+    assert states_differ(runs["constant"], runs["cosine"])
 
 
 def test_run_epoch_rejects_out_of_order_epochs(small):

@@ -213,7 +213,9 @@ class UnitRunner:
         losses: list[torch.Tensor] = []
         report = StepReport(progress, self.name, epoch, math.ceil(len(order) / self.setup.train.batch_size),
                             self.setup.train.log_every, single_pass=passes == 1)
+        steps = math.ceil(len(order) / self.setup.train.batch_size)
         for step, idx in enumerate(global_batches(order, self.setup.train.batch_size, self.parallel.min_batch), 1):
+            self._set_lr(lr_factor(self.setup.train, epoch, max(p, 0), passes, step, steps))
             share = self.parallel.share(idx)          # this rank's examples (all of them when serial)
             x = None
             if images:
@@ -234,6 +236,10 @@ class UnitRunner:
         if not images:
             self._record_memory(0)
         return losses
+
+    def _set_lr(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.setup.train.lr * factor
 
     def _step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -265,6 +271,17 @@ class UnitRunner:
         if self.device.type == "cuda":
             total = max(total, torch.cuda.max_memory_allocated(self.device))
         self.peak_memory_bytes = max(self.peak_memory_bytes, total)
+
+
+def lr_factor(train: TrainConfig, epoch: int, pass_index: int, passes: int, step: int, steps: int) -> float:
+    """``train.lr_schedule``'s factor of ``train.lr`` at step ``step`` (1-based) of ``steps`` in
+    pass ``pass_index`` (0-based) of ``passes`` in epoch ``epoch`` (1-based) of ``train.epochs``:
+    1 (constant), or ``0.5 (1 + cos(pi f))`` (cosine) with f the fraction of the run done
+    before the step. A function of these counters alone, so a restarted unit resumes on it."""
+    if train.lr_schedule == "constant":
+        return 1.0
+    f = (epoch - 1 + (pass_index + (step - 1) / steps) / passes) / train.epochs
+    return 0.5 * (1.0 + math.cos(math.pi * min(f, 1.0)))
 
 
 def global_batches(order: torch.Tensor, batch_size: int, fewest: int):
