@@ -311,6 +311,14 @@ def validate(cfg: Config) -> None:
     dev = cfg.train.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"train.device={dev!r} must be auto, cpu, cuda or cuda:N")
+    if cfg.cluster.backend in ("ray", "ddp"):   # the workers train on what Ray gives them
+        if dev.startswith("cuda") and g == 0:
+            raise ConfigError(f"train.device={dev} asks for GPU training but cluster.gpus_per_worker=0 gives the "
+                              "Ray workers no GPU; pass --cluster.gpus_per_worker=-1 (a GPU each where the cluster "
+                              "has them) or --train.device=cpu")
+        if dev == "cpu" and g > 0:
+            raise ConfigError(f"train.device=cpu but cluster.gpus_per_worker={g:g} reserves GPUs the Ray workers "
+                              "would not use; pass --cluster.gpus_per_worker=0 (or -1) or --train.device=auto")
 
 
 def _coerce(key: str, raw: Any, typ: type) -> Any:
@@ -418,6 +426,16 @@ SAVED_BEFORE = {
     ("continuous", "schedule_endpoints"): "loss",
     ("continuous", "schedule_shape"): "loss",
 }
+
+
+def worker_request(cfg: Config) -> ClusterConfig:
+    """``cfg.cluster`` with the GPU request ``train.device`` implies for Ray workers:
+    ``train.device=cpu`` turns the auto request (``gpus_per_worker = -1``: a GPU per worker
+    where the cluster has them) into CPU workers. (The contradictory requests are refused by
+    :func:`validate`.)"""
+    if cfg.train.device == "cpu" and cfg.cluster.gpus_per_worker < 0:
+        return dataclasses.replace(cfg.cluster, gpus_per_worker=0.0)
+    return cfg.cluster
 
 
 def from_dict(table: dict[str, Any]) -> Config:

@@ -20,7 +20,7 @@ import torch
 from test_config_cli import one_error_line
 
 from noprop_dist.cli import main
-from noprop_dist.config import ClusterConfig, DataConfig
+from noprop_dist.config import ClusterConfig, ConfigError, DataConfig, resolve, worker_request
 from noprop_dist.data import load_dataset, load_file, normalize
 from noprop_dist.errors import DeviceUnavailable
 from noprop_dist.trainers.ray.placement import plan_layout
@@ -97,6 +97,37 @@ def test_gpu_workers_on_a_cluster_without_gpus_are_refused_by_the_placement(gpus
         plan_layout([block(t) for t in range(1, 5)], cluster, {"CPU": 8.0})
     assert str(caught.value) == (f"cluster.gpus_per_worker={gpus_per_worker:g} asks for GPU workers but the Ray "
                                  f"cluster has no free GPU (8 CPU, 0 GPU); {GPU_WORKERS_FIX}")
+
+
+@pytest.mark.parametrize("backend", ["ray", "ddp"])
+@pytest.mark.parametrize("device,gpus,message", [
+    ("cuda", "0", "train.device=cuda asks for GPU training but cluster.gpus_per_worker=0 gives the Ray workers no "
+                  "GPU; pass --cluster.gpus_per_worker=-1 (a GPU each where the cluster has them) or --train.device=cpu"),
+    ("cuda:1", "0", "train.device=cuda:1 asks for GPU training but cluster.gpus_per_worker=0"),
+    ("cpu", "0.5", "train.device=cpu but cluster.gpus_per_worker=0.5 reserves GPUs the Ray workers would not use; "
+                   "pass --cluster.gpus_per_worker=0 (or -1) or --train.device=auto"),
+])
+def test_a_device_the_ray_workers_cannot_use_is_refused(backend, device, gpus, message):
+    """The Ray workers train on the device Ray gives them: a GPU device with CPU workers (they
+    trained on the CPU, silently) or GPU workers told to use the CPU is one line, before anything."""
+    variant = "fm" if backend == "ddp" else "dt"
+    with pytest.raises(ConfigError) as caught:
+        resolve("tiny", {"variant": variant, "cluster.backend": backend, "train.device": device,
+                         "cluster.gpus_per_worker": gpus})
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    resolve("tiny", {"train.device": device, "cluster.gpus_per_worker": gpus, "cluster.backend": "local"})
+
+
+def test_train_device_cpu_makes_the_auto_request_cpu_workers():
+    """train.device=cpu on a cluster with GPUs: CPU workers (the auto request took a GPU each,
+    and the workers trained on it); auto and cuda keep a GPU each."""
+    units = [block(t) for t in range(1, 5)]
+    gpus = {"CPU": 8.0, "GPU": 4.0}
+    assert plan_layout(units, worker_request(resolve("tiny", {"train.device": "cpu"})), gpus).gpus == 0
+    for device in ("auto", "cuda"):
+        assert plan_layout(units, worker_request(resolve("tiny", {"train.device": device})), gpus).gpus == 1
+    explicit = resolve("tiny", {"train.device": "cpu", "cluster.gpus_per_worker": "0"})
+    assert worker_request(explicit) is explicit.cluster
 
 
 def test_a_ray_driver_without_the_gpu_evaluates_on_the_cpu():

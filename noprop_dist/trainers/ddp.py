@@ -36,7 +36,7 @@ import torch.distributed as dist
 from ray.train.backend import Backend
 from ray.train.torch import TorchConfig
 
-from noprop_dist.config import ClusterConfig, Config
+from noprop_dist.config import ClusterConfig, Config, worker_request
 from noprop_dist.data import ArraySplit, Dataset
 from noprop_dist.errors import ClusterError, ConfigError, TrainingDiverged
 from noprop_dist.run.lifecycle import Placement, RunTrainer, batch_share, train_run
@@ -89,7 +89,7 @@ class DDPTrainer(RunTrainer):
     def place(self, cfg: Config, data: Dataset, setup: UnitSetup) -> Placement:
         connect(cfg.cluster)
         resources = ray.available_resources()
-        workers, gpus = plan_workers(cfg.cluster, cfg.train.batch_size, resources)
+        workers, gpus = plan_workers(worker_request(cfg), cfg.train.batch_size, resources)
         # Every rank holds every unit (one trains at a time); a head is small.
         return Placement(workers, batch_share(cfg, data, workers), *worker_memory(cfg.cluster, workers, gpus, resources),
                          units_held=sum(u.role != "head" for u in setup.units), plan=gpus)

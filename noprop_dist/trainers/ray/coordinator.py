@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from noprop_dist.config import Config
+from noprop_dist.config import Config, worker_request
 from noprop_dist.data import Dataset
 from noprop_dist.errors import ClusterError, TrainingDiverged
 from noprop_dist.run.lifecycle import Placement, RunTrainer, batch_share, train_run
@@ -366,7 +366,7 @@ def _place_when_free(units: list[UnitSpec], cfg: Config) -> tuple[dict[str, floa
     while True:
         resources = ray.available_resources()
         try:
-            return resources, plan_layout(units, cfg.cluster, resources)
+            return resources, plan_layout(units, worker_request(cfg), resources)
         except ClusterError:
             waited = time.monotonic() - start
             if waited > wait or not _fits(units, cfg, ray.cluster_resources()):
@@ -380,7 +380,7 @@ def _place_when_free(units: list[UnitSpec], cfg: Config) -> tuple[dict[str, floa
 
 def _fits(units: list[UnitSpec], cfg: Config, resources: dict[str, float]) -> bool:
     try:
-        plan_layout(units, cfg.cluster, resources)
+        plan_layout(units, worker_request(cfg), resources)
         return True
     except ClusterError:
         return False
