@@ -7,6 +7,9 @@ copy; the in-process trainer resumes it exactly (Ray equals in-process: tests/te
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
@@ -17,7 +20,7 @@ from noprop_dist.trainers.local import train_local
 from noprop_dist.variants.base import HEAD
 from noprop_dist.variants.dt import block
 from noprop_dist.variants.base import make_setup
-from noprop_dist.training.runner import UnitRunner
+from noprop_dist.training.runner import UnitRunner, lr_factor
 
 
 class SimulatedCrash(Exception):
@@ -30,7 +33,7 @@ def test_owner_applies_adamw_to_the_step_by_step_sum_of_the_units_gradients():
     start = torch.randn(3, 4)
     blocks = [torch.randn(5, 3, 4) * scale for scale in (0.01, 100.0)]   # weights 0.01 vs 100
     head = torch.randn(2 * 5, 3, 4)                                       # two passes of 5 steps
-    new = EmbeddingOwner(start, train).apply([*blocks, head])
+    new = EmbeddingOwner(start, train).apply([*blocks, head], epoch=1)
     w = torch.nn.Parameter(start.clone())
     opt = torch.optim.AdamW([w], lr=0.05, weight_decay=0.01)
     for k in range(5):
@@ -39,8 +42,33 @@ def test_owner_applies_adamw_to_the_step_by_step_sum_of_the_units_gradients():
     assert torch.equal(new, w.detach())
     # The large-weight unit dominates: the result is (almost) what it alone would give, where
     # averaging per-unit Adam updates would land halfway to the small unit's.
-    alone = [EmbeddingOwner(start, train).apply([g]) for g in blocks]
+    alone = [EmbeddingOwner(start, train).apply([g], epoch=1) for g in blocks]
     assert (new - alone[1]).norm() < 0.1 * (new - alone[0]).norm()
+
+
+def test_owner_follows_the_units_cosine_learning_rate():
+    """With train.lr_schedule=cosine the owner's AdamW takes each block step at the rate the
+    units took it (lr_factor of that epoch and step): an interval of 2 epochs x 3 steps ending
+    at epoch 4 of 6 is epochs 3 and 4; the result is that of AdamW run at those rates by hand."""
+    torch.manual_seed(0)
+    train = TrainConfig(lr=0.05, weight_decay=0.01, epochs=6, embed_sync_every=2, lr_schedule="cosine")
+    owner = EmbeddingOwner(torch.randn(3, 4), train)
+    expected = [lr_factor(train, e, 0, 1, s, 3) for e in (3, 4) for s in (1, 2, 3)]
+    assert owner.lr_factors(4, 6) == expected and expected[0] == pytest.approx(0.5 * (1 + math.cos(math.pi / 3)))
+    assert owner.lr_factors(5, 3) == [lr_factor(train, 5, 0, 1, s, 3) for s in (1, 2, 3)]  # one epoch since the last sync
+    start = owner.weight.detach().clone()
+    grads = torch.randn(6, 3, 4)
+    new = owner.apply([grads], epoch=4)
+    w = torch.nn.Parameter(start)
+    opt = torch.optim.AdamW([w], lr=0.05, weight_decay=0.01)
+    for grad, factor in zip(grads, expected):
+        opt.param_groups[0]["lr"] = 0.05 * factor
+        w.grad = grad
+        opt.step()
+    assert torch.equal(new, w.detach())
+    constant = EmbeddingOwner(start, dataclasses.replace(train, lr_schedule="constant"))
+    assert constant.lr_factors(4, 6) == [1.0] * 6
+    assert not torch.equal(constant.apply([grads], epoch=4), new)
 
 
 def test_per_step_refuses_steps_that_do_not_align():
@@ -51,11 +79,11 @@ def test_per_step_refuses_steps_that_do_not_align():
 def test_owner_state_round_trips():
     train = TrainConfig()
     owner = EmbeddingOwner(torch.randn(3, 4), train)
-    owner.apply([torch.randn(4, 3, 4)])
+    owner.apply([torch.randn(4, 3, 4)], epoch=1)
     copy = EmbeddingOwner(torch.zeros(3, 4), train)
     copy.load_state_tensors(owner.state_tensors())
     grads = [torch.randn(2, 3, 4)]
-    assert torch.equal(owner.apply(grads), copy.apply(grads))
+    assert torch.equal(owner.apply(grads, epoch=2), copy.apply(grads, epoch=2))
 
 
 @pytest.mark.parametrize("unit", [block(1), HEAD], ids=["block", "head"])

@@ -60,13 +60,13 @@ def embedding_owner(run: RunDir, setup: UnitSetup) -> EmbeddingOwner | None:
 
 
 def synchronise(copies: list[dict[str, torch.Tensor]], grads: list[torch.Tensor] | None,
-                owner: EmbeddingOwner | None) -> dict[str, torch.Tensor]:
-    """The shared tensors after a sync point, from the units' copies (units in the trainers'
-    fixed order): every key averaged, except W_embed under ``summed_gradient``, which the
-    owner moves by the units' summed gradients (``grads``, one per unit)."""
+                owner: EmbeddingOwner | None, epoch: int) -> dict[str, torch.Tensor]:
+    """The shared tensors after the sync point at ``epoch``, from the units' copies (units in
+    the trainers' fixed order): every key averaged, except W_embed under ``summed_gradient``,
+    which the owner moves by the units' summed gradients (``grads``, one per unit)."""
     shared = average_shared(copies)
     if owner is not None:
-        shared[SHARED_EMBEDDING] = owner.apply(grads)
+        shared[SHARED_EMBEDDING] = owner.apply(grads, epoch)
     return shared
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from noprop_dist.config import TrainConfig
+from noprop_dist.training.runner import lr_factor
 
 MODES = ("average", "summed_gradient")
 
@@ -45,16 +46,30 @@ class EmbeddingOwner:
     """The one W_embed of a ``summed_gradient`` run and its AdamW (the units' hyperparameters)."""
 
     def __init__(self, embedding: torch.Tensor, train: TrainConfig):
+        self.train = train
         self.weight = torch.nn.Parameter(embedding.detach().float().clone())
         self.optimizer = torch.optim.AdamW([self.weight], lr=train.lr, weight_decay=train.weight_decay)
 
-    def apply(self, unit_grads: list[torch.Tensor]) -> torch.Tensor:
+    def lr_factors(self, epoch: int, steps: int) -> list[float]:
+        """The units' ``lr_factor`` at each of the ``steps`` block steps since the last sync
+        point: the epochs after the last multiple of ``embed_sync_every`` below ``epoch``,
+        each with the same number of steps."""
+        every = self.train.embed_sync_every
+        first = (epoch - 1) // every * every + 1
+        per_epoch = max(1, steps // (epoch - first + 1))
+        return [lr_factor(self.train, min(first + j // per_epoch, epoch), 0, 1, j % per_epoch + 1, per_epoch)
+                for j in range(steps)]
+
+    def apply(self, unit_grads: list[torch.Tensor], epoch: int) -> torch.Tensor:
         """Sum the units' gradients step by step (units in a fixed order) and take one AdamW
-        step per block step (the fewest steps any unit recorded); returns the new W_embed."""
+        step per block step (the fewest steps any unit recorded), at the units' learning rate
+        of that step (``train.lr_schedule``); returns the new W_embed. ``epoch``: the sync
+        point, the last epoch of the steps."""
         steps = min(len(g) for g in unit_grads)
         aligned = [per_step(g.float(), steps) for g in unit_grads]
         total = torch.stack(aligned).sum(0)                                  # (K, m, d)
-        for grad in total:
+        for grad, factor in zip(total, self.lr_factors(epoch, steps)):
+            self.optimizer.param_groups[0]["lr"] = self.train.lr * factor
             self.weight.grad = grad.clone()
             self.optimizer.step()
         self.weight.grad = None

@@ -80,7 +80,7 @@ def _after_epoch(run: RunDir, cfg: Config, setup: UnitSetup, runners: list[UnitR
         # Every rank holds the same copies (data-parallel units take the same averaged
         # steps): each computes the same synchronised tensors, with no communication.
         grads = [r.take_embedding_grads() for r in runners] if owner is not None else None
-        shared = synchronise([r.shared_tensors() for r in runners], grads, owner)
+        shared = synchronise([r.shared_tensors() for r in runners], grads, owner, epoch)
         for runner in runners:
             runner.set_shared(shared)
         if writes:

@@ -80,7 +80,7 @@ class SyncBook:
         checkpoint all units with them (units in the trainers' fixed order)."""
         held = [self.waiting[name] for name in order]
         grads = [r["embedding_grads"] for r in held] if self.owner is not None else None
-        shared = synchronise([r["shared"] for r in held], grads, self.owner)
+        shared = synchronise([r["shared"] for r in held], grads, self.owner, epoch)
         if self.owner is not None:
             self.owner_history[epoch] = self.owner.state_tensors()
         self.history[epoch] = shared
