@@ -510,8 +510,10 @@ def test_summed_gradient_embedding_sync_on_ray_equals_in_process(ray_session, ca
 def test_time_partitioned_ct_fm_on_ray_equal_in_process(ray_session, cache, tmp_path, variant):
     """NoProp-CT/FM by time interval (K = 2 networks, one worker each, no traffic between them):
     the same weights in process and on Ray for the same seed, CT's learned schedule
-    synchronised the same way, and nothing but recipes, metrics and checkpoints crossed."""
-    over = {"variant": variant, "continuous.intervals": "2", "continuous.steps": "8", "train.epochs": "2"}
+    synchronised the same way, and nothing but recipes, metrics and checkpoints crossed. CT runs
+    with the demo_ct preset's cosine learning rate (set per step on each worker)."""
+    over = {"variant": variant, "continuous.intervals": "2", "continuous.steps": "8", "train.epochs": "2",
+            "train.lr_schedule": "cosine" if variant == "ct" else "constant"}
     train_local(config.resolve("tiny", {"data.cache_dir": cache, "cluster.backend": "local",
                                         "train.threads": "1", **over}), tmp_path / "local", show_progress=False)
     summary = train_ray(tiny(cache, **over), tmp_path / "ray", show_progress=False)
