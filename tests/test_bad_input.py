@@ -334,6 +334,50 @@ def test_two_processes_creating_the_same_run_at_once_one_is_refused(tmp_path, ti
         assert "in use by process" in outcomes[1][1] or "already holds a run" in outcomes[1][1]
 
 
+@pytest.mark.parametrize("other_finished", [False, True], ids=["still-creating", "created"])
+def test_a_run_created_between_the_two_checks_is_in_use_not_foreign(tmp_path, tiny_cfg, monkeypatch, other_finished):
+    """The window the race above found under load: another process makes the lock file and
+    config.toml after this one's first look and before its first check. That used to read as
+    "not empty and holds no noprop_dist run"; it is "in use" while the other holds the lock,
+    and "already holds a run" once it has written the manifest."""
+    import fcntl
+
+    from noprop_dist.run.lifecycle import LOCK_FILE, open_run
+
+    run_dir = tmp_path / "run"
+    original = RunDir.refuse_existing
+    other: list[int] = []
+
+    def other_process_creates_it(self):
+        if not other:          # the first look: the other process gets there first
+            self.path.mkdir()
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, b"4242\n")
+            other.append(fd)
+            (self.path / "config.toml").write_text("variant = 'dt'\n")
+            if other_finished:
+                (self.path / "manifest.json").write_text("{}")
+                os.close(fd)   # released
+        return original(self)
+
+    monkeypatch.setattr(RunDir, "refuse_existing", other_process_creates_it)
+    before = None
+    with pytest.raises(NoPropError) as caught:
+        before = {p.name: p.read_bytes() for p in run_dir.iterdir()} if run_dir.exists() else None
+        with open_run(tiny_cfg, run_dir, False, {}):
+            pytest.fail("a second process opened the run")
+    message = str(caught.value)
+    assert "holds no noprop_dist run" not in message and "\n" not in message
+    assert ("already holds a run" if other_finished else "in use by process 4242") in message
+    assert before is None
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        [LOCK_FILE, "config.toml"] + (["manifest.json"] if other_finished else []))
+    assert (run_dir / "config.toml").read_text() == "variant = 'dt'\n"
+    if not other_finished:
+        os.close(other[0])
+
+
 def test_resume_while_another_process_trains_in_the_run_names_its_pid(run_copy, tmp_path, capsys, tiny_cfg):
     """Item 3: a --resume beside a running trainer used to train unit-epochs twice."""
     ctx = multiprocessing.get_context("fork")

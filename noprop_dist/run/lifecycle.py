@@ -172,7 +172,14 @@ def open_run(cfg: Config, run_dir: str | Path, resume: bool, fields: dict[str, A
     and hold its lock until the ``with`` block ends: one process trains in a run at a time."""
     run = RunDir(run_dir)
     if not resume and not (run.path / LOCK_FILE).exists():
-        run.refuse_existing()        # no side effect yet: a refused run leaves nothing behind
+        try:
+            run.refuse_existing()    # no side effect yet: a refused run leaves nothing behind
+        except CheckpointError:
+            # Another process created the run meanwhile (its lock file and config appeared
+            # between the two checks): decided under the lock, as "in use" or "holds a run",
+            # not as foreign files.
+            if not (run.path / LOCK_FILE).exists():
+                raise
     run.path.mkdir(parents=True, exist_ok=True)
     with RunLock(run.path):
         # Under the lock (a directory with a lock file is checked only here, so that a run
