@@ -189,11 +189,11 @@ def main() -> int:
     results: dict[str, Any] = dict(read_json(out / "results.json", {}).get("results", {}))
     for name in names:
         if args.smoke:
-            epoch_seconds = 0.0
+            epoch_seconds, epochs = 0.0, 1
         else:
-            train(name, out / "runs" / f"{name}-probe", PROBE_EPOCHS, args.smoke)
+            train(name, out / "runs" / f"{name}-probe", PROBE_EPOCHS, smoke=False)
             epoch_seconds = epoch_wall(out / "runs" / f"{name}-probe")
-        epochs = 1 if args.smoke else max(1, math.floor(args.budget / epoch_seconds))
+            epochs = max(1, math.floor(args.budget / epoch_seconds))
         summary = train(name, out / "runs" / name, epochs, args.smoke, args.eval_every)
         results[name] = {"args": SETTINGS[name], "probe_seconds": epoch_seconds, "epochs": epochs,
                          "summary": {k: summary.get(k) for k in (

@@ -211,9 +211,8 @@ class UnitRunner:
         order = epoch_order(self.setup, self.unit, epoch, len(self.train), stream=p)
         images = self.objective.needs_images(self.unit)
         losses: list[torch.Tensor] = []
-        report = StepReport(progress, self.name, epoch, math.ceil(len(order) / self.setup.train.batch_size),
-                            self.setup.train.log_every, single_pass=passes == 1)
         steps = math.ceil(len(order) / self.setup.train.batch_size)
+        report = StepReport(progress, self.name, epoch, steps, self.setup.train.log_every, single_pass=passes == 1)
         for step, idx in enumerate(global_batches(order, self.setup.train.batch_size, self.parallel.min_batch), 1):
             self._set_lr(lr_factor(self.setup.train, epoch, max(p, 0), passes, step, steps))
             share = self.parallel.share(idx)          # this rank's examples (all of them when serial)
