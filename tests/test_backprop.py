@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -28,6 +27,7 @@ from noprop_dist.cli import main
 from noprop_dist.data import normalize
 from noprop_dist.run.lifecycle import load_data
 from noprop_dist.nets.blocks import BLOCK_SIZES, BackpropChain, denoised_embedding
+from gloo_ranks import join_gloo, leave_gloo
 
 
 def _cfg(cache: str, variant: str, **overrides) -> config.Config:
@@ -87,10 +87,8 @@ def test_shards_partition_each_global_batch(n, world):
 
 
 # ---- two real processes over gloo ---------------------------------------------------------
-def _bn_worker(rank: int, port: int, x: torch.Tensor, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _bn_worker(rank: int, x: torch.Tensor, out: str) -> None:
+    join_gloo(rank, 2, f"{out}.store")
     torch.manual_seed(0)
     bn = use_global_batchnorm(nn.Sequential(nn.BatchNorm1d(x.shape[1])))
     part = shard(torch.arange(len(x)), rank, 2)
@@ -98,15 +96,14 @@ def _bn_worker(rank: int, port: int, x: torch.Tensor, out: str) -> None:
     y = bn(xr)
     (y * torch.arange(1.0, x.shape[1] + 1)).pow(2).sum().backward()
     torch.save({"y": y.detach(), "grad": xr.grad, "state": bn.state_dict()}, f"{out}.{rank}")
-    dist.barrier()   # rank 0 hosts the store: nobody leaves while another still talks to it
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 def test_global_batchnorm_over_two_ranks_equals_batchnorm_on_the_whole_batch(tmp_path):
     """Outputs, input gradients and running statistics of two ranks with GlobalBatchNorm1d
     are those of one BatchNorm1d on the concatenated batch (odd size: uneven shares)."""
     x = torch.randn(9, 4) * 3 + 1
-    mp.spawn(_bn_worker, args=(_free_port(), x, str(tmp_path / "bn")), nprocs=2)
+    mp.spawn(_bn_worker, args=(x, str(tmp_path / "bn")), nprocs=2)
     parts = [torch.load(f"{tmp_path / 'bn'}.{r}") for r in range(2)]
     ref = nn.BatchNorm1d(4)
     xr = x.clone().requires_grad_(True)
@@ -127,15 +124,12 @@ def _one_step_grads(cfg: config.Config, parallel: DataParallel | None) -> dict[s
     return {n: p.grad.clone() for n, p in runner.module.named_parameters()}
 
 
-def _grad_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _grad_worker(rank: int, world: int, cfg_dict: dict, out: str) -> None:
+    join_gloo(rank, world, f"{out}.store")
     grads = _one_step_grads(config.from_dict(cfg_dict), DataParallel(rank, world, sync_batchnorm=True))
     if rank == 0:
         torch.save(grads, out)
-    dist.barrier()   # rank 0 hosts the store: nobody leaves while another still talks to it
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 @pytest.mark.slow  # several seconds: full suite only (the fast tier stays near a minute)
@@ -145,7 +139,8 @@ def test_ddp_gradient_of_two_ranks_equals_the_full_batch_gradient(variant, data_
     ranks (uneven shares of a batch of 63) is the gradient of the whole batch's mean loss on one."""
     cfg = _cfg(data_cache, variant, **{"train.batch_size": 63, "data.limit_train": 63})
     out = str(tmp_path / "grads.pt")
-    mp.spawn(_grad_worker, args=(2, _free_port(), config.to_dict(cfg), out), nprocs=2)
+    load_data(cfg)   # the cache is converted here, not by two ranks at once
+    mp.spawn(_grad_worker, args=(2, config.to_dict(cfg), out), nprocs=2)
     two = torch.load(out)
     torch.set_num_threads(1)
     one = _one_step_grads(cfg, None)

@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from noprop_dist import config
@@ -18,6 +17,7 @@ from noprop_dist.training.data_parallel import DataParallel, replica_group
 from noprop_dist.training.runner import UnitRunner
 from noprop_dist.variants.base import make_setup
 from noprop_dist.variants.dt import block
+from gloo_ranks import exit_now, join_gloo, leave_gloo
 
 pytestmark = pytest.mark.slow   # five processes in all
 
@@ -51,14 +51,13 @@ def _replica(rank: int, cfgs: list[dict], folder: str) -> None:
     groups = {u: replica_group(f"{folder}/{u}.store", GROUPS[u].index(rank), len(GROUPS[u])) for u in mine}
     torch.save({u: _both(cfgs, u, DataParallel(GROUPS[u].index(rank), 2, group=groups[u])) for u in mine},
                f"{folder}/replica{rank}.pt")
+    exit_now()   # its groups outlive this function (see gloo_ranks)
 
 
 def _ddp(rank: int, cfgs: list[dict], folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/ddp.store", rank=rank, world_size=2)
+    join_gloo(rank, 2, f"{folder}/ddp.store")
     torch.save(_both(cfgs, "block_01", DataParallel(rank, 2)), f"{folder}/ddp{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 def test_replica_groups_train_as_one_worker_and_as_ddp(data_cache, tmp_path):

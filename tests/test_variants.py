@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from noprop_dist import config
@@ -27,6 +26,7 @@ from noprop_dist.variants.base import make_setup
 from noprop_dist.training.data_parallel import DataParallel
 from noprop_dist.training.runner import UnitRunner, train_unit
 from noprop_dist.variants.registry import get_variant
+from gloo_ranks import join_gloo, leave_gloo
 
 FAST = {"continuous.steps": "16", "train.threads": "1"}
 
@@ -206,8 +206,7 @@ def test_ct_and_fm_may_train_data_parallel_with_ddp(variant, target):
 
 
 def _data_parallel_worker(rank: int, world: int, cfg_dict: dict, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
+    join_gloo(rank, world, f"{out}.store")
     cfg = config.from_dict(cfg_dict)
     data = _data(cfg)
     setup = make_setup(cfg, data)
@@ -218,8 +217,7 @@ def _data_parallel_worker(rank: int, world: int, cfg_dict: dict, out: str) -> No
         result[unit.name] = {"state": runner.state_tensors(), "grads": runner.take_embedding_grads(),
                              "data_parallel": runner.data_parallel, "metrics": metrics}
     torch.save(result, f"{out}.{rank}")
-    dist.barrier()   # nobody leaves while another rank still talks to the store
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 @pytest.mark.slow  # several seconds: full suite only (the fast tier stays near a minute)
