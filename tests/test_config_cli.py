@@ -210,11 +210,13 @@ def test_cli_unknown_preset_and_extra_eval_args(tmp_path, capsys, trained_run):
     assert not (tmp_path / "r").exists()
 
 
-def test_cli_resume_refuses_to_change_what_is_computed(run_copy, capsys):
-    """--resume keeps the run's config: only how it runs (cluster.*, device, threads) may change."""
+@pytest.mark.parametrize("override", ["train.lr=1e-2", "train.epochs=60", "train.lr_schedule=cosine"])
+def test_cli_resume_refuses_to_change_what_is_computed(run_copy, capsys, override):
+    """--resume keeps the run's config: only how it runs (cluster.*, device, threads) may change.
+    train.epochs included: the cosine rate's horizon, so a resumed run stays on its own decay."""
     before = (run_copy / "manifest.json").read_bytes()
-    assert main(["train", "--resume", str(run_copy), "--train.lr=1e-2", "--no-progress"]) == 2
-    assert "train.lr" in one_error_line(capsys.readouterr().err)
+    assert main(["train", "--resume", str(run_copy), f"--{override}", "--no-progress"]) == 2
+    assert override.split("=")[0] in one_error_line(capsys.readouterr().err)
     assert (run_copy / "manifest.json").read_bytes() == before
 
 
