@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +33,6 @@ def _cfg(cache: str, variant: str, **overrides) -> config.Config:
     base = {"data.cache_dir": cache, "variant": variant, "cluster.backend": "local", "model.dropout": "0"}
     base.update({k: str(v) for k, v in overrides.items()})
     return config.resolve("tiny", base)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the networks -----------------------------------------------------------------------
@@ -223,7 +216,7 @@ def test_torchrun_two_processes_without_ray(data_cache, tmp_path):
     run_dir = tmp_path / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",   # torchrun picks the port
          "-m", "noprop_dist.trainers.torchrun", "--config", "tiny", "--run-dir", str(run_dir), "--variant=backprop_cnn",
          f"--data.cache_dir={data_cache}", "--train.epochs=1"],
         capture_output=True, text=True, timeout=300, env=env)
