@@ -13,11 +13,11 @@ import torch.multiprocessing as mp
 
 from noprop_dist import config
 from noprop_dist.data import load_dataset
-from noprop_dist.training.data_parallel import DataParallel, replica_group
+from noprop_dist.training.data_parallel import DataParallel, exit_without_finalizing, replica_group
 from noprop_dist.training.runner import UnitRunner
 from noprop_dist.variants.base import make_setup
 from noprop_dist.variants.dt import block
-from gloo_ranks import exit_now, join_gloo, leave_gloo
+from gloo_ranks import join_gloo, leave_gloo
 
 pytestmark = pytest.mark.slow   # five processes in all
 
@@ -51,7 +51,7 @@ def _replica(rank: int, cfgs: list[dict], folder: str) -> None:
     groups = {u: replica_group(f"{folder}/{u}.store", GROUPS[u].index(rank), len(GROUPS[u])) for u in mine}
     torch.save({u: _both(cfgs, u, DataParallel(GROUPS[u].index(rank), 2, group=groups[u])) for u in mine},
                f"{folder}/replica{rank}.pt")
-    exit_now()   # its groups outlive this function (see gloo_ranks)
+    exit_without_finalizing(0)   # its groups outlive this function
 
 
 def _ddp(rank: int, cfgs: list[dict], folder: str) -> None:

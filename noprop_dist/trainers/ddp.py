@@ -25,7 +25,6 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from noprop_dist.errors import ClusterError, ConfigError, TrainingDiverged
 from noprop_dist.run.lifecycle import Placement, RunTrainer, batch_share, train_run
 from noprop_dist.rundir import RunDir
 from noprop_dist.trainers.ray.cluster import connect, worker_capacity
-from noprop_dist.training.data_parallel import DataParallel
+from noprop_dist.training.data_parallel import DataParallel, open_loopback_group
 from noprop_dist.training.loop import train_units
 from noprop_dist.training.preflight import worker_memory
 from noprop_dist.training.progress import MetricsTail, RunProgress
@@ -216,20 +215,6 @@ class LoopbackTorchBackend(Backend):
             ray.get(worker_group.execute_async(close_group), timeout=30)
         except ray.exceptions.GetTimeoutError:
             pass   # a worker that does not answer is killed with its group
-
-
-def open_loopback_group(backend: str, rank: int, world: int, store_path: str, timeout_s: float) -> None:
-    """On a worker: join the default process group through ``store_path`` (a file every rank
-    sees), its transport bound to the loopback interface (gloo's pairs; nccl's bootstrap and
-    socket transport)."""
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    if backend == "nccl":
-        os.environ["NCCL_SOCKET_IFNAME"] = "lo"
-        # As Ray Train does: a timed-out collective fails the worker instead of hanging it.
-        if "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
-            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    dist.init_process_group(backend, store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
 
 
 def close_group() -> None:

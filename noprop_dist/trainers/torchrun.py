@@ -27,7 +27,7 @@ from noprop_dist.data import Dataset
 from noprop_dist.errors import ConfigError, DeviceUnavailable, NoPropError
 from noprop_dist.run.lifecycle import Placement, RunTrainer, batch_share, open_run, train_run
 from noprop_dist.rundir import RunDir
-from noprop_dist.training.data_parallel import DataParallel
+from noprop_dist.training.data_parallel import DataParallel, exit_without_finalizing
 from noprop_dist.training.loop import train_units
 from noprop_dist.training.preflight import device_memory_budget
 from noprop_dist.variants.base import UnitSetup, local_gpus, resolve_device
@@ -121,19 +121,5 @@ def _device(cfg: Config, local_rank: int) -> torch.device:
     return device
 
 
-def leave(code: int) -> None:
-    """End this rank's process with ``code``, without the interpreter's finalization.
-
-    torch's DDP keeps the process group alive past ``destroy_process_group()`` (torch 2.14), so its
-    gloo worker threads still run when the interpreter finalizes; one still dropping the last
-    barrier's finished work then needs the GIL, is torn down by ``std::terminate`` and the rank
-    dies by SIGABRT after the run completed (seen in about 3 of 100 two-rank runs of the DDP
-    gradient test; see tests/gloo_ranks.py). Everything this process wrote is closed by now
-    (checkpoints and metrics are written atomically), so it flushes its output and leaves."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    leave(main())
+    exit_without_finalizing(main())   # see there: a gloo thread could abort a finished rank at exit

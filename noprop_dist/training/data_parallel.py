@@ -19,11 +19,17 @@ BatchNorm: with ``sync_batchnorm`` every BatchNorm1d of the unit normalises with
 the global batch (:class:`GlobalBatchNorm1d`, all-reduced per layer; N ranks compute what one
 computes on the whole batch, up to float rounding); without it each rank uses its share's
 statistics and DDP broadcasts rank 0's buffers before each forward (PyTorch's default).
+
+Groups: :func:`open_loopback_group` (the DDP trainer's default group, through a file, on
+loopback), :func:`replica_group` (a unit's replicas), :func:`exit_without_finalizing` (how a
+rank whose group DDP kept alive leaves: torchrun ranks, the tests' spawned ranks).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 import warnings
 from datetime import timedelta
 from typing import Any
@@ -221,6 +227,36 @@ def forward_buffer_sync(broadcast: bool) -> dict[str, bool]:
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         return {"forward_sync_buffers": broadcast}
     return {"broadcast_buffers": broadcast}
+
+
+def open_loopback_group(backend: str, rank: int, world: int, store_path: str, timeout_s: float) -> None:
+    """On a worker: join the default process group through ``store_path`` (a file every rank
+    sees), its transport bound to the loopback interface (gloo's pairs; nccl's bootstrap and
+    socket transport)."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    if backend == "nccl":
+        os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+        # As Ray Train does: a timed-out collective fails the worker instead of hanging it.
+        if "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    dist.init_process_group(backend, store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def exit_without_finalizing(code: int) -> None:
+    """End a rank's process with ``code``, skipping the interpreter's finalization, once all it
+    wrote is closed (checkpoints and metrics are written atomically).
+
+    torch's DDP and torch.distributed.nn's autograd collectives (global BatchNorm) keep the
+    process group alive past ``destroy_process_group()`` (torch 2.14; a plain ``all_reduce``
+    does not), so its gloo worker threads still run when the interpreter finalizes. One still
+    dropping the last barrier's finished work needs the GIL, is torn down by ``std::terminate``
+    and the rank dies by SIGABRT after it did its work (about 3 of 100 two-rank runs of
+    test_backprop's DDP gradient test; core dump: ``ProcessGroupGloo::runLoop`` ->
+    ``~AsyncBarrierWork`` -> ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def replica_group(store_path: str, rank: int, size: int, timeout_s: float = 300.0) -> Any:
